@@ -1,0 +1,29 @@
+"""Pure tensor math for RL post-training: advantages, clipped policy loss, KL estimators,
+flow SDE steps with log-probs, flow regularisers, straight-through Gumbel. No Lightning, no models.
+"""
+
+from unirl_lightning.objectives.advantages import SCALES, group_advantages, zero_std_fraction
+from unirl_lightning.objectives.flow_sde import REDUCTIONS, SDE_KINDS, sde_sigma_t, sde_step
+from unirl_lightning.objectives.gumbel import straight_through_gumbel
+from unirl_lightning.objectives.kl import kl_k1, kl_k2, kl_k3
+from unirl_lightning.objectives.policy_loss import LOSS_TYPES, policy_loss
+from unirl_lightning.objectives.regularizers import exact_latent_kl, latent_kl, velocity_mse
+
+__all__ = [
+    "LOSS_TYPES",
+    "REDUCTIONS",
+    "SCALES",
+    "SDE_KINDS",
+    "exact_latent_kl",
+    "group_advantages",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "latent_kl",
+    "policy_loss",
+    "sde_sigma_t",
+    "sde_step",
+    "straight_through_gumbel",
+    "velocity_mse",
+    "zero_std_fraction",
+]

@@ -1,0 +1,152 @@
+"""The on-the-fly DataModule: prompt groups in, fresh rollouts of the current policy out.
+
+The loaders stream GenEval-format specs (P prompts x G samples a step, deterministic per seed
+and rank, each group kept whole on one rank). After the batch reaches the device,
+`on_after_batch_transfer` hands it to the LightningModule's `make_rollouts`, so every step
+trains on samples of the policy as it is now — no stale replay buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from unirl_lightning.data.prompts import generate_specs
+from unirl_lightning.data.specs import load_specs
+from unirl_lightning.worlds.vocab import SHAPES, TASKS
+
+
+@dataclass
+class PromptBatch:
+    """P prompts x G samples. specs: `P*G` dicts (each prompt repeated G times, contiguous);
+    group_ids: long `[P*G]`, globally unique per prompt draw; `rollout` is filled on device."""
+
+    specs: list[dict]
+    group_ids: torch.Tensor
+    rollout: Any = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def prompts(self) -> list[str]:
+        return [s["prompt"] for s in self.specs]
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+
+def _collate(batch: list[PromptBatch]) -> PromptBatch:
+    return batch[0]  # the dataset already yields whole batches
+
+
+class PromptGroupStream(IterableDataset):
+    """An endless, seeded stream of `PromptBatch`es; rank r of W draws its own, disjoint sequence."""
+
+    def __init__(self, specs: list[dict], prompts_per_step: int, group_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if not specs:
+            raise ValueError("the prompt set is empty: give train_prompts a non-empty jsonl or num_train > 0")
+        self.specs, self.P, self.G = specs, prompts_per_step, group_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+
+    def __iter__(self) -> Iterator[PromptBatch]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank)
+        step = 0
+        while True:
+            idx = torch.randint(len(self.specs), (self.P,), generator=gen).tolist()
+            base = (step * self.world_size + self.rank) * self.P
+            yield PromptBatch(
+                specs=[self.specs[i] for i in idx for _ in range(self.G)],
+                group_ids=torch.arange(base, base + self.P).repeat_interleave(self.G),
+            )
+            step += 1
+
+
+class OnPolicyDataModule(L.LightningDataModule):
+    """Streams prompt groups and turns them into on-policy rollouts each step.
+
+    Args:
+        train_prompts / val_prompts: GenEval `evaluation_metadata.jsonl` paths; when None a seeded
+            generator makes `num_train` / `num_val` specs over `vocabulary`, with disjoint prompts.
+        vocabulary: object classes for generated prompts (default: the synthetic world's shapes).
+        prompts_per_step: P distinct prompts per step and rank; group_size: G samples per prompt.
+        val_batch_size: prompts per validation batch (one sample each).
+    """
+
+    def __init__(
+        self,
+        train_prompts: str | None = None,
+        val_prompts: str | None = None,
+        vocabulary: list[str] | None = None,
+        num_train: int = 2000,
+        num_val: int = 120,
+        prompts_per_step: int = 8,
+        group_size: int = 8,
+        val_batch_size: int = 60,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if prompts_per_step < 1 or group_size < 1:
+            raise ValueError(f"prompts_per_step and group_size must be >= 1, got {prompts_per_step} and {group_size}")
+        for name, path in (("train_prompts", train_prompts), ("val_prompts", val_prompts)):
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"data.{name}: no such file {path!r}; give a GenEval evaluation_metadata.jsonl")
+        self.vocabulary = list(vocabulary or SHAPES)
+        self.train_specs: list[dict] = []
+        self.val_specs: list[dict] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        vocab = self.vocabulary
+        self.val_specs = load_specs(hp.val_prompts, vocabulary=vocab) if hp.val_prompts else generate_specs(
+            hp.num_val, vocab, seed=hp.seed + 1, task_weights={t: 1.0 for t in TASKS})  # balanced: GenEval averages tasks
+        val_texts = {s["prompt"] for s in self.val_specs}
+        if hp.train_prompts:
+            self.train_specs = load_specs(hp.train_prompts, vocabulary=vocab)
+        else:
+            self.train_specs = generate_specs(hp.num_train, vocab, seed=hp.seed, exclude_prompts=val_texts)
+        overlap = val_texts & {s["prompt"] for s in self.train_specs}
+        if overlap:
+            raise ValueError(f"{len(overlap)} prompts are in both train and validation sets, e.g. {sorted(overlap)[0]!r}")
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank()
+        stream = PromptGroupStream(self.train_specs, self.hparams.prompts_per_step, self.hparams.group_size,
+                                   self.hparams.seed, rank, world)
+        return DataLoader(stream, batch_size=None, collate_fn=None)
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world = self._rank()
+        mine = self.val_specs[rank::world]  # each rank scores its own share; metrics reduce across ranks
+        bs = self.hparams.val_batch_size
+        batches = [
+            PromptBatch(specs=mine[i : i + bs], group_ids=torch.arange(i, i + len(mine[i : i + bs])))
+            for i in range(0, len(mine), bs)
+        ]
+        return DataLoader(batches, batch_size=None, collate_fn=None)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def transfer_batch_to_device(self, batch: PromptBatch, device: torch.device, dataloader_idx: int) -> PromptBatch:
+        batch.group_ids = batch.group_ids.to(device)
+        return batch
+
+    def on_after_batch_transfer(self, batch: PromptBatch, dataloader_idx: int) -> PromptBatch:
+        """Fresh rollouts from the current policy (training only; evaluation generates its own)."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            module = trainer.lightning_module
+            make = getattr(module, "make_rollouts", None)
+            if make is None:
+                raise TypeError(f"{type(module).__name__} has no make_rollouts(batch); OnPolicyDataModule needs one")
+            batch.rollout = make(batch)
+        return batch

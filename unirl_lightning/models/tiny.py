@@ -1,0 +1,424 @@
+"""The built-in unified model: a small decoder-only transformer over words and world image tokens.
+
+Show-o-like: one vocabulary, causal over text, autoregressive or masked (bidirectional,
+MaskGIT) over the image block, CFG through condition dropout, a KV cache for autoregressive
+decoding. Every sequence has one fixed layout, so positions mean the same thing in both tasks:
+
+    generation:     [GEN] text(left-padded to T) [SOI] image(L)
+    understanding:  [UND] text(left-padded to T) [SOI] image(L) [EOI] answer... [EOS]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unirl_lightning.models.base import AnswerRollout, ImageInput, ImageOrder, ImageRollout, UnifiedPolicy
+from unirl_lightning.models.text import WordTokenizer, world_words
+from unirl_lightning.worlds.render import WorldConfig
+from unirl_lightning.worlds.tokenizer import PatchTokenizer
+
+SPECIALS = ("[PAD]", "[GEN]", "[UND]", "[SOI]", "[EOI]", "[MASK]", "[UNK]", "[EOS]")
+PAD, GEN, UND, SOI, EOI, MASK, UNK, EOS = range(len(SPECIALS))
+
+
+@dataclass
+class TinyConfig:
+    """Size and behaviour of the built-in model. Defaults fit a 2-core CPU (about 1M parameters)."""
+
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    text_len: int = 16
+    max_answer_len: int = 12
+    image_order: ImageOrder = "autoregressive"
+    mask_steps: int = 8
+    canvas: int = 32
+    sizes: tuple[int, ...] = (8,)
+    words: list[str] = field(default_factory=world_words)
+
+    def __post_init__(self) -> None:
+        if self.image_order not in ("autoregressive", "masked"):
+            raise ValueError(f"image_order must be 'autoregressive' or 'masked', got {self.image_order!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        self.sizes = tuple(self.sizes)
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block whose attention can extend a KV cache."""
+
+    def __init__(self, cfg: TinyConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model),
+            nn.GELU(),
+            nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model),
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, allowed: Tensor, cache: list[Tensor] | None = None) -> Tensor:
+        """x `[B, S, D]`; allowed bool `[B, 1, S, S_total]`; cache `[k, v]` of past keys, extended in place."""
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, s, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            if cache:
+                k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+            cache[:] = [k, v]
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        x = x + self.drop(self.proj(att.transpose(1, 2).reshape(b, s, d)))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class TinyUnifiedModel(UnifiedPolicy):
+    """The built-in unified model for the synthetic world (see the module docstring for the layout)."""
+
+    def __init__(self, config: TinyConfig | None = None, **overrides):
+        super().__init__()
+        cfg = config or TinyConfig(**overrides)
+        self.config = cfg
+        self.image_order = cfg.image_order
+        self.words = WordTokenizer(cfg.words)
+        self.image_tokenizer = PatchTokenizer(WorldConfig(canvas=cfg.canvas, sizes=cfg.sizes))
+        self.word_offset = len(SPECIALS)
+        self.image_offset = self.word_offset + len(self.words)
+        self.vocab_size = self.image_offset + self.image_tokenizer.codebook_size
+        L = self.image_tokenizer.tokens_per_image
+        self.soi_pos = 1 + cfg.text_len
+        self.max_len = self.soi_pos + 1 + L + 1 + cfg.max_answer_len + 1
+        self.tok_emb = nn.Embedding(self.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(self.max_len, cfg.d_model)
+        self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, self.vocab_size, bias=False)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    # ---- sizes ------------------------------------------------------------------------
+    @property
+    def image_vocab_size(self) -> int:
+        return self.image_tokenizer.codebook_size
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.image_tokenizer.tokens_per_image
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    @property
+    def _image_slice(self) -> slice:
+        """Positions of the image block in every sequence."""
+        return slice(self.soi_pos + 1, self.soi_pos + 1 + self.tokens_per_image)
+
+    # ---- sequence building ------------------------------------------------------------
+    def encode_text(self, texts: Sequence[str | None], task: int) -> Tensor:
+        """`[B, 1 + T + 1]`: task token, text left-padded to T (None -> all padding: unconditional), [SOI]."""
+        T = self.config.text_len
+        rows = []
+        for text in texts:
+            ids = [] if text is None else [self.word_offset + i for i in self.words.encode(text, unk_id=UNK - self.word_offset)]
+            if len(ids) > T:
+                raise ValueError(f"text of {len(ids)} words exceeds text_len={T}: {text!r}; raise TinyConfig.text_len")
+            rows.append([task] + [PAD] * (T - len(ids)) + ids + [SOI])
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def encode_answers(self, answers: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Answer ids + [EOS], right-padded: tokens `[B, Ta]`, mask `[B, Ta]`."""
+        rows = [[self.word_offset + i for i in self.words.encode(a, unk_id=UNK - self.word_offset)] + [EOS] for a in answers]
+        if max(map(len, rows)) > self.config.max_answer_len + 1:
+            raise ValueError(f"answer longer than max_answer_len={self.config.max_answer_len} words; raise it in TinyConfig")
+        width = max(map(len, rows))
+        tokens = torch.full((len(rows), width), PAD, dtype=torch.long)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)] = torch.tensor(r)
+        return tokens.to(self.device), (tokens != PAD).to(self.device)
+
+    def decode_answer_ids(self, ids: Tensor) -> str:
+        out = []
+        for t in ids.tolist():
+            if t == EOS:
+                break
+            if self.word_offset <= t < self.image_offset:
+                out.append(t - self.word_offset)
+        return self.words.decode(out)
+
+    def _allowed(self, tokens_or_len: Tensor, total: int, past: int = 0) -> Tensor:
+        """Attention mask `[B, 1, S, past + S]`: causal, image block bidirectional in masked order, no pad keys."""
+        ids = tokens_or_len
+        b, s = ids.shape[0], ids.shape[1]
+        q = torch.arange(past, past + s, device=ids.device)[:, None]
+        k = torch.arange(total, device=ids.device)[None, :]
+        allowed = k <= q
+        if self.image_order == "masked":
+            img = self._image_slice
+            in_img = lambda p: (p >= img.start) & (p < img.stop)  # noqa: E731
+            allowed = allowed | (in_img(q) & in_img(k))
+        return allowed[None, None].expand(b, 1, s, total)
+
+    def _forward(self, tokens: Tensor, image_embeds: Tensor | None = None, cache: list[list[Tensor]] | None = None,
+                 past: int = 0) -> Tensor:
+        """Hidden states `[B, S, D]` for `tokens` `[B, S]` starting at position `past`.
+
+        image_embeds `[B, L, D]` replace the image block's embeddings (relaxed tokens). Padding is
+        an ordinary token here: the layout is fixed, so attending to it is harmless and keeps the
+        KV cache simple.
+        """
+        b, s = tokens.shape
+        x = self.tok_emb(tokens)
+        if image_embeds is not None:
+            img = self._image_slice
+            x = torch.cat([x[:, : img.start - past], image_embeds.to(x.dtype), x[:, img.stop - past :]], 1)
+        x = x + self.pos_emb(torch.arange(past, past + s, device=tokens.device))
+        allowed = self._allowed(tokens, past + s, past)
+        for i, block in enumerate(self.blocks):
+            x = block(x, allowed, None if cache is None else cache[i])
+        return self.ln_f(x)
+
+    def _logits(self, h: Tensor, span: slice) -> Tensor:
+        """Logits restricted to a vocabulary range (image codes or answer words + [EOS])."""
+        return F.linear(h, self.head.weight[span])
+
+    @property
+    def _img_vocab(self) -> slice:
+        return slice(self.image_offset, self.vocab_size)
+
+    @property
+    def _ans_vocab(self) -> slice:
+        return slice(EOS, self.image_offset)
+
+    # ---- generation -------------------------------------------------------------------
+    def _guided(self, logits: Tensor, cfg_scale: float, temperature: float) -> Tensor:
+        """Rows [cond; uncond] -> u + w (c - u), scaled by 1 / temperature (float32)."""
+        logits = logits.float()
+        if cfg_scale != 1.0:
+            c, u = logits.chunk(2)
+            logits = u + cfg_scale * (c - u)
+        return logits / temperature
+
+    def _prefix(self, prompts: Sequence[str], cfg_scale: float) -> Tensor:
+        cond = self.encode_text(prompts, GEN)
+        if cfg_scale == 1.0:
+            return cond
+        return torch.cat([cond, self.encode_text([None] * len(prompts), GEN)])
+
+    @staticmethod
+    def _gumbel(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> Tensor:
+        u = torch.rand(shape, generator=generator, device=device).clamp_(1e-10, 1.0 - 1e-7)
+        return -torch.log(-torch.log(u))
+
+    @torch.no_grad()
+    def generate_images(self, prompts, *, cfg_scale=1.0, temperature=1.0, generator=None, return_gumbel=False) -> ImageRollout:
+        prompts = list(prompts)
+        if self.image_order == "masked":
+            return self._generate_masked(prompts, cfg_scale, temperature, generator, return_gumbel)
+        B, L, K = len(prompts), self.tokens_per_image, self.image_vocab_size
+        prefix = self._prefix(prompts, cfg_scale)
+        cache: list[list[Tensor]] = [[] for _ in self.blocks]
+        h = self._forward(prefix, cache=cache)[:, -1:]
+        tokens = torch.empty(B, L, dtype=torch.long, device=self.device)
+        logps = torch.empty(B, L, device=self.device)
+        noises = []
+        for l in range(L):
+            logits = self._guided(self._logits(h[:, -1], self._img_vocab), cfg_scale, temperature)
+            g = self._gumbel(logits.shape, generator, logits.device)
+            tok = (logits + g).argmax(-1)  # Gumbel-max: an exact sample of softmax(logits)
+            tokens[:, l] = tok
+            logps[:, l] = torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
+            if return_gumbel:
+                noises.append(g)
+            if l + 1 < L:
+                step = (tok + self.image_offset)[:, None].repeat(prefix.shape[0] // B, 1)
+                h = self._forward(step, cache=cache, past=prefix.shape[1] + l)
+        return ImageRollout(
+            prompts=prompts, tokens=tokens, logprobs=logps, action_mask=torch.ones_like(tokens, dtype=torch.bool),
+            cfg_scale=cfg_scale, temperature=temperature, gumbel=torch.stack(noises, 1) if return_gumbel else None,
+        )
+
+    def mask_schedule(self) -> list[int]:
+        """Tokens still masked after each step (cosine schedule, MaskGIT), ending at 0."""
+        L, T = self.tokens_per_image, self.config.mask_steps
+        return [int(math.floor(L * math.cos(math.pi / 2 * (t + 1) / T))) for t in range(T)]
+
+    def _masked_state(self, prompts_prefix: Tensor, tokens: Tensor, known: Tensor) -> Tensor:
+        """Full generation sequence with unknown image positions set to [MASK]."""
+        img = torch.where(known, tokens + self.image_offset, torch.full_like(tokens, MASK))
+        return torch.cat([prompts_prefix, img], 1)
+
+    def _generate_masked(self, prompts, cfg_scale, temperature, generator, return_gumbel) -> ImageRollout:
+        B, L = len(prompts), self.tokens_per_image
+        prefix = self._prefix(prompts, cfg_scale)
+        reps = prefix.shape[0] // B
+        tokens = torch.zeros(B, L, dtype=torch.long, device=self.device)
+        known = torch.zeros(B, L, dtype=torch.bool, device=self.device)
+        reveal = torch.zeros(B, L, dtype=torch.long, device=self.device)
+        step_logps = torch.zeros(B, self.config.mask_steps, device=self.device)
+        noise_all = torch.zeros(B, L, self.image_vocab_size, device=self.device) if return_gumbel else None
+        for t, n_left in enumerate(self.mask_schedule()):
+            seq = self._masked_state(prefix, tokens.repeat(reps, 1), known.repeat(reps, 1))
+            logits = self._guided(self._logits(self._forward(seq)[:, self._image_slice], self._img_vocab), cfg_scale, temperature)
+            g = self._gumbel(logits.shape, generator, logits.device)
+            sample = (logits + g).argmax(-1)
+            logp = torch.log_softmax(logits, -1).gather(-1, sample[..., None]).squeeze(-1)
+            # reveal the most confident masked positions (known ones never re-masked)
+            n_reveal = int((~known[0]).sum()) - n_left
+            conf = logp.masked_fill(known, float("inf"))
+            idx = conf.topk(int(known[0].sum()) + n_reveal, dim=-1).indices
+            new = torch.zeros_like(known).scatter_(1, idx, True) & ~known
+            tokens = torch.where(new, sample, tokens)
+            reveal = torch.where(new, torch.full_like(reveal, t), reveal)
+            step_logps[:, t] = (logp * new).sum(-1)
+            if return_gumbel:
+                noise_all = torch.where(new[..., None], g, noise_all)
+            known = known | new
+        return ImageRollout(
+            prompts=list(prompts), tokens=tokens, logprobs=step_logps,
+            action_mask=torch.ones_like(step_logps, dtype=torch.bool), cfg_scale=cfg_scale,
+            temperature=temperature, reveal_step=reveal, gumbel=noise_all,
+        )
+
+    def image_logits(self, rollout: ImageRollout) -> Tensor:
+        B, L = rollout.tokens.shape
+        prefix = self._prefix(rollout.prompts, rollout.cfg_scale)
+        reps = prefix.shape[0] // B
+        if self.image_order == "autoregressive":
+            seq = torch.cat([prefix, rollout.tokens[:, :-1].repeat(reps, 1) + self.image_offset], 1)
+            h = self._forward(seq)[:, self.soi_pos :]  # outputs at [SOI] .. image[L-2] predict image[0 .. L-1]
+            return self._guided(self._logits(h, self._img_vocab), rollout.cfg_scale, rollout.temperature)
+        # masked: one sequence per step, holding that step's partially revealed state
+        T = self.config.mask_steps
+        steps = torch.arange(T, device=self.device)
+        known = rollout.reveal_step[None] < steps[:, None, None]  # [T, B, L]
+        tokens = rollout.tokens[None].expand(T, B, L)
+        pre = prefix.view(reps, 1, B, -1).expand(reps, T, B, -1).reshape(reps * T * B, -1)
+        seq = self._masked_state(pre, tokens.repeat(reps, 1, 1).reshape(-1, L), known.repeat(reps, 1, 1).reshape(-1, L))
+        logits = self._logits(self._forward(seq)[:, self._image_slice], self._img_vocab)  # [reps*T*B, L, K]
+        logits = self._guided(logits, rollout.cfg_scale, rollout.temperature).view(T, B, L, -1)
+        # each token's row comes from the step that revealed it
+        pick = rollout.reveal_step[None, :, :, None].expand(1, B, L, logits.shape[-1])
+        return logits.gather(0, pick).squeeze(0)
+
+    def decode_images(self, tokens: Tensor) -> Tensor:
+        return self.image_tokenizer.decode(tokens)
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """uint8 pixels `[B, 3, H, W]` -> image tokens `[B, L]` (the world's exact patch codebook)."""
+        return self.image_tokenizer.encode(images).to(self.device)
+
+    # ---- understanding ----------------------------------------------------------------
+    def _understanding_prefix(self, images: ImageInput, questions: Sequence[str]) -> tuple[Tensor, Tensor | None]:
+        """Tokens `[B, 1 + T + 1 + L + 1]` ending in [EOI], plus relaxed image embeddings `[B, L, D]` or None."""
+        head = self.encode_text(questions, UND)
+        if images.dtype == torch.long:
+            return torch.cat([head, images + self.image_offset, torch.full_like(head[:, :1], EOI)], 1), None
+        if images.shape[-1] != self.image_vocab_size:
+            raise ValueError(f"relaxed images must be [B, L, {self.image_vocab_size}], got {tuple(images.shape)}")
+        embeds = images.to(self.tok_emb.weight.dtype) @ self.tok_emb.weight[self._img_vocab]
+        placeholder = images.argmax(-1) + self.image_offset
+        return torch.cat([head, placeholder, torch.full_like(head[:, :1], EOI)], 1), embeds
+
+    @torch.no_grad()
+    def answer(self, images, questions, *, greedy=True, temperature=1.0, max_new_tokens=None, generator=None) -> AnswerRollout:
+        max_new = min(max_new_tokens or self.config.max_answer_len + 1, self.config.max_answer_len + 1)
+        prefix, embeds = self._understanding_prefix(images, questions)
+        B = prefix.shape[0]
+        cache: list[list[Tensor]] = [[] for _ in self.blocks]
+        h = self._forward(prefix, image_embeds=embeds, cache=cache)[:, -1]
+        toks, logps = [], []
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        mask = []
+        for t in range(max_new):
+            logits = self._logits(h, self._ans_vocab).float() / (1.0 if greedy else temperature)
+            logp_all = torch.log_softmax(logits, -1)
+            pick = logits.argmax(-1) if greedy else (logits + self._gumbel(logits.shape, generator, logits.device)).argmax(-1)
+            tok = pick + EOS
+            mask.append(~done)
+            toks.append(torch.where(done, torch.full_like(tok, PAD), tok))
+            logps.append(logp_all.gather(-1, pick[:, None]).squeeze(-1) * (~done))
+            done = done | (tok == EOS)
+            if bool(done.all()) or t + 1 == max_new:
+                break
+            h = self._forward(toks[-1][:, None], cache=cache, past=prefix.shape[1] + t)[:, -1]
+        tokens = torch.stack(toks, 1)
+        return AnswerRollout(
+            texts=[self.decode_answer_ids(r) for r in tokens], tokens=tokens,
+            logprobs=torch.stack(logps, 1), mask=torch.stack(mask, 1),
+        )
+
+    def answer_logprobs(self, images, questions, answers) -> tuple[Tensor, Tensor]:
+        if isinstance(answers, AnswerRollout):
+            tokens, mask = answers.tokens, answers.mask
+        else:
+            tokens, mask = self.encode_answers(answers)
+        prefix, embeds = self._understanding_prefix(images, questions)
+        seq = torch.cat([prefix, tokens[:, :-1]], 1)
+        h = self._forward(seq, image_embeds=embeds)[:, prefix.shape[1] - 1 :]
+        logp = torch.log_softmax(self._logits(h, self._ans_vocab).float(), -1)
+        logp = logp.gather(-1, (tokens - EOS).clamp(min=0)[..., None]).squeeze(-1)
+        return logp * mask, mask
+
+    # ---- pretraining losses (warm start) -------------------------------------------------
+    def generation_loss(self, prompts: Sequence[str | None], image_tokens: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Cross-entropy of image tokens given prompts (None = unconditional, for CFG dropout).
+
+        Autoregressive: next-token. Masked: MaskGIT, a random cosine-schedule ratio of positions masked.
+        """
+        prefix = self.encode_text(prompts, GEN)
+        B, L = image_tokens.shape
+        if self.image_order == "autoregressive":
+            h = self._forward(torch.cat([prefix, image_tokens[:, :-1] + self.image_offset], 1))[:, self.soi_pos :]
+            return F.cross_entropy(self._logits(h, self._img_vocab).flatten(0, 1).float(), image_tokens.flatten())
+        r = torch.rand(B, 1, generator=generator, device=self.device)
+        n_mask = torch.clamp((L * torch.cos(math.pi / 2 * r)).ceil(), min=1)
+        rank = torch.rand(B, L, generator=generator, device=self.device).argsort(-1).argsort(-1)
+        masked = rank < n_mask
+        h = self._forward(self._masked_state(prefix, image_tokens, ~masked))[:, self._image_slice]
+        logits = self._logits(h, self._img_vocab).float()
+        return F.cross_entropy(logits[masked], image_tokens[masked])
+
+    def understanding_loss(self, image_tokens: Tensor, questions: Sequence[str], answers: Sequence[str]) -> Tensor:
+        """Mean answer-token NLL."""
+        logp, mask = self.answer_logprobs(image_tokens, questions, answers)
+        return -(logp.sum() / mask.sum())
+
+    # ---- persistence ------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=1))
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(path / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **overrides) -> "TinyUnifiedModel":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} holds no config.json: not a TinyUnifiedModel folder (see save_pretrained)")
+        cfg = TinyConfig(**{**json.loads((path / "config.json").read_text()), **overrides})
+        model = cls(cfg)
+        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        return model
