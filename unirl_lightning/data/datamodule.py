@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from unirl_lightning.data.prompts import generate_specs
+from unirl_lightning.data.prompts import split_specs
 from unirl_lightning.data.specs import load_specs
 from unirl_lightning.worlds.vocab import SHAPES, TASKS
 
@@ -70,7 +70,8 @@ class OnPolicyDataModule(L.LightningDataModule):
 
     Args:
         train_prompts / val_prompts: GenEval `evaluation_metadata.jsonl` paths; when None a seeded
-            generator makes `num_train` / `num_val` specs over `vocabulary`, with disjoint prompts.
+            generator makes `num_train` / `num_val` specs over `vocabulary` (tasks balanced), with
+            disjoint prompts: validation takes `val_fraction` of each task's distinct prompts.
         vocabulary: object classes for generated prompts (default: the synthetic world's shapes).
         prompts_per_step: P distinct prompts per step and rank; group_size: G samples per prompt.
         val_batch_size: prompts per validation batch (one sample each).
@@ -81,8 +82,9 @@ class OnPolicyDataModule(L.LightningDataModule):
         train_prompts: str | None = None,
         val_prompts: str | None = None,
         vocabulary: list[str] | None = None,
-        num_train: int = 2000,
+        num_train: int = 1200,
         num_val: int = 120,
+        val_fraction: float = 0.25,
         prompts_per_step: int = 8,
         group_size: int = 8,
         val_batch_size: int = 60,
@@ -100,16 +102,18 @@ class OnPolicyDataModule(L.LightningDataModule):
         self.val_specs: list[dict] = []
 
     def setup(self, stage: str | None = None) -> None:
-        hp = self.hparams
-        vocab = self.vocabulary
-        self.val_specs = load_specs(hp.val_prompts, vocabulary=vocab) if hp.val_prompts else generate_specs(
-            hp.num_val, vocab, seed=hp.seed + 1, task_weights={t: 1.0 for t in TASKS})  # balanced: GenEval averages tasks
-        val_texts = {s["prompt"] for s in self.val_specs}
-        if hp.train_prompts:
+        hp, vocab = self.hparams, self.vocabulary
+        if hp.train_prompts and hp.val_prompts:
             self.train_specs = load_specs(hp.train_prompts, vocabulary=vocab)
+            self.val_specs = load_specs(hp.val_prompts, vocabulary=vocab)
         else:
-            self.train_specs = generate_specs(hp.num_train, vocab, seed=hp.seed, exclude_prompts=val_texts)
-        overlap = val_texts & {s["prompt"] for s in self.train_specs}
+            # Held-out prompts per task (a quarter of each small task's distinct prompts, at least
+            # one), tasks balanced since GenEval's overall score is their unweighted mean.
+            train, val = split_specs(vocab, hp.num_train, hp.num_val, hp.seed, test_fraction=hp.val_fraction,
+                                     task_weights={t: 1.0 for t in TASKS}, allow_repeats=True)
+            self.train_specs = load_specs(hp.train_prompts, vocabulary=vocab) if hp.train_prompts else train
+            self.val_specs = load_specs(hp.val_prompts, vocabulary=vocab) if hp.val_prompts else val
+        overlap = {s["prompt"] for s in self.val_specs} & {s["prompt"] for s in self.train_specs}
         if overlap:
             raise ValueError(f"{len(overlap)} prompts are in both train and validation sets, e.g. {sorted(overlap)[0]!r}")
 

@@ -7,10 +7,10 @@ reproduces every official prompt string (GenEval pluralises naively: "benchs", "
 
 from __future__ import annotations
 
-import copy
 import itertools
 import random
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from unirl_lightning.worlds.vocab import COLORS, NUMBERS, POSITIONS, SHAPES, TASKS, load_geneval_constants
 
@@ -319,11 +319,10 @@ def generate_specs(
     the mix: useful for small vocabularies). Prompts in ``exclude_prompts`` are never produced.
     Counting asks for 2..``max_count`` objects, as GenEval does. The result is shuffled.
     """
-    vocab, weights = _prepare(n, vocabulary, tasks, task_weights, max_count, grammar)
+    setup = _Setup.make(n, vocabulary, tasks, task_weights, max_count, grammar, allow_repeats)
     excluded = set(exclude_prompts)
-    pools, capacity = _pools(vocab, weights, max_count, excluded, grammar)
-    rng = random.Random(seed)
-    return _generate(n, vocab, weights, pools, capacity, rng, max_count, grammar, allow_repeats, excluded)
+    pools, capacity = _pools(setup, excluded)
+    return _generate(setup, n, pools, capacity, excluded, random.Random(seed))
 
 
 def split_specs(
@@ -334,10 +333,13 @@ def split_specs(
     *,
     test_fraction: float | None = None,
     exclude_prompts: Iterable[str] = (),
+    tasks: Sequence[str] = TASKS,
+    task_weights: Mapping[str, float] | Sequence[float] | None = None,
+    max_count: int = 4,
+    grammar: str = "geneval",
     allow_repeats: bool = False,
-    **kwargs,
 ) -> tuple[list[dict], list[dict]]:
-    """Train and test specs with disjoint prompt strings (kwargs go to :func:`generate_specs`).
+    """Train and test specs with disjoint prompt strings (options as in :func:`generate_specs`).
 
     Test may use at most ``test_fraction`` (default n_test / (n_train + n_test)) of each
     enumerable task's distinct prompts, at least one where the task has two or more, so that a
@@ -350,32 +352,26 @@ def split_specs(
         test_fraction = n_test / max(n_train + n_test, 1)
     if not 0.0 <= test_fraction <= 1.0:
         raise ValueError(f"test_fraction must be in [0, 1], got {test_fraction}")
-    tasks = kwargs.pop("tasks", TASKS)
-    task_weights = kwargs.pop("task_weights", None)
-    max_count = kwargs.pop("max_count", 4)
-    grammar = kwargs.pop("grammar", "geneval")
-    if kwargs:
-        raise TypeError(f"split_specs got unexpected arguments {sorted(kwargs)}")
-    vocab, weights = _prepare(max(n_train, n_test), vocabulary, tasks, task_weights, max_count, grammar)
+    setup = _Setup.make(0, vocabulary, tasks, task_weights, max_count, grammar, allow_repeats)
     excluded = set(exclude_prompts)
 
-    pools, capacity = _pools(vocab, weights, max_count, excluded, grammar)
+    pools, capacity = _pools(setup, excluded)
     rng = random.Random(_substream(seed, "test"))
     for task, pool in pools.items():
         if pool is None:
             continue  # too many prompts to run out of
         cap = len(pool)
+        # At least one test prompt, and at least one left for train (unless there is no train).
         limit = min(max(round(test_fraction * cap), 1 if cap >= 2 else 0), max(cap - 1, 0))
         if n_train == 0:
             limit = cap
         pools[task] = rng.sample(pool, limit)
         capacity[task] = limit
-    test = _generate(n_test, vocab, weights, pools, capacity, rng, max_count, grammar, allow_repeats, excluded)
+    test = _generate(setup, n_test, pools, capacity, excluded, rng)
 
     excluded |= {s["prompt"] for s in test}
-    pools, capacity = _pools(vocab, weights, max_count, excluded, grammar)
-    rng = random.Random(_substream(seed, "train"))
-    train = _generate(n_train, vocab, weights, pools, capacity, rng, max_count, grammar, allow_repeats, excluded)
+    pools, capacity = _pools(setup, excluded)
+    train = _generate(setup, n_train, pools, capacity, excluded, random.Random(_substream(seed, "train")))
     return train, test
 
 
@@ -384,59 +380,72 @@ def _substream(seed: int, name: str) -> int:
     return random.Random(f"{seed}:{name}").getrandbits(63)
 
 
-def _prepare(n, vocabulary, tasks, task_weights, max_count, grammar) -> tuple[list[str], dict[str, float]]:
-    """Validate generation arguments; returns (deduplicated vocabulary, task weights)."""
-    vocab = list(dict.fromkeys(vocabulary))
-    if not vocab or not all(isinstance(v, str) and v.strip() for v in vocab):
-        raise ValueError(f"vocabulary must be a non-empty list of class names, got {list(vocabulary)!r}")
-    if not 2 <= max_count < len(NUMBERS) - 1:
-        raise ValueError(f"max_count must be in 2..{len(NUMBERS) - 2} (count+1 needs a number word), got {max_count}")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    plural(vocab[0], grammar)  # validates grammar early
-    return vocab, _resolve_weights(tasks, task_weights)
+@dataclass(frozen=True)
+class _Setup:
+    """Validated generation options."""
+
+    vocab: tuple[str, ...]
+    weights: dict[str, float]
+    max_count: int
+    grammar: str
+    allow_repeats: bool
+
+    @classmethod
+    def make(cls, n, vocabulary, tasks, task_weights, max_count, grammar, allow_repeats) -> _Setup:
+        vocab = tuple(dict.fromkeys(vocabulary))
+        if not vocab or not all(isinstance(v, str) and v.strip() for v in vocab):
+            raise ValueError(f"vocabulary must be a non-empty list of class names, got {list(vocabulary)!r}")
+        if not 2 <= max_count < len(NUMBERS) - 1:
+            raise ValueError(
+                f"max_count must be in 2..{len(NUMBERS) - 2} (count+1 needs a number word), got {max_count}"
+            )
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        plural(vocab[0], grammar)  # validates grammar early
+        return cls(vocab, _resolve_weights(tasks, task_weights), max_count, grammar, allow_repeats)
+
+    def build(self, task: str, params: tuple) -> dict:
+        objects, count, colors, relation = params
+        return make_spec(task, objects, count=count, colors=colors, relation=relation, grammar=self.grammar)
 
 
-def _build(task: str, params: tuple, grammar: str) -> dict:
-    objects, count, colors, relation = params
-    return make_spec(task, objects, count=count, colors=colors, relation=relation, grammar=grammar)
-
-
-def _pools(vocab, weights, max_count, excluded, grammar) -> tuple[dict[str, list[dict] | None], dict[str, int]]:
-    """Every allowed spec of each small task (None for tasks sampled lazily), and capacities."""
-    pools: dict[str, list[dict] | None] = {}
+def _pools(setup: _Setup, excluded: set[str]) -> tuple[dict[str, list[tuple] | None], dict[str, int]]:
+    """Every allowed parameter tuple of each small task (None: sampled lazily), and capacities."""
+    pools: dict[str, list[tuple] | None] = {}
     capacity: dict[str, int] = {}
-    for task in weights:
-        size = task_capacity(task, vocab, max_count)
+    for task in setup.weights:
+        size = task_capacity(task, setup.vocab, setup.max_count)
         if size <= _ENUMERATE_LIMIT:
-            # Keyed by prompt: drops exclusions and any two specs that would read the same.
-            specs = (_build(task, p, grammar) for p in _candidates(task, vocab, max_count))
-            pool = list({s["prompt"]: s for s in specs if s["prompt"] not in excluded}.values())
+            # Keyed by prompt: drops exclusions and any two specs that would read the same. Only
+            # parameter tuples are kept (specs are built once drawn): far less for the GC to walk.
+            candidates = _candidates(task, setup.vocab, setup.max_count)
+            prompts = {setup.build(task, p)["prompt"]: p for p in candidates}
+            pool = [p for prompt, p in prompts.items() if prompt not in excluded]
             pools[task], capacity[task] = pool, len(pool)
         else:
             pools[task], capacity[task] = None, max(size - len(excluded), 0)
     return pools, capacity
 
 
-def _generate(n, vocab, weights, pools, capacity, rng, max_count, grammar, allow_repeats, excluded) -> list[dict]:
+def _generate(setup: _Setup, n: int, pools, capacity, excluded: set[str], rng: random.Random) -> list[dict]:
     """Allocate n over tasks, then draw from the pools (or lazily, avoiding ``excluded``)."""
-    if allow_repeats:
+    if setup.allow_repeats:
         # Enumerated tasks can then fill any quota; an empty task still cannot.
         capacity = {t: (max(n, c) if pools[t] else c) for t, c in capacity.items()}
-    quota = _allocate(n, weights, capacity)
+    quota = _allocate(n, setup.weights, capacity)
     specs: list[dict] = []
-    for task in weights:
+    for task in setup.weights:
         k, pool = quota[task], pools[task]
         if pool is not None:
             # Whole shuffled passes over the pool, so repeats are as even as possible.
             while k > 0:
                 take = min(k, len(pool))
-                specs.extend(copy.deepcopy(s) for s in rng.sample(pool, take))
+                specs.extend(setup.build(task, p) for p in rng.sample(pool, take))
                 k -= take
             continue
         seen = set(excluded)
         while k > 0:
-            spec = _build(task, _draw(task, vocab, max_count, rng), grammar)
+            spec = setup.build(task, _draw(task, setup.vocab, setup.max_count, rng))
             if spec["prompt"] not in seen:
                 seen.add(spec["prompt"])
                 specs.append(spec)

@@ -35,6 +35,7 @@ OFFICIAL_METADATA = GENEVAL_DATA_DIR / "evaluation_metadata.jsonl"
 
 _INCLUDE_KEYS = ("class", "count", "color", "position")
 _EXCLUDE_KEYS = ("class", "count")
+_EXAMPLE = '{"class": "dog", "count": 1}'
 
 
 class SpecError(ValueError):
@@ -54,7 +55,7 @@ def _check_clause(
     fail,
 ) -> None:
     if not isinstance(clause, dict):
-        fail(f"{field} must be an object like {{\"class\": \"dog\", \"count\": 1}}, got {clause!r}")
+        fail(f"{field} must be an object like {_EXAMPLE}, got {clause!r}")
     unknown = [k for k in clause if k not in allowed]
     if unknown:
         fail(f"{field} has unknown key(s) {unknown}; allowed keys are {list(allowed)}")
@@ -82,7 +83,7 @@ def validate_spec(spec: Any, vocabulary: Iterable[str] | None = None, where: str
     ``vocabulary``: allowed class names (None: any non-empty string). ``where``: message prefix,
     e.g. ``"prompts.jsonl:12"``.
     """
-    vocab = frozenset(vocabulary) if vocabulary is not None and not isinstance(vocabulary, frozenset) else vocabulary
+    vocab = None if vocabulary is None else frozenset(vocabulary)
     prefix = f"{where}: " if where else ""
 
     def fail(message: str) -> None:
@@ -96,7 +97,7 @@ def validate_spec(spec: Any, vocabulary: Iterable[str] | None = None, where: str
 
     include = spec.get("include")
     if not isinstance(include, list) or not include:
-        fail(f"include must be a non-empty list of clauses like [{{\"class\": \"dog\", \"count\": 1}}], got {include!r}")
+        fail(f"include must be a non-empty list of clauses like [{_EXAMPLE}], got {include!r}")
     for i, clause in enumerate(include):
         field = f"include[{i}]"
         _check_clause(clause, field, _INCLUDE_KEYS, vocab, fail)
@@ -118,7 +119,7 @@ def validate_spec(spec: Any, vocabulary: Iterable[str] | None = None, where: str
     if "exclude" in spec:
         exclude = spec["exclude"]
         if not isinstance(exclude, list):
-            fail(f"exclude must be a list of clauses like [{{\"class\": \"dog\", \"count\": 3}}], got {exclude!r}")
+            fail(f"exclude must be a list of clauses like [{_EXAMPLE}], got {exclude!r}")
         for i, clause in enumerate(exclude):
             _check_clause(clause, f"exclude[{i}]", _EXCLUDE_KEYS, vocab, fail)
 
@@ -157,7 +158,9 @@ def save_specs(specs: Iterable[dict], path: str | os.PathLike, overwrite: bool =
     """Validate and write ``specs`` as JSON lines; refuses to replace a file unless ``overwrite``."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it or choose another path")
+        raise FileExistsError(
+            f"{path} already exists; pass overwrite=True to replace it or choose another path"
+        )
     specs = list(specs)
     for i, spec in enumerate(specs):
         validate_spec(spec, where=f"specs[{i}] (line {i + 1} of {path})")

@@ -38,8 +38,8 @@ class TinyConfig:
     n_heads: int = 4
     mlp_ratio: int = 4
     dropout: float = 0.0
-    text_len: int = 16
-    max_answer_len: int = 12
+    text_len: int = 12
+    max_answer_len: int = 10
     image_order: ImageOrder = "autoregressive"
     mask_steps: int = 8
     canvas: int = 32

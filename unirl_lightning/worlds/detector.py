@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from unirl_lightning.evaluation.detection import Detection
@@ -51,7 +52,7 @@ def connected_components(cls: torch.Tensor) -> torch.Tensor:
         new[:, :, :-1] = torch.maximum(new[:, :, :-1], torch.where(same_x, lab[:, :, 1:], 0))
         new[:, 1:, :] = torch.maximum(new[:, 1:, :], torch.where(same_y, lab[:, :-1, :], 0))
         new[:, :-1, :] = torch.maximum(new[:, :-1, :], torch.where(same_y, lab[:, 1:, :], 0))
-        flat = new.view(n, -1)
+        flat = new.view(n, h * w)
         jumped = flat.gather(1, (flat - 1).clamp(min=0)).view(n, h, w)
         new = torch.where(fg, torch.maximum(new, jumped), 0)
         if torch.equal(new, lab):
@@ -65,7 +66,9 @@ class WorldDetector:
 
     color_threshold: RGB distance beyond which a pixel is unknown (palette colours are >= ~100
     apart); min_area / min_side: components smaller than this (pixels / box side) are specks and
-    dropped. Score = IoU(component, best template) * purity * aspect, in [0, 1], where purity is
+    dropped; max_side: components with a longer box side are not objects of this world (a canvas
+    flooded with one colour must not count as a big square); defaults: min_side = max(3, half the
+    smallest shape size), max_side = twice the largest. Score = IoU(component, best template) * purity * aspect, in [0, 1], where purity is
     the share of pixels in the box grown by one pixel that are the component or background, and
     aspect = (short side / long side)^2.
     """
@@ -75,17 +78,20 @@ class WorldDetector:
         config: WorldConfig | None = None,
         color_threshold: float = 60.0,
         min_area: int = 8,
-        min_side: int = 3,
+        min_side: int | None = None,
+        max_side: int | None = None,
     ) -> None:
         self.config = config or WorldConfig()
         self.color_threshold = float(color_threshold)
         self.min_area = int(min_area)
-        self.min_side = int(min_side)
-        self._templates: dict[tuple[int, int], torch.Tensor] = {}
+        self.min_side = int(min_side) if min_side is not None else max(3, min(self.config.sizes) // 2)
+        self.max_side = int(max_side) if max_side is not None else 2 * max(self.config.sizes)
+        self._templates: dict[tuple[int, int], np.ndarray] = {}
 
-    def _template(self, h: int, w: int) -> torch.Tensor:
+    def _template(self, h: int, w: int) -> np.ndarray:
+        """Every shape's mask at box size (h, w): bool `[len(SHAPES), h, w]`, cached."""
         if (h, w) not in self._templates:
-            self._templates[(h, w)] = shape_templates((h, w))
+            self._templates[(h, w)] = shape_templates((h, w)).numpy()
         return self._templates[(h, w)]
 
     @staticmethod
@@ -101,48 +107,51 @@ class WorldDetector:
         self._check(images)
         images = images.cpu()
         n, _, h, w = images.shape
+        if n == 0:
+            return []
         cls = classify_pixels(images, self.color_threshold)
         lab = connected_components(cls)
         keep_labels = set(classes) if classes is not None else None
 
-        # Per-component area and box, vectorised over the batch via image-offset labels.
+        # Per-component area, box and colour, vectorised over the batch via image-offset labels.
         stride = h * w + 1
-        glab = (lab + torch.arange(n).view(n, 1, 1) * stride).flatten()
         fgm = lab.flatten() > 0
-        g = glab[fgm]
+        g = (lab + torch.arange(n).view(n, 1, 1) * stride).flatten()[fgm]
         ys = torch.arange(h).view(1, h, 1).expand(n, h, w).flatten()[fgm]
         xs = torch.arange(w).view(1, 1, w).expand(n, h, w).flatten()[fgm]
         size = n * stride
         area = torch.bincount(g, minlength=size)
-        big = 1 << 30
-        y1 = torch.full((size,), big).scatter_reduce(0, g, ys, "amin")
-        x1 = torch.full((size,), big).scatter_reduce(0, g, xs, "amin")
+        y1 = torch.full((size,), h).scatter_reduce(0, g, ys, "amin")
+        x1 = torch.full((size,), w).scatter_reduce(0, g, xs, "amin")
         y2 = torch.full((size,), -1).scatter_reduce(0, g, ys, "amax") + 1
         x2 = torch.full((size,), -1).scatter_reduce(0, g, xs, "amax") + 1
-        ok = (area >= self.min_area) & (y2 - y1 >= self.min_side) & (x2 - x1 >= self.min_side)
+        color = torch.zeros(size, dtype=torch.long).scatter_(0, g, cls.flatten()[fgm])  # one colour a component
+        side_lo, side_hi = torch.minimum(y2 - y1, x2 - x1), torch.maximum(y2 - y1, x2 - x1)
+        ok = (area >= self.min_area) & (side_lo >= self.min_side) & (side_hi <= self.max_side)
+        keep = ok.nonzero().flatten()
+        boxes = torch.stack([t[keep] for t in (y1, x1, y2, x2, color)], 1).tolist()
 
+        # Per-component shape scoring in numpy: tiny arrays, where numpy's per-call cost is far lower.
+        lab_np, cls_np = lab.numpy(), cls.numpy()
         out: list[list[Detection]] = [[] for _ in range(n)]
-        for gl in ok.nonzero().flatten().tolist():
+        for gl, (by1, bx1, by2, bx2, ci) in zip(keep.tolist(), boxes):
             i, label = divmod(gl, stride)
-            by1, bx1, by2, bx2 = int(y1[gl]), int(x1[gl]), int(y2[gl]), int(x2[gl])
             bh, bw = by2 - by1, bx2 - bx1
-            comp = lab[i, by1:by2, bx1:bx2] == label
+            comp = lab_np[i, by1:by2, bx1:bx2] == label
             tmpl = self._template(bh, bw)
-            inter = (tmpl & comp).flatten(1).sum(1)
-            union = (tmpl | comp).flatten(1).sum(1)
-            iou, best = (inter.float() / union.float()).max(0)
-            # Purity: pixels around and inside the box must be this component or background.
-            gy1, gx1, gy2, gx2 = max(by1 - 1, 0), max(bx1 - 1, 0), min(by2 + 1, h), min(bx2 + 1, w)
-            ring_lab, ring_cls = lab[i, gy1:gy2, gx1:gx2], cls[i, gy1:gy2, gx1:gx2]
-            clean = ((ring_lab == label) | (ring_cls == BG)).float().mean()
-            aspect = (min(bh, bw) / max(bh, bw)) ** 2
-            shape = SHAPES[int(best)]
+            iou = (tmpl & comp).sum((1, 2)) / (tmpl | comp).sum((1, 2))
+            best = int(iou.argmax())
+            shape = SHAPES[best]
             if keep_labels is not None and shape not in keep_labels:
                 continue
-            score = float(iou * clean) * aspect
-            mask = lab[i] == label
-            color = COLORS[int(cls[i][mask][0]) - 1]  # one colour per component by construction
-            out[i].append(Detection(shape, score, (float(bx1), float(by1), float(bx2), float(by2)), color, mask))
+            # Purity: pixels in the box grown by one must be this component or background.
+            gy1, gx1, gy2, gx2 = max(by1 - 1, 0), max(bx1 - 1, 0), min(by2 + 1, h), min(bx2 + 1, w)
+            clean = ((lab_np[i, gy1:gy2, gx1:gx2] == label) | (cls_np[i, gy1:gy2, gx1:gx2] == BG)).mean()
+            aspect = (min(bh, bw) / max(bh, bw)) ** 2
+            score = float(iou[best] * clean * aspect)
+            mask = torch.from_numpy(lab_np[i] == label)
+            box = (float(bx1), float(by1), float(bx2), float(by2))
+            out[i].append(Detection(shape, score, box, COLORS[ci - 1], mask))
         for dets in out:
             dets.sort(key=lambda d: -d.score)
         return out

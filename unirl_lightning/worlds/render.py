@@ -3,7 +3,7 @@
 A scene is a #999 grey canvas with coloured shapes placed on a pixel grid. Every include clause
 of the spec is realised with exactly `count` objects of its class (in its colour, or random
 palette colours), placed without overlap, a gap of free grid cells between any two objects, and
-position clauses satisfied under GenEval's own `relative_position` rule.
+position clauses satisfied under GenEval's own `relative_position` rule (evaluation.geneval).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from unirl_lightning.evaluation.detection import Detection
-from unirl_lightning.evaluation.geneval import relative_position
 from unirl_lightning.worlds.shapes import shape_mask
 from unirl_lightning.worlds.vocab import BACKGROUND, COLORS, DEFAULT_CANVAS, PALETTE, POSITIONS, SHAPES
 
@@ -145,6 +144,13 @@ def _randint(n: int, gen: torch.Generator | None) -> int:
     return int(torch.randint(n, (1,), generator=gen).item())
 
 
+def _relations(box_a: tuple[float, ...], box_b: tuple[float, ...]) -> set[str]:
+    # Imported late: evaluation.geneval imports worlds.vocab, whose package imports this module.
+    from unirl_lightning.evaluation.geneval import relative_position
+
+    return relative_position(box_a, box_b)
+
+
 def _compatible(cand: _Object, placed: list[_Object], clauses: list[_Clause], gap_px: int) -> bool:
     """No overlap (with a gap) against every placed object, and every position clause between them holds."""
     for p in placed:
@@ -155,10 +161,10 @@ def _compatible(cand: _Object, placed: list[_Object], clauses: list[_Clause], ga
         if not apart:
             return False
         pos = clauses[cand.clause].position
-        if pos is not None and pos[1] == p.clause and pos[0] not in relative_position(cand.box, p.box):
+        if pos is not None and pos[1] == p.clause and pos[0] not in _relations(cand.box, p.box):
             return False
         pos = clauses[p.clause].position
-        if pos is not None and pos[1] == cand.clause and pos[0] not in relative_position(p.box, cand.box):
+        if pos is not None and pos[1] == cand.clause and pos[0] not in _relations(p.box, cand.box):
             return False
     return True
 

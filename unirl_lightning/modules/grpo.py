@@ -1,0 +1,187 @@
+"""Discrete-token GRPO (UniRL GRPO; CoRL-style rewards) for unified models.
+
+Per step: P prompts x G images from the current policy -> (optionally) the policy's sampled
+answers about its own images -> rewards -> group-relative advantages -> mu update iterations
+of the clipped-ratio loss (+ beta k3 KL to the frozen reference) on image tokens and/or answer
+tokens, with per-stream weights. Autoregressive and masked image orders alike: the policy turns
+tokens into actions.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from unirl_lightning.data.datamodule import PromptBatch
+from unirl_lightning.models.base import UnifiedPolicy
+from unirl_lightning.modules.common import PolicyModule
+from unirl_lightning.objectives import group_advantages, policy_loss, zero_std_fraction
+from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards
+
+
+class DiscreteGRPO(PolicyModule):
+    """GRPO over image tokens and answer tokens.
+
+    Args:
+        rewards: reward terms with their weights (default: binary GenEval with the world's detector).
+        image_weight / answer_weight: weights of the image-token and answer-token loss streams
+            (0 switches a stream off; answer_weight > 0 makes the policy answer its own images).
+        num_iterations: mu, update passes over each rollout (old log-probs stored before the first).
+        micro_batch_size: rows per backward pass (bounds memory; gradients accumulate per step).
+        loss_type / epsilon_low / epsilon_high: the clipped objective (TRL's definitions).
+        beta: k3 KL weight to the frozen reference (0 skips the reference pass).
+        scale / adv_clip: advantage normalisation ("group", "batch", "none") and optional clip.
+        filter_zero_std: drop groups whose rewards are all equal (they carry no signal).
+        cfg_scale / temperature: rollout sampling; training log-probs use exactly the same.
+        answer_temperature: sampling temperature of the answers.
+    """
+
+    def __init__(
+        self,
+        policy: UnifiedPolicy,
+        rewards: list[RewardFunction] | None = None,
+        image_weight: float = 1.0,
+        answer_weight: float = 0.0,
+        num_iterations: int = 1,
+        micro_batch_size: int = 32,
+        loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo",
+        epsilon_low: float = 0.2,
+        epsilon_high: float | None = None,
+        beta: float = 0.0,
+        scale: Literal["group", "batch", "none"] = "group",
+        adv_clip: float | None = None,
+        filter_zero_std: bool = False,
+        cfg_scale: float = 1.0,
+        temperature: float = 1.0,
+        answer_temperature: float = 1.0,
+        gradient_clip_val: float | None = 1.0,
+        **kwargs,
+    ):
+        super().__init__(policy, **kwargs)
+        self.save_hyperparameters(ignore=["policy", "detector", "rewards"])
+        if image_weight <= 0 and answer_weight <= 0:
+            raise ValueError("model.image_weight and model.answer_weight are both 0: nothing would train")
+        if num_iterations < 1 or micro_batch_size < 1:
+            raise ValueError("model.num_iterations and model.micro_batch_size must be >= 1")
+        if rewards is None:
+            from unirl_lightning.rewards.geneval import GenEvalReward
+
+            rewards = [GenEvalReward("binary")]
+        self.rewards = rewards
+        self.automatic_optimization = False  # mu passes and micro-batches per rollout
+        self.reference = policy.make_reference() if beta > 0 else None
+
+    def on_warm_started(self) -> None:
+        if self.hparams.beta > 0:
+            self.reference = self.policy.make_reference().to(self.device)
+
+    @property
+    def needs_answers(self) -> bool:
+        return self.hparams.answer_weight > 0 or any(r.needs_answers for r in self.rewards)
+
+    # ---- rollout (called by the DataModule on device) -------------------------------------
+    @torch.no_grad()
+    def make_rollouts(self, batch: PromptBatch) -> RolloutContext:
+        hp = self.hparams
+        rollout = self.policy.generate_images(batch.prompts, cfg_scale=hp.cfg_scale, temperature=hp.temperature)
+        ctx = RolloutContext(specs=batch.specs, rollout=rollout, images=self.policy.decode_images(rollout.tokens))
+        if self.needs_answers:
+            questions, _ = self.qa(batch.specs)
+            ctx.answers = self.policy.answer(rollout.tokens, questions, greedy=False, temperature=hp.answer_temperature)
+        return ctx
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        """All ranks' values, concatenated (groups may span ranks)."""
+        if not (dist.is_available() and dist.is_initialized()) or self.trainer.world_size == 1:
+            return x
+        return self.all_gather(x).reshape(-1, *x.shape[1:])
+
+    def _advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+        all_r, all_g = self._gather(rewards.to(self.device)), self._gather(group_ids.to(self.device))
+        adv = group_advantages(all_r, all_g, scale=self.hparams.scale, clip=self.hparams.adv_clip)
+        zero = zero_std_fraction(all_r, all_g)
+        if all_r.shape[0] != rewards.shape[0]:  # keep this rank's rows
+            rank = self.trainer.global_rank
+            adv = adv.view(self.trainer.world_size, -1)[rank]
+        return adv, zero
+
+    # ---- training ---------------------------------------------------------------------
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        hp = self.hparams
+        ctx = batch.rollout if batch.rollout is not None else self.make_rollouts(batch)
+        rewards, logs = combine_rewards(self.rewards, ctx)
+        adv, zero_frac = self._advantages(rewards, batch.group_ids)
+        keep = torch.arange(len(adv), device=self.device)
+        if hp.filter_zero_std:
+            keep = keep[self._nonzero_std_rows(rewards, batch.group_ids)]
+        streams = self._streams(ctx, keep) if len(keep) else []  # every group filtered: nothing to learn
+        opt = self.optimizers()
+        stats_acc: dict[str, list[float]] = {}
+        for _ in range(hp.num_iterations):
+            for name, weight, fns in streams:
+                for rows, old, ref, mask in fns["chunks"]:
+                    logp = fns["logp"](rows)
+                    loss, stats = policy_loss(
+                        logp, old if old is not None else logp.detach(), adv[rows], mask, loss_type=hp.loss_type,
+                        epsilon_low=hp.epsilon_low, epsilon_high=hp.epsilon_high, beta=hp.beta, ref_logp=ref,
+                        num_items_in_batch=fns["num_items"])
+                    # dapo already divides by the global token count; the others are means over chunk rows
+                    share = 1.0 if hp.loss_type == "dapo" else len(rows) / fns["n_rows"]
+                    self.manual_backward(weight * loss * share)
+                    for k, v in stats.items():
+                        stats_acc.setdefault(f"{name}/{k}", []).append(float(v))
+            if hp.gradient_clip_val:
+                self.clip_gradients(opt, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        logs.update({k: sum(v) / len(v) for k, v in stats_acc.items()})
+        logs.update({"reward/total": rewards.mean().item(), "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
+                     "train/zero_std_frac": zero_frac})
+        self.log_dict(logs, prog_bar=False, batch_size=len(batch))
+        self.log("reward", rewards.mean().item(), prog_bar=True, batch_size=len(batch))
+
+    @staticmethod
+    def _nonzero_std_rows(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+        keep = torch.zeros_like(rewards, dtype=torch.bool)
+        for g in group_ids.unique():
+            rows = group_ids.cpu() == g.cpu()
+            keep[rows] = rewards[rows].std(unbiased=False) > 0 if rows.sum() > 1 else False
+        return keep.nonzero().squeeze(-1)
+
+    def _streams(self, ctx: RolloutContext, keep: torch.Tensor) -> list:
+        """Per loss stream: a log-prob function of rows, and micro-batches with stored old / ref log-probs."""
+        hp, out = self.hparams, []
+        mb = hp.micro_batch_size
+        chunks_of = [keep[i : i + mb] for i in range(0, len(keep), mb)]
+        rollout = ctx.rollout
+        questions, _ = self.qa(ctx.specs)
+
+        def image_logp(rows, policy=None):
+            return (policy or self.policy).image_logprobs(rollout.select(rows))
+
+        def answer_logp(rows, policy=None):
+            sub = rows.tolist()
+            answers = ctx.answers
+            picked = type(answers)(texts=[answers.texts[i] for i in sub], tokens=answers.tokens[rows],
+                                   logprobs=answers.logprobs[rows], mask=answers.mask[rows])
+            return (policy or self.policy).answer_logprobs(rollout.tokens[rows], [questions[i] for i in sub], picked)[0]
+
+        specs = []
+        if hp.image_weight > 0:
+            specs.append(("image", hp.image_weight, image_logp, rollout.action_mask))
+        if hp.answer_weight > 0:
+            specs.append(("answer", hp.answer_weight, answer_logp, ctx.answers.mask))
+        for name, weight, fn, full_mask in specs:
+            chunks = []
+            with torch.no_grad():
+                for rows in chunks_of:
+                    old = fn(rows).detach() if hp.num_iterations > 1 else None
+                    ref = fn(rows, self.reference).detach() if self.reference is not None else None
+                    chunks.append((rows, old, ref, full_mask[rows].to(self.device)))
+            num_items = full_mask[keep].sum().clamp(min=1)
+            if hp.loss_type == "dapo" and dist.is_available() and dist.is_initialized():
+                num_items = self.all_gather(num_items).sum()
+            out.append((name, weight, {"logp": fn, "chunks": chunks, "n_rows": max(len(keep), 1), "num_items": num_items}))
+        return out
