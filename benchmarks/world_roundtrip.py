@@ -36,7 +36,8 @@ def make_spec(task: str, rng: random.Random) -> dict:
     if task == "colors":
         return {"tag": task, "include": [one | {"color": c1}]}
     if task == "position":
-        return {"tag": task, "include": [{"class": b, "count": 1}, one | {"position": [rng.choice(POSITIONS), 0]}]}
+        rel = rng.choice(POSITIONS)
+        return {"tag": task, "include": [{"class": b, "count": 1}, one | {"position": [rel, 0]}]}
     if task == "color_attr":
         return {"tag": task, "include": [one | {"color": c1}, {"class": b, "count": 1, "color": c2}]}
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
@@ -61,8 +62,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
     config = WorldConfig()
     tokenizer, detector = PatchTokenizer(config), WorldDetector(config)
-    print(f"canvas {config.canvas}, sizes {config.sizes}, grid {config.grid}: codebook {tokenizer.codebook_size} "
-          f"codes, {tokenizer.tokens_per_image} tokens/image; {args.n} specs per task\n")
+    print(f"canvas {config.canvas}, sizes {config.sizes}, grid {config.grid}: "
+          f"codebook {tokenizer.codebook_size} codes, {tokenizer.tokens_per_image} tokens/image; "
+          f"{args.n} specs per task\n")
     cols = ["(a) render", "(b) tokenizer", "(c) uniform noise", "(d) blur 3x3", "(e) noise std 30"]
     print("| task | " + " | ".join(cols) + " |")
     print("|---|" + "---:|" * len(cols))
@@ -91,7 +93,8 @@ def main() -> None:
     print("| **overall** | " + " | ".join(f"**{v:.3f}**" for v in (totals / len(TASKS)).tolist()) + " |")
     n_img = args.n * len(TASKS)
     print(f"\nrate = GenEval correct rate; score = mean detector score over all detections (nan: none).")
-    print(f"time for {n_img} images: render {timing['render']:.2f}s, encode+decode {timing['tokenizer']:.2f}s, "
+    print(f"time for {n_img} images: render {timing['render']:.2f}s, "
+          f"encode+decode {timing['tokenizer']:.2f}s, "
           f"detect+score x5 conditions {timing['detect+score']:.2f}s")
 
 

@@ -70,7 +70,8 @@ def test_unseen_tasks_and_empty_cases_are_nan_free():
     assert set(out) == {"geneval/counting", "geneval/overall"}  # no prompt ids given, no prompt rate
     assert out["geneval/overall"].item() == 0.5
     assert imb == {"imbalance/position": torch.tensor(0.0), "imbalance/overall": torch.tensor(0.0)}
-    assert GenEvalScore().compute()["geneval/overall"].item() == 0.0
+    with pytest.warns(UserWarning, match="before the ``update``"):
+        assert GenEvalScore().compute()["geneval/overall"].item() == 0.0
 
 
 def test_bad_updates():

@@ -108,7 +108,8 @@ def test_cps_formula():
     x0_hat, x1_hat = x - s * v, x + (1 - s) * v
     assert_close(std, std_ref)
     assert_close(mean, x0_hat * (1 - sn) + x1_hat * torch.sqrt(sn**2 - std_ref**2))
-    assert prev.shape == SHAPE and log_prob.shape == (3,) and mean.shape == SHAPE and std.shape == (3, 1, 1, 1)
+    assert prev.shape == mean.shape == SHAPE
+    assert log_prob.shape == (3,) and std.shape == (3, 1, 1, 1)
     assert log_prob[2].item() == 0.0  # last step: s_next = 0, std = 0
     assert torch.equal(prev[2], mean[2])
 

@@ -65,7 +65,7 @@ BAD_LINES = [
     (_spec(exclude=[{**C, "color": "red"}]), P + r"exclude\[0\] has unknown key"),
     (_spec(prompt=""), P + "prompt must be a non-empty string"),
     (_spec(prompt=None), P + "prompt must be a non-empty string"),
-    (_spec(include=[{**C, "class": "hexagon"}]), P + r"include\[0\]\.class 'hexagon' is not in the vocabulary"),
+    (_spec(include=[{**C, "class": "hexagon"}]), P + r"include\[0\]\.class 'hexagon' is not in the"),
 ]
 
 

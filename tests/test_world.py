@@ -1,4 +1,4 @@
-"""The synthetic world: rendering satisfies specs, the tokenizer round-trips, the detector is exact and robust."""
+"""The synthetic world: renders satisfy specs, the tokenizer round-trips, the detector is exact and robust."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 from unirl_lightning.evaluation.detection import Detector
 from unirl_lightning.evaluation.geneval import evaluate, relative_position
-from unirl_lightning.worlds import PatchTokenizer, WorldConfig, WorldDetector, render, render_batch, shape_mask
+from unirl_lightning.worlds import (
+    PatchTokenizer, WorldConfig, WorldDetector, render, render_batch, shape_mask,
+)
 from unirl_lightning.worlds.vocab import COLORS, POSITIONS, SHAPES, TASKS
 
 N_SPECS = 30
@@ -30,13 +32,16 @@ def make_spec(task: str, rng: random.Random) -> dict:
         return {"tag": task, "include": [{"class": a, "count": n}], "exclude": [{"class": a, "count": n + 1}],
                 "prompt": f"a photo of {n} {a}s"}
     if task == "colors":
-        return {"tag": task, "include": [{"class": a, "count": 1, "color": c1}], "prompt": f"a photo of a {c1} {a}"}
+        return {"tag": task, "include": [{"class": a, "count": 1, "color": c1}],
+                "prompt": f"a photo of a {c1} {a}"}
     if task == "position":
         rel = rng.choice(POSITIONS)
-        return {"tag": task, "include": [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [rel, 0]}],
+        return {"tag": task,
+                "include": [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [rel, 0]}],
                 "prompt": f"a photo of a {a} {rel} a {b}"}
     if task == "color_attr":
-        return {"tag": task, "include": [{"class": a, "count": 1, "color": c1}, {"class": b, "count": 1, "color": c2}],
+        return {"tag": task,
+                "include": [{"class": a, "count": 1, "color": c1}, {"class": b, "count": 1, "color": c2}],
                 "prompt": f"a photo of a {c1} {a} and a {c2} {b}"}
     raise ValueError(task)
 
@@ -100,7 +105,8 @@ def test_rendered_scenes_pass_geneval(task, detector):
 
 def test_render_geometry_and_determinism():
     cfg = WorldConfig()
-    spec = {"tag": "counting", "include": [{"class": "cross", "count": 4}], "exclude": [{"class": "cross", "count": 5}]}
+    spec = {"tag": "counting", "include": [{"class": "cross", "count": 4}],
+            "exclude": [{"class": "cross", "count": 5}]}
     for seed in range(20):
         image, dets = render(spec, seed, cfg)
         assert len(dets) == 4
@@ -108,9 +114,10 @@ def test_render_geometry_and_determinism():
             x1, y1, x2, y2 = d.box
             assert 0 <= x1 < x2 <= cfg.canvas and 0 <= y1 < y2 <= cfg.canvas
             assert x1 % cfg.grid == 0 and y1 % cfg.grid == 0
+            gap = cfg.gap * cfg.grid
             for e in dets[i + 1 :]:  # at least one free grid cell between any two objects
-                gap = cfg.gap * cfg.grid
-                assert x2 + gap <= e.box[0] or e.box[2] + gap <= x1 or y2 + gap <= e.box[1] or e.box[3] + gap <= y1
+                ex1, ey1, ex2, ey2 = e.box
+                assert x2 + gap <= ex1 or ex2 + gap <= x1 or y2 + gap <= ey1 or ey2 + gap <= y1
     a, _ = render(spec, 7)
     b, _ = render(spec, torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
@@ -130,11 +137,13 @@ def test_position_is_honoured_for_a_later_target():
     "spec, match",
     [
         ({"tag": "x", "include": [{"class": "dog", "count": 1}]}, r"class.*'dog'.*allowed"),
-        ({"tag": "x", "include": [{"class": "square", "count": 1, "color": "teal"}]}, r"color.*'teal'.*allowed"),
+        ({"tag": "x", "include": [{"class": "square", "count": 1, "color": "teal"}]},
+         r"color.*'teal'.*allowed"),
         ({"tag": "x", "include": [{"class": "square", "count": 5}]}, r"5 objects.*max_objects=4"),
         ({"tag": "x", "include": [{"class": "square", "count": 0}]}, r"count"),
         ({"tag": "x", "include": [{"class": "square", "count": 1, "position": ["near", 0]}]}, r"position"),
-        ({"tag": "x", "include": [{"class": "square", "count": 2}], "exclude": [{"class": "square", "count": 2}]},
+        ({"tag": "x", "include": [{"class": "square", "count": 2}],
+          "exclude": [{"class": "square", "count": 2}]},
          r"exclude\[0\].*contradicts"),
         ({"tag": "x", "include": []}, r"include"),
     ],
@@ -228,7 +237,8 @@ def test_blur_and_noise_lower_scores_without_crashing(detector):
 
 def test_merged_same_colour_objects_score_low(detector):
     image = torch.full((1, 3, 32, 32), 153, dtype=torch.uint8)
-    image[0, :, 8:16, 4:20] = torch.tensor([220, 20, 20], dtype=torch.uint8).view(3, 1, 1)  # two touching squares
+    red = torch.tensor([220, 20, 20], dtype=torch.uint8).view(3, 1, 1)
+    image[0, :, 8:16, 4:20] = red  # two touching 8 px squares: one 8x16 blob
     (det,) = detector(image)[0]
     assert det.label == "square" and det.color == "red" and det.score < 0.3
     assert det.box == (4.0, 8.0, 20.0, 16.0) and det.mask.sum() == 128

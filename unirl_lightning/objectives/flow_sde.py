@@ -105,7 +105,9 @@ def sde_step(
     if reduce not in REDUCTIONS:
         raise ValueError(f"unknown reduce {reduce!r}; valid: {', '.join(REDUCTIONS)}")
     if velocity.shape != sample.shape:
-        raise ValueError(f"velocity shape {tuple(velocity.shape)} must equal sample shape {tuple(sample.shape)}")
+        raise ValueError(
+            f"velocity shape {tuple(velocity.shape)} must equal sample shape {tuple(sample.shape)}"
+        )
     if prev_sample is not None and prev_sample.shape != sample.shape:
         raise ValueError(
             f"prev_sample shape {tuple(prev_sample.shape)} must equal sample shape {tuple(sample.shape)}"

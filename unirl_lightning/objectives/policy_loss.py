@@ -75,8 +75,8 @@ def policy_loss(
             its global count by ``num_processes``).
 
     Returns:
-        ``(loss, stats)``: a float32 scalar, and detached float32 scalars "clip_low_frac"
-        (rho < 1-eps_low with A < 0), "clip_high_frac" (rho > 1+eps_high with A > 0),
+        ``(loss, stats)``: a scalar (float32, or float64 for float64 logp), and detached
+        scalars "clip_low_frac" (rho < 1-eps_low with A < 0), "clip_high_frac" (rho > 1+eps_high with A > 0),
         "clip_frac" (either), "ratio_mean" and "kl" (masked mean k3; 0 without ``ref_logp``),
         each a mean over unmasked tokens.
     """

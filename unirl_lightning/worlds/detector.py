@@ -27,7 +27,8 @@ def classify_pixels(images: torch.Tensor, threshold: float) -> torch.Tensor:
 
     A pixel farther than `threshold` (RGB L2) from every reference colour is unknown.
     """
-    refs = torch.tensor([BACKGROUND] + [PALETTE[c] for c in COLORS], dtype=torch.float32, device=images.device)
+    refs = [BACKGROUND] + [PALETTE[c] for c in COLORS]
+    refs = torch.tensor(refs, dtype=torch.float32, device=images.device)
     x = images.float()
     dist2 = (x.unsqueeze(1) - refs.view(1, -1, 3, 1, 1)).pow(2).sum(2)  # [N, 1+C, H, W]
     best, cls = dist2.min(1)
@@ -68,9 +69,11 @@ class WorldDetector:
     apart); min_area / min_side: components smaller than this (pixels / box side) are specks and
     dropped; max_side: components with a longer box side are not objects of this world (a canvas
     flooded with one colour must not count as a big square); defaults: min_side = max(3, half the
-    smallest shape size), max_side = twice the largest. Score = IoU(component, best template) * purity * aspect, in [0, 1], where purity is
-    the share of pixels in the box grown by one pixel that are the component or background, and
-    aspect = (short side / long side)^2.
+    smallest shape size), max_side = twice the largest.
+
+    Score = IoU(component, best template) * purity * aspect, in [0, 1]: purity is the share of
+    pixels in the box grown by one pixel that are the component or background (blur halos, noise
+    and neighbours lower it); aspect = (short side / long side)^2 (merged blobs are elongated).
     """
 
     def __init__(
@@ -98,7 +101,7 @@ class WorldDetector:
     def _check(images: torch.Tensor) -> None:
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 \
                 or images.shape[1] != 3 or images.shape[2] < 1 or images.shape[3] < 1:
-            got = (images.dtype, tuple(images.shape)) if isinstance(images, torch.Tensor) else type(images).__name__
+            got = (images.dtype, tuple(images.shape)) if isinstance(images, torch.Tensor) else type(images)
             raise ValueError(f"images must be a uint8 tensor [N, 3, H, W] (RGB, 0-255), got {got}")
 
     @torch.no_grad()
@@ -125,7 +128,8 @@ class WorldDetector:
         x1 = torch.full((size,), w).scatter_reduce(0, g, xs, "amin")
         y2 = torch.full((size,), -1).scatter_reduce(0, g, ys, "amax") + 1
         x2 = torch.full((size,), -1).scatter_reduce(0, g, xs, "amax") + 1
-        color = torch.zeros(size, dtype=torch.long).scatter_(0, g, cls.flatten()[fgm])  # one colour a component
+        # Any pixel's class gives the component's colour: components are single-colour by construction.
+        color = torch.zeros(size, dtype=torch.long).scatter_(0, g, cls.flatten()[fgm])
         side_lo, side_hi = torch.minimum(y2 - y1, x2 - x1), torch.maximum(y2 - y1, x2 - x1)
         ok = (area >= self.min_area) & (side_lo >= self.min_side) & (side_hi <= self.max_side)
         keep = ok.nonzero().flatten()

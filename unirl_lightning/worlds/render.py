@@ -8,6 +8,7 @@ position clauses satisfied under GenEval's own `relative_position` rule (evaluat
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -95,8 +96,8 @@ def _parse_spec(spec: Mapping[str, Any], config: WorldConfig) -> list[_Clause]:
         if c.get("class") not in SHAPES:
             raise ValueError(f"{where}.class = {c.get('class')!r} is not a world class; allowed: {SHAPES}")
         count = c.get("count", 1)
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise ValueError(f"{where}.count = {count!r} must be a positive int (at most {config.max_objects})")
+        if not isinstance(count, numbers.Integral) or isinstance(count, bool) or count < 1:
+            raise ValueError(f"{where}.count = {count!r} must be a positive int (<= {config.max_objects})")
         color = c.get("color")
         if color is not None and color not in PALETTE:
             raise ValueError(f"{where}.color = {color!r} is not a world colour; allowed: {COLORS}")
@@ -104,15 +105,15 @@ def _parse_spec(spec: Mapping[str, Any], config: WorldConfig) -> list[_Clause]:
         if pos is not None:
             ok = (
                 isinstance(pos, Sequence) and len(pos) == 2 and pos[0] in POSITIONS
-                and isinstance(pos[1], int) and 0 <= pos[1] < len(include) and pos[1] != i
+                and isinstance(pos[1], numbers.Integral) and 0 <= pos[1] < len(include) and pos[1] != i
             )
             if not ok:
                 raise ValueError(
                     f"{where}.position = {pos!r} must be [relation, index] with relation in {POSITIONS} "
                     f"and index another clause in 0..{len(include) - 1}"
                 )
-            pos = (pos[0], pos[1])
-        clauses.append(_Clause(c["class"], count, color, pos))
+            pos = (pos[0], int(pos[1]))
+        clauses.append(_Clause(c["class"], int(count), color, pos))
     total = sum(c.count for c in clauses)
     limit = min(config.max_objects, config.capacity)
     if total > limit:
@@ -126,7 +127,7 @@ def _parse_spec(spec: Mapping[str, Any], config: WorldConfig) -> list[_Clause]:
             got = e.get("class") if isinstance(e, Mapping) else e
             raise ValueError(f"exclude[{j}].class = {got!r} is not a world class; allowed: {SHAPES}")
         n = sum(c.count for c in clauses if c.cls == e["class"])
-        if not isinstance(e.get("count"), int) or n >= e["count"]:
+        if not isinstance(e.get("count"), numbers.Integral) or n >= e["count"]:
             raise ValueError(
                 f"exclude[{j}] = {dict(e)!r} contradicts the include clauses ({n} {e['class']}(s)); "
                 f"exclude.count must be an int > {n}"

@@ -77,7 +77,7 @@ class PatchTokenizer:
         c = self.config.canvas
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 \
                 or tuple(images.shape[1:]) != (3, c, c):
-            got = (images.dtype, tuple(images.shape)) if isinstance(images, torch.Tensor) else type(images).__name__
+            got = (images.dtype, tuple(images.shape)) if isinstance(images, torch.Tensor) else type(images)
             raise ValueError(f"images must be uint8 [N, 3, {c}, {c}], got {got}")
 
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
@@ -97,12 +97,14 @@ class PatchTokenizer:
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """LongTensor `[N, L]` -> uint8 `[N, 3, H, W]`."""
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] != self.tokens_per_image \
-                or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-            got = (tokens.dtype, tuple(tokens.shape)) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        L = self.tokens_per_image
+        ok = isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and tokens.shape[1] == L
+        if not ok or tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            got = (tokens.dtype, tuple(tokens.shape)) if isinstance(tokens, torch.Tensor) else type(tokens)
             raise ValueError(f"tokens must be an integer tensor [N, {self.tokens_per_image}], got {got}")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.codebook_size):
-            raise ValueError(f"token ids must lie in [0, {self.codebook_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
+            lo, hi = int(tokens.min()), int(tokens.max())
+            raise ValueError(f"token ids must lie in [0, {self.codebook_size}), got values in [{lo}, {hi}]")
         n, p, (gh, gw) = tokens.shape[0], self.patch, self.grid_hw
         x = self._patches.to(tokens.device)[tokens.long()]  # [N, L, 3, p, p]
         return x.view(n, gh, gw, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n, 3, gh * p, gw * p)

@@ -1,0 +1,44 @@
+import torch
+
+from unirl_lightning.data import OnPolicyDataModule, PromptGroupStream
+
+
+def _take(stream, n):
+    it = iter(stream)
+    return [next(it) for _ in range(n)]
+
+
+def test_stream_is_deterministic_per_seed_and_rank():
+    specs = [{"tag": "single_object", "include": [{"class": "cross", "count": 1}], "prompt": f"p{i}"} for i in range(50)]
+    a = _take(PromptGroupStream(specs, 4, 3, seed=0, rank=0, world_size=2), 3)
+    b = _take(PromptGroupStream(specs, 4, 3, seed=0, rank=0, world_size=2), 3)
+    c = _take(PromptGroupStream(specs, 4, 3, seed=0, rank=1, world_size=2), 3)
+    d = _take(PromptGroupStream(specs, 4, 3, seed=1, rank=0, world_size=2), 3)
+    assert [x.prompts for x in a] == [x.prompts for x in b]
+    assert [x.prompts for x in a] != [x.prompts for x in c]
+    assert [x.prompts for x in a] != [x.prompts for x in d]
+    # groups are whole (G consecutive copies) and group ids are unique across ranks and steps
+    for x in a:
+        assert len(x) == 12 and all(len(set(x.prompts[i : i + 3])) == 1 for i in range(0, 12, 3))
+    ids_a = torch.cat([x.group_ids for x in a]).unique()
+    ids_c = torch.cat([x.group_ids for x in c]).unique()
+    assert len(set(ids_a.tolist()) & set(ids_c.tolist())) == 0 and len(ids_a) == 12
+
+
+def test_train_and_val_prompts_disjoint_and_every_task_present():
+    dm = OnPolicyDataModule(num_train=300, num_val=60, seed=3)
+    dm.setup("fit")
+    train = {s["prompt"] for s in dm.train_specs}
+    val = {s["prompt"] for s in dm.val_specs}
+    assert not train & val
+    assert {s["tag"] for s in dm.train_specs} == {s["tag"] for s in dm.val_specs}
+    assert len({s["tag"] for s in dm.val_specs}) == 6
+
+
+def test_bad_paths_fail_before_compute(tmp_path):
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match="train_prompts"):
+        OnPolicyDataModule(train_prompts=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ValueError, match="group_size"):
+        OnPolicyDataModule(group_size=0)
