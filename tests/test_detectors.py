@@ -31,17 +31,40 @@ def detector() -> TransformersDetector:
     torch.manual_seed(0)
     tok = _tiny_tokenizer()
     text = dict(
-        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=0,
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=0,
     )
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
-    owl = transformers.Owlv2ForObjectDetection(transformers.Owlv2Config(text_config=text, vision_config=vision, projection_dim=16))
-    owl_proc = transformers.Owlv2Processor(transformers.Owlv2ImageProcessorPil(size={"height": 32, "width": 32}), tok)
-    clip = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    vision = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    owl = transformers.Owlv2ForObjectDetection(
+        transformers.Owlv2Config(text_config=text, vision_config=vision, projection_dim=16)
+    )
+    owl_proc = transformers.Owlv2Processor(
+        transformers.Owlv2ImageProcessorPil(size={"height": 32, "width": 32}), tok
+    )
+    clip = transformers.CLIPModel(
+        transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    )
     clip_proc = transformers.CLIPProcessor(
-        transformers.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tok
+        transformers.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tok,
     )
-    return TransformersDetector(owl, owl_proc, clip, clip_proc, score_threshold=0.0, color_threshold=0.0, max_detections=8)
+    return TransformersDetector(
+        owl, owl_proc, clip, clip_proc, score_threshold=0.0, color_threshold=0.0, max_detections=8
+    )
 
 
 def test_detections_have_the_contract_types(detector):
@@ -65,7 +88,9 @@ def test_color_crop_uses_mask_over_grey(detector):
     image = torch.full((1, 3, 8, 8), 200, dtype=torch.uint8)
     mask = torch.zeros(8, 8, dtype=torch.bool)
     mask[2:4, 2:4] = True
-    crop = detector.crop(image[0].permute(1, 2, 0).numpy(), Detection("dog", 0.9, (1.5, 1.5, 5.0, 5.0), mask=mask))
+    crop = detector.crop(
+        image[0].permute(1, 2, 0).numpy(), Detection("dog", 0.9, (1.5, 1.5, 5.0, 5.0), mask=mask)
+    )
     assert crop.shape == (4, 4, 3)  # floor / ceil of the box
     assert (crop[1:3, 1:3] == 200).all() and (crop[0] == 153).all()  # outside the mask: #999
     dets = detector.classify_colors(image, [[Detection("dog", 0.9, (1.5, 1.5, 5.0, 5.0), mask=mask)]])

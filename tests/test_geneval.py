@@ -12,7 +12,13 @@ from unirl_lightning.evaluation import Detection, GenEvalResult, evaluate, relat
 from unirl_lightning.worlds.vocab import GENEVAL_DATA_DIR
 
 
-def det(label: str, score: float = 0.95, center: tuple[float, float] = (50, 50), size: float = 10, color: str | None = None) -> Detection:
+def det(
+    label: str,
+    score: float = 0.95,
+    center: tuple[float, float] = (50, 50),
+    size: float = 10,
+    color: str | None = None,
+) -> Detection:
     cx, cy = center
     return Detection(label, score, (cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2), color)
 
@@ -23,7 +29,10 @@ def single(name: str = "dog", count: int = 1, tag: str = "single_object", **extr
 
 POSITION = {
     "tag": "position",
-    "include": [{"class": "teddy bear", "count": 1}, {"class": "dog", "count": 1, "position": ["right of", 0]}],
+    "include": [
+        {"class": "teddy bear", "count": 1},
+        {"class": "dog", "count": 1, "position": ["right of", 0]},
+    ],
     "prompt": "a photo of a dog right of a teddy bear",
 }
 
@@ -64,7 +73,11 @@ def test_labels_group_independently_and_no_nms():
 
 
 def test_exclude_fails_at_count():
-    spec = {"tag": "counting", "include": [{"class": "clock", "count": 2}], "exclude": [{"class": "clock", "count": 3}]}
+    spec = {
+        "tag": "counting",
+        "include": [{"class": "clock", "count": 2}],
+        "exclude": [{"class": "clock", "count": 3}],
+    }
     assert evaluate(spec, [det("clock")] * 2).correct
     result = evaluate(spec, [det("clock")] * 3)
     assert not result.correct and "clock<3" in result.reason
@@ -87,7 +100,9 @@ def test_color_uses_the_top_count_detections():
     bad = [det("car", 0.9, color="red"), det("car", 0.8, color="blue"), det("car", 0.7, color="red")]
     result = evaluate(spec, bad)
     assert not result.correct and "found 1 red" in result.reason
-    assert not evaluate(spec, [det("car", color="red"), det("car", color=None)]).correct  # unclassified != red
+    assert not evaluate(
+        spec, [det("car", color="red"), det("car", color=None)]
+    ).correct  # unclassified != red
     assert not evaluate(spec, ok).strict  # three cars for two
 
 
@@ -145,23 +160,39 @@ def test_position_with_missing_or_failed_target():
 
 
 def test_partial_values():
-    counting = {"tag": "counting", "include": [{"class": "clock", "count": 2}], "exclude": [{"class": "clock", "count": 3}]}
+    counting = {
+        "tag": "counting",
+        "include": [{"class": "clock", "count": 2}],
+        "exclude": [{"class": "clock", "count": 3}],
+    }
     assert evaluate(counting, [det("clock")] * 2).partial == 1.0
     assert evaluate(counting, [det("clock")] * 3).partial == pytest.approx(0.5)  # 1 - 1/2
     assert evaluate(counting, [det("clock")] * 5).partial == 0.0  # 1 - 3/2, floored
     colors = single("car", 2, tag="colors", color="red")
-    assert evaluate(colors, [det("car", color="red"), det("car", color="blue")]).partial == pytest.approx(0.75)
-    assert evaluate(POSITION, [det("teddy bear"), det("dog", center=(20, 50))]).partial == pytest.approx(2 / 3)
+    assert evaluate(colors, [det("car", color="red"), det("car", color="blue")]).partial == pytest.approx(
+        0.75
+    )
+    assert evaluate(POSITION, [det("teddy bear"), det("dog", center=(20, 50))]).partial == pytest.approx(
+        2 / 3
+    )
     assert evaluate(POSITION, []).partial == 0.0
 
 
 def test_partial_in_unit_interval_on_random_detections():
     rng = random.Random(0)
-    specs = [json.loads(line) for line in (GENEVAL_DATA_DIR / "evaluation_metadata.jsonl").read_text().splitlines()]
+    specs = [
+        json.loads(line) for line in (GENEVAL_DATA_DIR / "evaluation_metadata.jsonl").read_text().splitlines()
+    ]
     names = sorted({c["class"] for s in specs for c in s["include"]})
     for spec in rng.sample(specs, 60):
         dets = [
-            det(rng.choice(names[:5] + [c["class"] for c in spec["include"]]), rng.random(), (rng.uniform(0, 100), rng.uniform(0, 100)), rng.uniform(0, 30), rng.choice(["red", "blue", None]))
+            det(
+                rng.choice(names[:5] + [c["class"] for c in spec["include"]]),
+                rng.random(),
+                (rng.uniform(0, 100), rng.uniform(0, 100)),
+                rng.uniform(0, 30),
+                rng.choice(["red", "blue", None]),
+            )
             for _ in range(rng.randrange(0, 25))
         ]
         r = evaluate(spec, dets)
@@ -184,10 +215,31 @@ def test_partial_in_unit_interval_on_random_detections():
         ({"tag": "x", "include": [{"class": "dog", "count": True}]}, "['count']"),
         ({"tag": "x", "include": [{"class": "dog", "count": 1, "color": "teal"}]}, "['color']"),
         ({"tag": "x", "include": [{"class": "dog", "count": 1, "position": ["near", 0]}]}, "['position'][0]"),
-        ({"tag": "x", "include": [{"class": "a", "count": 1}, {"class": "b", "count": 1, "position": ["above", 1]}]}, "['position'][1]"),
-        ({"tag": "x", "include": [{"class": "a", "count": 1}, {"class": "b", "count": 1, "position": ["above", 5]}]}, "['position'][1]"),
-        ({"tag": "x", "include": [{"class": "a", "count": 1}, {"class": "b", "count": 1, "position": ["above"]}]}, "['position']"),
-        ({"tag": "x", "include": [{"class": "a", "count": 1}], "exclude": [{"class": "a", "count": -1}]}, "spec['exclude'][0]['count']"),
+        (
+            {
+                "tag": "x",
+                "include": [{"class": "a", "count": 1}, {"class": "b", "count": 1, "position": ["above", 1]}],
+            },
+            "['position'][1]",
+        ),
+        (
+            {
+                "tag": "x",
+                "include": [{"class": "a", "count": 1}, {"class": "b", "count": 1, "position": ["above", 5]}],
+            },
+            "['position'][1]",
+        ),
+        (
+            {
+                "tag": "x",
+                "include": [{"class": "a", "count": 1}, {"class": "b", "count": 1, "position": ["above"]}],
+            },
+            "['position']",
+        ),
+        (
+            {"tag": "x", "include": [{"class": "a", "count": 1}], "exclude": [{"class": "a", "count": -1}]},
+            "spec['exclude'][0]['count']",
+        ),
         ("not a spec", "spec"),
     ],
 )
@@ -209,7 +261,11 @@ def test_bad_detections():
 
 def test_nan_score_is_below_threshold_and_mappings_work():
     result = evaluate(single(), [det("dog", math.nan)])
-    assert isinstance(result, GenEvalResult) and not result.correct and "no detection scored above" in result.reason
+    assert (
+        isinstance(result, GenEvalResult)
+        and not result.correct
+        and "no detection scored above" in result.reason
+    )
     assert evaluate(single(), [{"label": "dog", "score": 0.5, "box": [0, 0, 4, 4]}]).correct
 
 
@@ -235,12 +291,17 @@ def _perfect_detections(spec: dict) -> list[Detection]:
         else:
             center = (500 + 300 * i, 500)
         centers.append(center)
-        dets += [det(clause["class"], 0.95, (center[0] + k, center[1]), 20, clause.get("color")) for k in range(clause["count"])]
+        dets += [
+            det(clause["class"], 0.95, (center[0] + k, center[1]), 20, clause.get("color"))
+            for k in range(clause["count"])
+        ]
     return dets
 
 
 def test_official_prompts_parse_and_score():
-    specs = [json.loads(line) for line in (GENEVAL_DATA_DIR / "evaluation_metadata.jsonl").read_text().splitlines()]
+    specs = [
+        json.loads(line) for line in (GENEVAL_DATA_DIR / "evaluation_metadata.jsonl").read_text().splitlines()
+    ]
     assert len(specs) == 553
     for spec in specs:
         empty = evaluate(spec, [])

@@ -88,13 +88,11 @@ def test_plot_works_or_says_what_is_missing():
     m = GenEvalScore()
     m.update(["counting", "colors"], torch.tensor([True, False]))
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib
     except ImportError:
-        with pytest.raises(ModuleNotFoundError, match="matplotlib"):
+        with pytest.raises(ModuleNotFoundError, match="pip install matplotlib"):
             m.plot()
     else:
-        import matplotlib
-
         matplotlib.use("Agg")
         fig, ax = m.plot()
         assert fig is not None
@@ -114,12 +112,16 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         names, gen, und, pids = _data(1)
         # uneven shards; rank 1 never sees "counting" locally if we drop it there
-        mine = [i for i in range(len(names)) if i % world == rank and not (rank == 1 and names[i] == "counting")]
+        mine = [
+            i for i in range(len(names)) if i % world == rank and not (rank == 1 and names[i] == "counting")
+        ]
         m, b = GenEvalScore(max_prompts=40), ImbalanceScore()
         m.update([names[i] for i in mine], gen[mine], pids[mine])
         b.update([names[i] for i in mine], gen[mine], und[mine])
-        torch.save({"geneval": m.compute(), "imbalance": b.compute(), "confusion": b.confusion()},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {"geneval": m.compute(), "imbalance": b.compute(), "confusion": b.confusion()},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -128,7 +130,9 @@ def test_ddp_reduction_equals_single_process(tmp_path):
     world = 2
     # fork where available: children inherit the imports (spawn re-imports torch + torchmetrics, ~5 s each)
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, start_method=method)
+    mp.start_processes(
+        _ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, start_method=method
+    )
     names, gen, und, pids = _data(1)
     keep = [i for i in range(len(names)) if not (i % world == 1 and names[i] == "counting")]
     m, b = GenEvalScore(max_prompts=40), ImbalanceScore()

@@ -17,13 +17,14 @@ from pathlib import Path
 
 #: The warm-start recipe (keep in step with configs/pretrain.yaml).
 RECIPE = {
-    "max_steps": 3000,
+    "max_steps": 1500,
     "batch_size": 64,
     "lr": 1e-3,
     "warmup_steps": 100,
     "cfg_dropout": 0.1,
     "num_train": 4000,
     "seed": 0,
+    "val_every": 250,
 }
 
 
@@ -60,8 +61,10 @@ def ensure_warm_start(policy, recipe: dict | None = None) -> Path:
     data = RenderedSceneDataModule(batch_size=r["batch_size"], canvas=policy.config.canvas, sizes=policy.config.sizes,
                                    num_train=r["num_train"], seed=r["seed"])
     L.seed_everything(r["seed"], verbose=False)
-    trainer = L.Trainer(max_steps=r["max_steps"], logger=False, enable_checkpointing=False, limit_val_batches=0,
-                        accelerator="cpu", devices=1, enable_model_summary=False)
+    logger = L.pytorch.loggers.TensorBoardLogger(save_dir=str(target.parent), name=target.name + "_logs")
+    trainer = L.Trainer(max_steps=r["max_steps"], logger=logger, enable_checkpointing=False, accelerator="cpu",
+                        devices=1, val_check_interval=r["val_every"], check_val_every_n_epoch=None,
+                        limit_val_batches=2, log_every_n_steps=10, enable_model_summary=False)
     trainer.fit(module, datamodule=data)
     tmp.rename(target)  # atomic: a half-written cache is never picked up
     return target

@@ -1,9 +1,11 @@
 """Periodic GenEval evaluation during training: generate, detect, score, log.
 
 `GenEvalCallback` owns the scoring-and-logging half; the generation half is the `generate`
-hook, which a recipe overrides (or subclasses) to call its policy. Scalars go through
-`pl_module.log_dict`; an image grid and the prompts (with verdicts) go to every logger whose
-experiment has `add_image` / `add_text` (TensorBoard's SummaryWriter).
+hook, which a recipe overrides (or subclasses) to call its policy. Scalars go to
+`pl_module.log_dict` (callback_metrics, for monitors) and straight to every logger at the current
+global step (evaluations are rare; they should not wait for `log_every_n_steps`); an image grid
+and the prompts (with verdicts) go to every logger whose experiment has `add_image` / `add_text`
+(TensorBoard's SummaryWriter).
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ def make_grid(images: Tensor, nrow: int | None = None, padding: int = 2) -> Tens
     n, c, h, w = images.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
     rows = max(1, math.ceil(n / nrow))
-    grid = torch.tensor(BACKGROUND, dtype=torch.uint8).view(3, 1, 1).repeat(
-        1, rows * (h + padding) + padding, nrow * (w + padding) + padding
+    grid = (
+        torch.tensor(BACKGROUND, dtype=torch.uint8)
+        .view(3, 1, 1)
+        .repeat(1, rows * (h + padding) + padding, nrow * (w + padding) + padding)
     )
     for k in range(n):
         y, x = padding + (k // nrow) * (h + padding), padding + (k % nrow) * (w + padding)
@@ -99,7 +103,9 @@ class GenEvalCallback(pl.Callback):
         self.detector = detector
         self.every_n_steps = every_n_steps
         self.prompt_ids = list(prompt_ids) if prompt_ids is not None else list(range(len(self.specs)))
-        self.metric = metric if metric is not None else GenEvalScore(max_prompts=max(self.prompt_ids, default=-1) + 1)
+        self.metric = (
+            metric if metric is not None else GenEvalScore(max_prompts=max(self.prompt_ids, default=-1) + 1)
+        )
         self.imbalance = imbalance if imbalance is not None else ImbalanceScore()
         self.max_grid_images = max_grid_images
         self.eval_kwargs = dict(eval_kwargs or {})
@@ -115,14 +121,19 @@ class GenEvalCallback(pl.Callback):
             "generate(pl_module, specs) -> uint8 [N, 3, H, W] (e.g. call pl_module's image sampler)"
         )
 
-    def understand(self, pl_module: pl.LightningModule, images: Tensor, specs: Sequence[Mapping[str, Any]]) -> Tensor | None:
+    def understand(
+        self, pl_module: pl.LightningModule, images: Tensor, specs: Sequence[Mapping[str, Any]]
+    ) -> Tensor | None:
         """Optional: bool `[N]`, whether the model answers each image's question right (for the
-        imbalance metric). None (the default) skips imbalance."""
+        imbalance metric). None (the default) skips imbalance; under DDP return None on all ranks
+        or on none (the metric sync is collective)."""
         return None
 
     # ---- Lightning ------------------------------------------------------------------
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         # the guard skips repeats within one optimizer step (gradient accumulation)
         if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
@@ -138,12 +149,17 @@ class GenEvalCallback(pl.Callback):
         specs_rep = [s for s in specs for _ in range(k)]
         results = score_images(images, specs_rep, self.detector, **self.eval_kwargs)
         self.last_results = results
-        return self.log_evaluation(trainer, pl_module, images, specs_rep, results, [p for p in pids for _ in range(k)], und)
+        return self.log_evaluation(
+            trainer, pl_module, images, specs_rep, results, [p for p in pids for _ in range(k)], und
+        )
 
     def _sample(self, pl_module: pl.LightningModule, specs: list) -> tuple[Tensor, Tensor | None]:
         """Run the hooks in eval mode without gradients; check the image count."""
-        if not specs:
-            return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), None
+        if not specs:  # a rank with no share still joins the collective metric syncs
+            overridden = type(self).understand is not GenEvalCallback.understand
+            return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), (
+                torch.zeros(0, dtype=torch.bool) if overridden else None
+            )
         was_training = pl_module.training
         pl_module.eval()
         try:
@@ -153,7 +169,9 @@ class GenEvalCallback(pl.Callback):
         finally:
             pl_module.train(was_training)
         if len(images) == 0 or len(images) % len(specs):
-            raise ValueError(f"generate returned {len(images)} images for {len(specs)} specs; return k per spec")
+            raise ValueError(
+                f"generate returned {len(images)} images for {len(specs)} specs; return k per spec"
+            )
         return images, und
 
     def log_evaluation(
@@ -177,22 +195,33 @@ class GenEvalCallback(pl.Callback):
         if und_correct is not None:
             self.imbalance.update(tasks, correct, torch.as_tensor(und_correct).reshape(-1).bool().cpu())
             values.update(self.imbalance.compute())
-        # metric values are already reduced over ranks; the partial-credit mean is averaged by Lightning
-        pl_module.log_dict({k: v.float() for k, v in values.items()}, on_step=True, on_epoch=False)
+        # metric values are already synced; the partial-credit mean is averaged over ranks here
         partial = torch.tensor(sum(r.partial for r in results) / max(1, len(results)), device=device)
-        pl_module.log("geneval/partial", partial, on_step=True, on_epoch=False, sync_dist=True)
-        values["geneval/partial"] = partial
+        values["geneval/partial"] = trainer.strategy.reduce(partial, reduce_op="mean")
+        values = {k: v.float() for k, v in values.items()}
+        # callback_metrics (for checkpoint monitors) through Lightning; the loggers directly, so an
+        # evaluation is written once, whatever `log_every_n_steps` is
+        pl_module.log_dict(values, on_step=True, on_epoch=False, logger=False)
+        for logger in trainer.loggers:
+            logger.log_metrics({k: v.item() for k, v in values.items()}, step=trainer.global_step)
         if trainer.is_global_zero:
             self._log_media(trainer, images, specs, results)
         return values
 
-    def _log_media(self, trainer: pl.Trainer, images: Tensor, specs: Sequence[Mapping[str, Any]], results: Sequence[GenEvalResult]) -> None:
+    def _log_media(
+        self,
+        trainer: pl.Trainer,
+        images: Tensor,
+        specs: Sequence[Mapping[str, Any]],
+        results: Sequence[GenEvalResult],
+    ) -> None:
         n = min(len(images), self.max_grid_images)
         if n == 0:
             return
         grid = make_grid(images[:n])
         lines = [
-            f"{i}. {'✓' if r.correct else '✗'} {s.get('prompt', s['tag'])}" + (f" — {r.reason}" if r.reason else "")
+            f"{i}. {'✓' if r.correct else '✗'} {s.get('prompt', s['tag'])}"
+            + (f" — {r.reason}" if r.reason else "")
             for i, (s, r) in enumerate(zip(specs[:n], results[:n]))
         ]
         text = "  \n".join(lines)  # markdown line breaks, row-major like the grid

@@ -100,7 +100,9 @@ class TransformersDetector:
         self.detector_processor = detector_processor
         self.clip_model = clip_model.eval() if clip_model is not None else None
         self.clip_processor = clip_processor
-        self.classes = tuple(classes) if classes is not None else tuple(load_geneval_constants()["geneval_object_names"])
+        self.classes = (
+            tuple(classes) if classes is not None else tuple(load_geneval_constants()["geneval_object_names"])
+        )
         self.query_template = query_template
         self.score_threshold, self.nms_iou, self.color_threshold = score_threshold, nms_iou, color_threshold
         self.max_detections, self.clip_batch_size = max_detections, clip_batch_size
@@ -145,7 +147,9 @@ class TransformersDetector:
         device = next(model.parameters()).device
         queries = [self.query_template.format(c) for c in classes]
         pils = [_to_pil(a) for a in images.permute(0, 2, 3, 1).cpu().numpy()]
-        inputs = self.detector_processor(text=[queries] * n, images=pils, return_tensors="pt", truncation=True)
+        inputs = self.detector_processor(
+            text=[queries] * n, images=pils, return_tensors="pt", truncation=True
+        )
         inputs = {k: v.to(device) for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -156,7 +160,9 @@ class TransformersDetector:
         cx, cy, bw, bh = out.pred_boxes.float().unbind(-1)
         side = float(max(h, w))
         boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1) * side
-        boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device))
+        boxes = torch.minimum(
+            boxes.clamp(min=0), torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
+        )
         results: list[list[Detection]] = []
         for i in range(n):
             keep = (scores[i] > self.score_threshold).nonzero().squeeze(-1)
@@ -164,7 +170,7 @@ class TransformersDetector:
             order = _nms(b, s, lab, self.nms_iou) if self.nms_iou is not None else s.argsort(descending=True)
             order = order[: self.max_detections]
             results.append(
-                [Detection(classes[int(lab[j])], float(s[j]), tuple(b[j].tolist())) for j in order]  # type: ignore[arg-type]
+                [Detection(classes[int(lab[j])], float(s[j]), tuple(b[j].tolist())) for j in order]
             )
         return results
 
@@ -177,8 +183,12 @@ class TransformersDetector:
             device = next(model.parameters()).device
             texts = [t.format(c=c, classname=classname) for c in self.colors for t in self.color_templates]
             enc = tok(texts, padding=True, truncation=True, return_tensors="pt").to(device)
-            emb = _features(model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc.get("attention_mask")))
-            emb = torch.nn.functional.normalize(emb.float(), dim=-1).view(len(self.colors), len(self.color_templates), -1)
+            emb = _features(
+                model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc.get("attention_mask"))
+            )
+            emb = torch.nn.functional.normalize(emb.float(), dim=-1).view(
+                len(self.colors), len(self.color_templates), -1
+            )
             self._color_classifiers[classname] = torch.nn.functional.normalize(emb.mean(1), dim=-1)
         return self._color_classifiers[classname]
 
@@ -189,7 +199,9 @@ class TransformersDetector:
         if det.mask is not None:
             mask = np.asarray(det.mask.cpu() if isinstance(det.mask, Tensor) else det.mask, dtype=bool)
             if mask.shape != (h, w):
-                raise ValueError(f"a detection mask must be [H, W] = {(h, w)} like its image, got {mask.shape}")
+                raise ValueError(
+                    f"a detection mask must be [H, W] = {(h, w)} like its image, got {mask.shape}"
+                )
             image = np.where(mask[..., None], image, np.asarray(BACKGROUND, dtype=np.uint8))
         x1, y1 = max(0, math.floor(det.box[0])), max(0, math.floor(det.box[1]))
         x2, y2 = min(w, max(math.ceil(det.box[2]), x1 + 1)), min(h, max(math.ceil(det.box[3]), y1 + 1))
@@ -203,13 +215,22 @@ class TransformersDetector:
             raise RuntimeError("classify_colors needs a CLIP model; construct the detector with clip_model")
         device = next(model.parameters()).device
         arrays = images.permute(0, 2, 3, 1).cpu().numpy()
-        todo = [(i, j) for i, dets in enumerate(detections) for j, d in enumerate(dets) if d.score > self.color_threshold]
+        todo = [
+            (i, j)
+            for i, dets in enumerate(detections)
+            for j, d in enumerate(dets)
+            if d.score > self.color_threshold
+        ]
         out = [list(dets) for dets in detections]
         for start in range(0, len(todo), self.clip_batch_size):
             chunk = todo[start : start + self.clip_batch_size]
             crops = [_to_pil(self.crop(arrays[i], detections[i][j])) for i, j in chunk]
-            pixels = self.clip_processor(images=crops, return_tensors="pt")["pixel_values"].to(device, model.dtype)
-            feats = torch.nn.functional.normalize(_features(model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+            pixels = self.clip_processor(images=crops, return_tensors="pt")["pixel_values"].to(
+                device, model.dtype
+            )
+            feats = torch.nn.functional.normalize(
+                _features(model.get_image_features(pixel_values=pixels)).float(), dim=-1
+            )
             for (i, j), f in zip(chunk, feats):
                 det = detections[i][j]
                 color = self.colors[int((self._color_classifier(det.label) @ f).argmax())]

@@ -68,19 +68,29 @@ def _check_clause(clause: Any, where: str, *, include_index: int | None) -> None
     if not isinstance(name, str) or not name:
         raise ValueError(f"{where}['class'] must be a non-empty class name, got {name!r}")
     if not _positive_int(clause.get("count")):
-        raise ValueError(f"{where}['count'] must be a positive int (1 for 'a dog'), got {clause.get('count')!r}")
+        raise ValueError(
+            f"{where}['count'] must be a positive int (1 for 'a dog'), got {clause.get('count')!r}"
+        )
     if include_index is None:  # exclude clauses carry class and count only
         return
     if "color" in clause and clause["color"] not in _COLORS:
-        raise ValueError(f"{where}['color'] must be one of GenEval's colours {_COLORS}, got {clause['color']!r}")
+        raise ValueError(
+            f"{where}['color'] must be one of GenEval's colours {_COLORS}, got {clause['color']!r}"
+        )
     if "position" in clause:
         pos = clause["position"]
         if not isinstance(pos, Sequence) or isinstance(pos, str) or len(pos) != 2:
-            raise ValueError(f"{where}['position'] must be [relation, index], e.g. ['left of', 0], got {pos!r}")
+            raise ValueError(
+                f"{where}['position'] must be [relation, index], e.g. ['left of', 0], got {pos!r}"
+            )
         relation, target = pos
         if relation not in RELATIONS:
             raise ValueError(f"{where}['position'][0] must be one of {RELATIONS}, got {relation!r}")
-        if not isinstance(target, numbers.Integral) or isinstance(target, bool) or not 0 <= target < include_index:
+        if (
+            not isinstance(target, numbers.Integral)
+            or isinstance(target, bool)
+            or not 0 <= target < include_index
+        ):
             raise ValueError(
                 f"{where}['position'][1] must index an earlier include clause (0..{include_index - 1}), "
                 f"got {target!r}; point it at the clause of the reference object"
@@ -90,12 +100,16 @@ def _check_clause(clause: Any, where: str, *, include_index: int | None) -> None
 def validate_spec(spec: Any) -> None:
     """Check a GenEval metadata dict (tag, include, exclude?); raise ValueError naming the bad field."""
     if not isinstance(spec, Mapping):
-        raise ValueError(f"spec must be a GenEval metadata mapping (tag, include, ...), got {type(spec).__name__}")
+        raise ValueError(
+            f"spec must be a GenEval metadata mapping (tag, include, ...), got {type(spec).__name__}"
+        )
     if not isinstance(spec.get("tag"), str) or not spec["tag"]:
         raise ValueError(f"spec['tag'] must be a task name such as 'counting', got {spec.get('tag')!r}")
     include = spec.get("include")
     if not isinstance(include, Sequence) or isinstance(include, str) or len(include) == 0:
-        raise ValueError(f"spec['include'] must be a non-empty list of clauses {{'class', 'count', ...}}, got {include!r}")
+        raise ValueError(
+            f"spec['include'] must be a non-empty list of clauses {{'class', 'count', ...}}, got {include!r}"
+        )
     for i, clause in enumerate(include):
         _check_clause(clause, f"spec['include'][{i}]", include_index=i)
     exclude = spec.get("exclude", [])
@@ -119,15 +133,23 @@ def _validated(d: Detection | Mapping[str, Any], index: int) -> Detection:
         score = float(det.score)
         box = tuple(float(v) for v in det.box)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"detections[{index}] needs a numeric score and box, got {det.score!r}, {det.box!r}") from err
+        raise ValueError(
+            f"detections[{index}] needs a numeric score and box, got {det.score!r}, {det.box!r}"
+        ) from err
     if len(box) != 4 or not all(math.isfinite(v) for v in box):
-        raise ValueError(f"detections[{index}].box must be 4 finite numbers (x1, y1, x2, y2), got {det.box!r}")
+        raise ValueError(
+            f"detections[{index}].box must be 4 finite numbers (x1, y1, x2, y2), got {det.box!r}"
+        )
     if box[2] < box[0] or box[3] < box[1]:
-        raise ValueError(f"detections[{index}].box must have x2 >= x1 and y2 >= y1 (pixels, y down), got {box}")
+        raise ValueError(
+            f"detections[{index}].box must have x2 >= x1 and y2 >= y1 (pixels, y down), got {box}"
+        )
     return Detection(det.label, score, box, det.color, det.mask)  # type: ignore[arg-type]
 
 
-def group_detections(detections: Sequence[Detection], threshold: float, max_objects: int) -> dict[str, list[Detection]]:
+def group_detections(
+    detections: Sequence[Detection], threshold: float, max_objects: int
+) -> dict[str, list[Detection]]:
     """GenEval's filtering: keep score > threshold (NaN never passes), sort by score descending
     (ties keep input order), at most `max_objects` per class, no NMS."""
     groups: dict[str, list[Detection]] = {}
@@ -160,7 +182,9 @@ def _color_of(det: Detection) -> str | None:
     return det.color.lower() if isinstance(det.color, str) else None
 
 
-def _judge(spec: Mapping[str, Any], groups: Mapping[str, list[Detection]], *, exact: bool) -> tuple[bool, list[str]]:
+def _judge(
+    spec: Mapping[str, Any], groups: Mapping[str, list[Detection]], *, exact: bool
+) -> tuple[bool, list[str]]:
     """GenEval's `evaluate` on grouped detections; `exact` demands == count instead of >= count."""
     ok, reasons = True, []
     matched: list[list[Detection] | None] = []  # per include clause: its objects if it passed, else None
@@ -170,14 +194,19 @@ def _judge(spec: Mapping[str, Any], groups: Mapping[str, list[Detection]], *, ex
         found = found_all[:count]  # GenEval checks colour and position on the top-count objects only
         passed = len(found_all) == count if exact else len(found) >= count
         if not passed:
-            reasons.append(f"expected {name}{'==' if exact else '>='}{count}, found {len(found_all if exact else found)}")
+            reasons.append(
+                f"expected {name}{'==' if exact else '>='}{count}, found {len(found_all if exact else found)}"
+            )
         if passed and "color" in clause:
             n_color = sum(_color_of(d) == clause["color"] for d in found)
             if n_color < count:
                 passed = False
                 tally = [_color_of(d) for d in found]
                 seen = ", ".join(f"{tally.count(c)} {c}" for c in _COLORS if c in tally) or "no colour"
-                reasons.append(f"expected {clause['color']} {name}>={count}, found {n_color} {clause['color']}; and {seen}")
+                reasons.append(
+                    f"expected {clause['color']} {name}>={count}, "
+                    f"found {n_color} {clause['color']}; and {seen}"
+                )
         if passed and "position" in clause:
             relation, target = clause["position"]
             targets = matched[target]
@@ -243,8 +272,10 @@ def evaluate(
     """Score one image's detections against a GenEval metadata dict, by GenEval's official rules.
 
     Detections with score > threshold (> counting_threshold when spec["tag"] == "counting") are
-    kept, sorted by score, at most `max_objects` per class. Raises ValueError on a malformed spec
-    or a detection with a non-finite or inverted box; NaN scores count as below threshold.
+    kept, sorted by score, at most `max_objects` per class. `strict` repeats the verdict with exact
+    counts (== instead of >=; exclude clauses still apply); `partial` is described in `_partial`.
+    Raises ValueError on a malformed spec or a detection with a non-finite or inverted box; NaN
+    scores count as below threshold; no detections gives correct=False with a reason.
     """
     validate_spec(spec)
     if not _positive_int(max_objects):
@@ -258,4 +289,6 @@ def evaluate(
         reasons.insert(0, "no detections")
     elif not groups:
         reasons.insert(0, f"no detection scored above {thr}")
-    return GenEvalResult(correct=correct, reason="; ".join(reasons), strict=strict, partial=_partial(spec, groups))
+    return GenEvalResult(
+        correct=correct, reason="; ".join(reasons), strict=strict, partial=_partial(spec, groups)
+    )

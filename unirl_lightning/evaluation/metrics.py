@@ -24,7 +24,9 @@ def _task_index(tasks: Sequence[str], known: Sequence[str], device: torch.device
     lookup = {t: i for i, t in enumerate(known)}
     unknown = sorted({t for t in tasks if t not in lookup})
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; this metric counts {tuple(known)} (pass tasks=... to extend)")
+        raise ValueError(
+            f"unknown task(s) {unknown}; this metric counts {tuple(known)} (pass tasks=... to extend)"
+        )
     return torch.tensor([lookup[t] for t in tasks], dtype=torch.long, device=device)
 
 
@@ -67,7 +69,11 @@ class GenEvalScore(Metric):
     prompt_correct: Tensor
 
     def __init__(
-        self, tasks: Sequence[str] = TASKS, max_prompts: int = GENEVAL_NUM_PROMPTS, prefix: str = "geneval", **kwargs: Any
+        self,
+        tasks: Sequence[str] = TASKS,
+        max_prompts: int = GENEVAL_NUM_PROMPTS,
+        prefix: str = "geneval",
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if max_prompts < 0:
@@ -77,7 +83,9 @@ class GenEvalScore(Metric):
         self.add_state("correct", torch.zeros(t, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", torch.zeros(t, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("prompt_images", torch.zeros(self.max_prompts, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("prompt_correct", torch.zeros(self.max_prompts, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state(
+            "prompt_correct", torch.zeros(self.max_prompts, dtype=torch.long), dist_reduce_fx="sum"
+        )
 
     def update(self, tasks: Sequence[str], correct: Tensor, prompt_ids: Tensor | None = None) -> None:
         """Count images: tasks `[N]` names, correct bool `[N]`, prompt_ids long `[N]` or None."""
@@ -93,7 +101,8 @@ class GenEvalScore(Metric):
             raise ValueError(f"prompt_ids has {pid.numel()} entries but tasks has {len(idx)}")
         if pid.numel() and (pid.min() < 0 or pid.max() >= self.max_prompts):
             raise ValueError(
-                f"prompt_ids must lie in [0, {self.max_prompts}), got {pid.min().item()}..{pid.max().item()}; "
+                f"prompt_ids must lie in [0, {self.max_prompts}), "
+                f"got {pid.min().item()}..{pid.max().item()}; "
                 "raise max_prompts at construction"
             )
         self.prompt_images += torch.bincount(pid, minlength=self.max_prompts)
