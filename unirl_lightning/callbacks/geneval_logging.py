@@ -195,9 +195,10 @@ class GenEvalCallback(pl.Callback):
         if und_correct is not None:
             self.imbalance.update(tasks, correct, torch.as_tensor(und_correct).reshape(-1).bool().cpu())
             values.update(self.imbalance.compute())
-        # metric values are already synced; the partial-credit mean is averaged over ranks here
-        partial = torch.tensor(sum(r.partial for r in results) / max(1, len(results)), device=device)
-        values["geneval/partial"] = trainer.strategy.reduce(partial, reduce_op="mean")
+        # metric values are already synced; the partial-credit mean is pooled over ranks here
+        sums = torch.tensor([sum(r.partial for r in results), len(results)], device=device, dtype=torch.float64)
+        sums = trainer.strategy.reduce(sums, reduce_op="sum")
+        values["geneval/partial"] = sums[0] / sums[1].clamp(min=1)
         values = {k: v.float() for k, v in values.items()}
         # callback_metrics (for checkpoint monitors) through Lightning; the loggers directly, so an
         # evaluation is written once, whatever `log_every_n_steps` is

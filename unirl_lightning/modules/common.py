@@ -33,6 +33,8 @@ class PolicyModule(L.LightningModule):
         detector: GenEval detector (default: the synthetic world's exact detector).
         eval_cfg_scale / eval_temperature: sampling settings of validation images.
         grid_size: images in the logged validation grid.
+        save_to: folder to `save_pretrained` the policy into at the end of fit; an existing
+            non-empty folder is refused (before any compute) unless overwrite=True.
     """
 
     def __init__(
@@ -46,9 +48,13 @@ class PolicyModule(L.LightningModule):
         eval_cfg_scale: float = 1.0,
         eval_temperature: float = 1.0,
         grid_size: int = 16,
+        save_to: str | None = None,
+        overwrite: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["policy", "detector"])
+        if save_to and Path(save_to).is_dir() and any(Path(save_to).iterdir()) and not overwrite:
+            raise FileExistsError(f"model.save_to: {save_to} exists and is not empty; pick another folder or set overwrite: true")
         self.policy = policy
         self.judge = GenEvalJudge(detector)
         self.val_geneval = GenEvalScore()
@@ -70,6 +76,10 @@ class PolicyModule(L.LightningModule):
         loaded = type(self.policy).from_pretrained(source)
         self.policy.load_state_dict(loaded.state_dict())
         self.on_warm_started()
+
+    def on_train_end(self) -> None:
+        if self.hparams.save_to and self.trainer.is_global_zero:
+            self.policy.save_pretrained(self.hparams.save_to)
 
     def on_warm_started(self) -> None:
         """Hook: runs after the warm-start weights are loaded (e.g. to copy the reference)."""

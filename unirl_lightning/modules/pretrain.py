@@ -6,8 +6,6 @@ roughly right, as a pretrained unified model would.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from unirl_lightning.models.base import UnifiedPolicy
@@ -21,8 +19,6 @@ class WarmStartPretrain(PolicyModule):
     Args:
         cfg_dropout: probability of dropping the prompt (unconditional rows teach CFG).
         understanding_weight: weight of the answer loss.
-        save_to: folder to `save_pretrained` the result into at the end of fit; an existing
-            non-empty folder is refused unless overwrite=True.
     """
 
     def __init__(
@@ -30,8 +26,6 @@ class WarmStartPretrain(PolicyModule):
         policy: UnifiedPolicy,
         cfg_dropout: float = 0.1,
         understanding_weight: float = 1.0,
-        save_to: str | None = None,
-        overwrite: bool = False,
         warm_start: str | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.01,
@@ -41,8 +35,6 @@ class WarmStartPretrain(PolicyModule):
     ):
         super().__init__(policy, warm_start=warm_start, lr=lr, weight_decay=weight_decay, **kwargs)
         self.save_hyperparameters(ignore=["policy", "detector"])
-        if save_to and Path(save_to).is_dir() and any(Path(save_to).iterdir()) and not overwrite:
-            raise FileExistsError(f"model.save_to: {save_to} exists and is not empty; pick another folder or set overwrite: true")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         policy = self.policy
@@ -67,7 +59,3 @@ class WarmStartPretrain(PolicyModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def on_train_end(self) -> None:
-        if self.hparams.save_to and self.trainer.is_global_zero:
-            self.policy.save_pretrained(self.hparams.save_to)

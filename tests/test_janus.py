@@ -1,0 +1,203 @@
+"""JanusPolicy on a tiny random Janus (no downloads): the policy contract, parity with
+transformers' own image generation and processor, and a GRPO run under a real Trainer.
+
+Parity: transformers samples image tokens with `torch.multinomial`, whose RNG use differs from
+our Gumbel-max, so sampled parity is shown by routing its `torch.multinomial` through the same
+Gumbel-max with the same generator: the tokens are then equal and our log-probs equal the log
+of the exact probabilities transformers samples from (after its CFG). Greedy decoding
+(`temperature=0` vs `do_sample=False`) is compared without any patching.
+"""
+
+import inspect
+
+import lightning as L
+import pytest
+import torch
+
+from unirl_lightning.models.janus import JanusPolicy, gumbel_noise, tiny_janus_components
+from unirl_lightning.testing import PolicyTesterMixin
+
+GRID = 4  # 16 image tokens, 16x16 pixels: fast on 2 CPU cores
+PROMPTS = ["a photo of a red square", "a photo of two circles", "a photo of a blue cross and a green triangle"]
+
+# Janus' conversation format ("<|User|>: ...\n\n<|Assistant|>:") as a chat template of our own
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}<|User|>: "
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image_placeholder>{{ '\\n' }}"
+    "{% else %}{{ c['text'] | trim }}{% endif %}{% endfor %}{{ '\\n\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|Assistant|>:{% endif %}"
+)
+
+
+def _policy(seed: int = 0, **kw) -> JanusPolicy:
+    model, processor = tiny_janus_components(grid=GRID, seed=seed, **kw)
+    return JanusPolicy.from_components(model, processor).eval()
+
+
+class TestJanusPolicy(PolicyTesterMixin):
+    def make_policy(self):
+        return _policy()
+
+    def generation_parameters(self, policy):
+        # read only by the image-token logits: gradient there proves the relaxed route end to end
+        return list(policy.model.model.generation_head.parameters())
+
+
+# ---- prompt formatting ---------------------------------------------------------------------
+def test_chat_template_and_fallback_format_agree():
+    policy = _policy()
+    fallback = policy.generation_inputs(PROMPTS, cfg_scale=3.0)
+    policy.processor.chat_template = CHAT_TEMPLATE
+    templated = policy.generation_inputs(PROMPTS, cfg_scale=3.0)
+    assert torch.equal(fallback[0], templated[0]) and torch.equal(fallback[1], templated[1])
+    assert policy.chat_prompt("a red square") == "<|User|>: a red square\n\n<|Assistant|>:"
+    assert policy.chat_prompt("what?", with_image=True) == "<|User|>: <image_placeholder>\nwhat?\n\n<|Assistant|>:"
+
+
+def test_unconditional_rows_keep_only_bos_and_begin_of_image():
+    policy = _policy()
+    ids, mask = policy.generation_inputs(PROMPTS, cfg_scale=5.0)
+    cond, uncond = ids.chunk(2)
+    assert (cond[:, -1] == policy.boi_id).all() and (uncond[:, -1] == policy.boi_id).all()
+    kept = (uncond == policy.bos_id) | (uncond == policy.boi_id)
+    assert (uncond[~kept] == policy.pad_id).all()
+    assert torch.equal(mask[: len(PROMPTS)], mask[len(PROMPTS):])
+
+
+def test_understanding_inputs_and_pixels_match_the_processor():
+    policy = _policy()
+    proc = policy.processor
+    proc.use_default_system_prompt = True
+    tokens = policy.generate_images(PROMPTS[:2], generator=torch.Generator().manual_seed(0)).tokens
+    images = policy.decode_images(tokens)
+    questions = ["What is the main item in this image?", "How many items in this image?"]
+    texts = [policy.chat_prompt(q, with_image=True) for q in questions]
+    ref = proc(text=texts, images=list(images), generation_mode="text", padding=True, return_tensors="pt")
+    ids, mask = policy.understanding_inputs(questions)
+    assert torch.equal(ids, ref["input_ids"]) and torch.equal(mask, ref["attention_mask"])
+    assert int((ids == policy.image_token_id).sum(1)[0]) == proc.num_image_tokens
+    # same pixels as the processor's uint8 route, up to its 1/255 quantisation
+    pixels = policy._vision_pixels(tokens)
+    torch.testing.assert_close(pixels, ref["pixel_values"].float(), atol=2 / 255 / 0.5, rtol=0)
+
+
+# ---- parity with transformers ---------------------------------------------------------------
+def _hf_inputs(policy):
+    texts = [policy.chat_prompt(p) for p in PROMPTS]
+    return policy.processor(text=texts, generation_mode="image", padding=True, return_tensors="pt")
+
+
+def test_greedy_tokens_equal_transformers_generate():
+    policy = _policy()
+    ours = policy.generate_images(PROMPTS, cfg_scale=5.0, temperature=0.0)
+    theirs = policy.model.generate(**_hf_inputs(policy), generation_mode="image", do_sample=False, guidance_scale=5.0)
+    assert torch.equal(ours.tokens, theirs)
+    torch.testing.assert_close(policy.image_logprobs(ours), ours.logprobs, atol=1e-4, rtol=0)
+
+
+def test_sampled_tokens_and_logprobs_equal_transformers_generate(monkeypatch):
+    policy = _policy()
+    ours = policy.generate_images(PROMPTS, cfg_scale=3.0, temperature=1.0, generator=torch.Generator().manual_seed(7))
+
+    gen, seen = torch.Generator().manual_seed(7), []
+
+    def gumbel_multinomial(probs, num_samples=1, **_):
+        seen.append(probs)
+        return (probs.log() + gumbel_noise(probs.shape, gen, probs.device)).argmax(-1, keepdim=True)
+
+    monkeypatch.setattr(torch, "multinomial", gumbel_multinomial)
+    theirs = policy.model.generate(**_hf_inputs(policy), generation_mode="image", do_sample=True, top_k=0,
+                                   temperature=1.0, guidance_scale=3.0)
+    assert torch.equal(ours.tokens, theirs)
+    probs = torch.stack(seen, 1)  # [B, L, K]: the guided distribution transformers sampled from
+    hf_logp = probs.log().gather(-1, theirs[..., None]).squeeze(-1)
+    torch.testing.assert_close(ours.logprobs, hf_logp, atol=1e-5, rtol=0)
+
+
+def test_decode_matches_transformers_decode_and_postprocess():
+    policy = _policy()
+    tokens = torch.randint(policy.image_vocab_size, (2, policy.tokens_per_image), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        decoded = policy.model.decode_image_tokens(tokens)  # [B, H, W, 3]
+    ref = policy.processor.postprocess(list(decoded.permute(0, 3, 1, 2).float()), return_tensors="pt")["pixel_values"]
+    assert torch.equal(policy.decode_images(tokens), ref)
+
+
+def test_hard_relaxed_tokens_give_the_token_forward():
+    policy = _policy()
+    tokens = policy.generate_images(PROMPTS, generator=torch.Generator().manual_seed(0)).tokens
+    questions, answers = ["What is the main item in this image?"] * 3, ["square", "2 circles", "cross"]
+    hard = torch.nn.functional.one_hot(tokens, policy.image_vocab_size).float()
+    a, _ = policy.answer_logprobs(tokens, questions, answers)
+    b, _ = policy.answer_logprobs(hard, questions, answers)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_encode_images_round_trips_token_grid():
+    policy = _policy()
+    images = policy.decode_images(torch.zeros(1, policy.tokens_per_image, dtype=torch.long))
+    assert policy.encode_images(images).shape == (1, policy.tokens_per_image)
+
+
+# ---- construction from simple types (LightningCLI / jsonargparse) ---------------------------
+def test_init_takes_simple_types_and_loads_saved_folder(tmp_path):
+    from jsonargparse import ArgumentParser
+
+    sig = inspect.signature(JanusPolicy.__init__)
+    assert all(p.annotation in ("str", "bool", "str | None") for n, p in sig.parameters.items() if n != "self")
+    policy = _policy()
+    policy.save_pretrained(tmp_path / "janus")
+    parser = ArgumentParser()
+    parser.add_argument("--policy", type=JanusPolicy)
+    cfg = parser.parse_object({"policy": {"model_path": str(tmp_path / "janus"), "torch_dtype": "float32"}})
+    loaded = parser.instantiate_classes(cfg).policy.eval()
+    rollout = policy.generate_images(PROMPTS, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loaded.image_logprobs(rollout), policy.image_logprobs(rollout))
+
+
+def test_janus_configs_name_real_arguments():
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("janus_pro_1b_sft.yaml", "janus_pro_1b_grpo.yaml", "janus_pro_7b_grpo.yaml"):
+        cfg = yaml.safe_load((root / name).read_text())
+        policy = cfg["model"]["init_args"]["policy"]
+        assert policy["class_path"] == "unirl_lightning.models.janus.JanusPolicy"
+        assert set(policy["init_args"]) <= set(inspect.signature(JanusPolicy.__init__).parameters)
+        module, cls = cfg["model"]["class_path"].rsplit(".", 1)
+        params = inspect.signature(getattr(importlib.import_module(module), cls).__init__).parameters
+        assert set(cfg["model"]["init_args"]) - {"lr", "warm_start"} <= set(params), name
+        assert cfg["trainer"]["strategy"]["class_path"].endswith("FSDPStrategy") and cfg["trainer"]["precision"] == "bf16-mixed"
+
+
+# ---- GRPO smoke run ----------------------------------------------------------------------
+def test_grpo_trains_janus_under_trainer(tmp_path):
+    from unirl_lightning.data import OnPolicyDataModule
+    from unirl_lightning.modules import DiscreteGRPO
+    from unirl_lightning.rewards.base import RewardFunction
+
+    class RandomReward(RewardFunction):
+        """Random rewards: nonzero advantages whatever an untrained model draws."""
+
+        def __init__(self):
+            super().__init__(1.0, "random")
+            self.gen = torch.Generator().manual_seed(0)
+
+        def __call__(self, ctx):
+            return torch.rand(len(ctx.specs), generator=self.gen)
+
+    policy = _policy()
+    before = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    module = DiscreteGRPO(policy, warm_start=None, rewards=[RandomReward()], answer_weight=0.5, cfg_scale=3.0,
+                          micro_batch_size=4, lr=1e-3)
+    data = OnPolicyDataModule(num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=data)
+    changed = {k for k, v in policy.state_dict().items() if not torch.equal(before[k], v)}
+    assert any(k.startswith("model.model.generation_head.") for k in changed)
+    assert "model.lm_head.weight" in changed or "model.model.language_model.embed_tokens.weight" in changed
+    assert "image/ratio_mean" in trainer.logged_metrics and "answer/ratio_mean" in trainer.logged_metrics

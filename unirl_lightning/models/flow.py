@@ -1,0 +1,544 @@
+"""Flow-matching image policies: a small interface, an SD3 (diffusers) adapter, and the built-in model.
+
+A flow policy predicts a velocity ``v ~ noise - x0`` at ``x_s = s*noise + (1-s)*x0`` (diffusers'
+convention, ``s`` from 1 to 0). Sampling runs the schedule of diffusers'
+``FlowMatchEulerDiscreteScheduler`` (with its ``shift``) and takes every transition with
+``objectives.sde_step``, so each stochastic step is a Gaussian policy with a log-prob that
+FlowGRPO trains; ``noise_level=0`` is diffusers' Euler loop exactly.
+
+- :class:`FlowPolicy`: the interface the recipes use (``encode_text``, ``velocity`` with CFG,
+  ``decode``, ``sample`` -> :class:`FlowRollout`, ``step_log_prob``, ``make_reference``).
+- :class:`SD3FlowPolicy`: velocity from a diffusers ``SD3Transformer2DModel`` (MMDiT).
+- :class:`DiffusersFlowPolicy`: a real SD3 / SD3.5 pipeline folder or Hub id (transformer trained;
+  CLIP/T5 text encoders and the VAE frozen).
+- :class:`TinyFlowModel`: the built-in model for the synthetic world. A tiny SD3 transformer over
+  a 4x4 grid of latent *cells*, each 8x8 px cell holding a whole object (one of 4 shapes x 10
+  colours) or background, with a learned word-level text encoder. Its world is rendered on an
+  8-px placement grid (``WorldConfig(grid=8)``) so every object fills exactly one cell; DESIGN.md
+  section 4 reports that pixel latents and 4x4-patch latents (objects split across latents)
+  did not learn in CPU minutes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from unirl_lightning.models.text import WordTokenizer, world_words
+from unirl_lightning.objectives.flow_sde import SDE_KINDS, sde_step
+from unirl_lightning.worlds.render import WorldConfig
+from unirl_lightning.worlds.shapes import shape_mask
+from unirl_lightning.worlds.tokenizer import PatchTokenizer
+from unirl_lightning.worlds.vocab import BACKGROUND, COLORS, PALETTE, SHAPES
+
+Prompt = str | None  # None: the unconditional ("dropped") prompt of classifier-free guidance
+
+
+# ---- data carried between rollout and training ------------------------------------------------
+@dataclass
+class TextCondition:
+    """What the velocity model reads about the prompt: token states `[B, T, D]`, pooled `[B, P]`."""
+
+    hidden: Tensor
+    pooled: Tensor
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def select(self, index: Tensor) -> "TextCondition":
+        return TextCondition(self.hidden[index], self.pooled[index])
+
+    @staticmethod
+    def cat(first: "TextCondition", second: "TextCondition") -> "TextCondition":
+        return TextCondition(torch.cat([first.hidden, second.hidden]), torch.cat([first.pooled, second.pooled]))
+
+
+@dataclass
+class FlowRollout:
+    """A batch of sampled trajectories, with everything needed to re-score each transition.
+
+    latents: `[B, T+1, C, H, W]` every state, `latents[:, 0]` the initial noise and
+    `latents[:, T]` the final sample; log_probs: `[B, T]` log-prob of each transition under the
+    rollout policy (0 on deterministic steps); sigmas: `[T+1]` schedule (`sigmas[T] == 0`);
+    noise_levels: `[T]` the noise level each step used (0 = ODE); train_mask: bool `[T]` the
+    steps FlowGRPO trains (stochastic steps inside the SDE window; never the last).
+    """
+
+    prompts: list[str]
+    latents: Tensor
+    log_probs: Tensor
+    sigmas: Tensor
+    noise_levels: Tensor
+    train_mask: Tensor
+    cfg_scale: float = 1.0
+    kind: str = "sde"
+    images: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.log_probs.shape[1]
+
+    @property
+    def trained_steps(self) -> list[int]:
+        return self.train_mask.nonzero().flatten().tolist()
+
+    def select(self, index: Tensor | Sequence[int]) -> "FlowRollout":
+        """The sub-rollout of rows `index` (micro-batches)."""
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.latents.device)
+        return replace(self, prompts=[self.prompts[i] for i in idx.tolist()], latents=self.latents[idx],
+                       log_probs=self.log_probs[idx], images=None if self.images is None else self.images[idx.cpu()])
+
+
+@dataclass
+class StepOutput:
+    """One re-scored transition: log_prob `[B]`, velocity / mean `[B, C, H, W]`, std `[B, 1, 1, 1]`."""
+
+    log_prob: Tensor
+    velocity: Tensor
+    mean: Tensor
+    std: Tensor
+
+
+def _window_mask(num_steps: int, window: tuple[int, int] | None) -> list[bool]:
+    """Which of `num_steps` steps are stochastic: those in `[start, end)`, never the last one."""
+    start, end = (0, num_steps) if window is None else (int(window[0]), int(window[1]))
+    if not 0 <= start < end <= num_steps:
+        raise ValueError(f"sde_window must satisfy 0 <= start < end <= num_steps={num_steps}, got {window}")
+    # The last step (s = sigmas[T-1] -> 0) is taken deterministically: its noise would be reward
+    # noise no trained action explains (Flow-GRPO samples it but never trains it).
+    return [start <= i < end and i < num_steps - 1 for i in range(num_steps)]
+
+
+# ---- the interface ---------------------------------------------------------------------------
+class FlowPolicy(nn.Module, ABC):
+    """Base class of flow-matching image policies behind FlowGRPO.
+
+    Subclasses implement `encode_text`, `forward_velocity`, `decode` and `latent_shape`; the base
+    gives CFG, the schedule, sampling with per-step log-probs, re-scoring, and the reference.
+    """
+
+    #: diffusers' timestep scale: the transformer reads `t = sigma * num_train_timesteps`.
+    num_train_timesteps: int = 1000
+
+    def __init__(self, shift: float = 1.0):
+        super().__init__()
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=shift)
+
+    # -- to implement
+    @abstractmethod
+    def encode_text(self, prompts: Sequence[Prompt]) -> TextCondition:
+        """Prompts (None = unconditional) -> condition of batch `len(prompts)`, with gradient if trainable."""
+
+    @abstractmethod
+    def forward_velocity(self, x: Tensor, sigma: Tensor, cond: TextCondition) -> Tensor:
+        """One model pass: `x` `[B, C, H, W]`, `sigma` `[B]` in [0, 1] -> velocity `[B, C, H, W]`."""
+
+    @abstractmethod
+    def decode(self, latents: Tensor) -> Tensor:
+        """Final latents `[B, C, H, W]` -> uint8 images `[B, 3, H', W']`."""
+
+    @property
+    @abstractmethod
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one latent."""
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """uint8 images `[B, 3, H', W']` -> clean latents `[B, C, H, W]` (for flow-matching pretraining)."""
+        raise NotImplementedError(f"{type(self).__name__} has no image encoder")
+
+    @property
+    def text_trainable(self) -> bool:
+        """Whether `encode_text` has trainable parameters (then recipes re-encode per backward)."""
+        return True
+
+    # -- shared machinery
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def null_condition(self, batch: int) -> TextCondition:
+        """The unconditional condition of CFG, batch `batch`."""
+        return self.encode_text([None] * batch)
+
+    def velocity(self, x: Tensor, sigma: Tensor, cond: TextCondition, *, cfg_scale: float = 1.0) -> Tensor:
+        """Velocity `[B, C, H, W]` at `x` `[B, C, H, W]`, `sigma` `[B]`; with CFG `v_u + w (v_c - v_u)`.
+
+        CFG batches the unconditional and conditional passes (one forward of 2B), so rollout and
+        training compute it identically.
+        """
+        if cfg_scale == 1.0:
+            return self.forward_velocity(x, sigma, cond)
+        both = TextCondition.cat(self.null_condition(x.shape[0]), cond)
+        v_u, v_c = self.forward_velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(2)
+        return v_u + cfg_scale * (v_c - v_u)
+
+    def sigmas(self, num_steps: int) -> Tensor:
+        """The scheduler's `[T+1]` float32 sigmas (shifted, ending in 0) on the policy's device."""
+        self.scheduler.set_timesteps(num_steps)
+        return self.scheduler.sigmas.to(self.device, torch.float32)
+
+    def initial_noise(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
+        gen_device = generator.device if generator is not None else self.device
+        return torch.randn(batch, *self.latent_shape, generator=generator, device=gen_device).to(self.device)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: Sequence[str],
+        *,
+        num_steps: int = 10,
+        noise_level: float = 0.7,
+        cfg_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        sde_window: tuple[int, int] | None = None,
+        kind: str = "sde",
+        latents: Tensor | None = None,
+        decode: bool = True,
+    ) -> FlowRollout:
+        """Sample one image per prompt, keeping every state and each transition's log-prob.
+
+        Steps inside `sde_window` (`[start, end)`, default all) use `noise_level`; the others
+        and the last step are deterministic Euler steps (Flow-GRPO-Fast). `latents` `[B, C, H, W]`
+        replaces the initial noise. Returns a :class:`FlowRollout` (with decoded `images` when
+        `decode`).
+        """
+        if kind not in SDE_KINDS:
+            raise ValueError(f"unknown kind {kind!r}; valid: {SDE_KINDS}")
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        batch = len(prompts)
+        sig = self.sigmas(num_steps)
+        stochastic = _window_mask(num_steps, sde_window)
+        levels = [noise_level if s else 0.0 for s in stochastic]
+        cond = self.encode_text(list(prompts))
+        x = self.initial_noise(batch, generator) if latents is None else latents.to(self.device)
+        states, log_probs = [x], []
+        for i in range(num_steps):
+            v = self.velocity(x, sig[i].expand(batch), cond, cfg_scale=cfg_scale)
+            x, logp, _, _ = sde_step(v, x, sig[i], sig[i + 1], noise_level=levels[i], kind=kind, generator=generator)
+            states.append(x)
+            log_probs.append(logp)
+        trained = torch.tensor([s and lv > 0 for s, lv in zip(stochastic, levels)], device=self.device)
+        return FlowRollout(
+            prompts=list(prompts), latents=torch.stack(states, 1), log_probs=torch.stack(log_probs, 1), sigmas=sig,
+            noise_levels=torch.tensor(levels, device=self.device), train_mask=trained, cfg_scale=cfg_scale, kind=kind,
+            images=self.decode(x) if decode else None,
+        )
+
+    def step_log_prob(self, rollout: FlowRollout, step: int, cond: TextCondition | None = None) -> StepOutput:
+        """Re-score transition `step` of `rollout` under the current parameters (with gradient).
+
+        Uses the rollout's CFG scale, noise level and kind, so on-policy ratios are exactly 1.
+        `cond` (batch `len(rollout)`) skips re-encoding the prompts.
+        """
+        x, x_next = rollout.latents[:, step], rollout.latents[:, step + 1]
+        s, s_next = rollout.sigmas[step], rollout.sigmas[step + 1]
+        cond = self.encode_text(rollout.prompts) if cond is None else cond
+        v = self.velocity(x, s.expand(x.shape[0]), cond, cfg_scale=rollout.cfg_scale)
+        _, logp, mean, std = sde_step(v, x, s, s_next, noise_level=float(rollout.noise_levels[step]),
+                                      kind=rollout.kind, prev_sample=x_next)
+        return StepOutput(logp, v, mean, std)
+
+    def make_reference(self) -> "FlowPolicy":
+        """A frozen copy (the regulariser's anchor)."""
+        ref = copy.deepcopy(self)
+        ref.requires_grad_(False)
+        return ref.eval()
+
+    def save_pretrained(self, path: str | Path) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot save itself")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> "FlowPolicy":
+        raise NotImplementedError(f"{cls.__name__} cannot load a folder")
+
+
+class SD3FlowPolicy(FlowPolicy):
+    """A flow policy whose velocity is a diffusers `SD3Transformer2DModel` (set `self.transformer`)."""
+
+    transformer: nn.Module
+
+    def forward_velocity(self, x: Tensor, sigma: Tensor, cond: TextCondition) -> Tensor:
+        dtype = next(self.transformer.parameters()).dtype
+        out = self.transformer(
+            hidden_states=x.to(dtype), encoder_hidden_states=cond.hidden.to(dtype),
+            pooled_projections=cond.pooled.to(dtype), timestep=sigma * self.num_train_timesteps, return_dict=False,
+        )[0]
+        return out
+
+
+# ---- a real SD3 / SD3.5 pipeline ---------------------------------------------------------------
+class DiffusersFlowPolicy(SD3FlowPolicy):
+    """SD3 / SD3.5 from a diffusers pipeline folder or Hub id; only the transformer trains.
+
+    Text conditioning is the pipeline's own `encode_prompt` (CLIP-L, CLIP-G, T5; frozen; the
+    unconditional prompt is "" as in SD3), decoding is its VAE with the latent scaling and shift
+    factors. Not covered by the tests (no Hub access here); the tiny built-in model exercises the
+    same SD3 transformer path.
+
+    Args:
+        pretrained: local folder or Hub id of a `StableDiffusion3Pipeline`.
+        resolution: image side in pixels (latent side = resolution / 8).
+        torch_dtype: "float32", "bfloat16" or "float16" for every component.
+        max_sequence_length: T5 tokens.
+        shift: scheduler shift; None keeps the pipeline's.
+    """
+
+    def __init__(self, pretrained: str, resolution: int = 512, torch_dtype: str = "bfloat16",
+                 max_sequence_length: int = 128, shift: float | None = None):
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline.from_pretrained(pretrained, torch_dtype=getattr(torch, torch_dtype))
+        super().__init__(shift=pipe.scheduler.config.shift if shift is None else shift)
+        self.pretrained, self.resolution, self.max_sequence_length = pretrained, resolution, max_sequence_length
+        self.transformer = pipe.transformer
+        self.vae = pipe.vae.requires_grad_(False)
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            enc = getattr(pipe, name, None)
+            if enc is not None:
+                setattr(self, name, enc.requires_grad_(False))
+        # The pipeline object (not a Module) shares these modules; kept for its encode_prompt.
+        self.__dict__["_pipe"] = pipe
+
+    @property
+    def text_trainable(self) -> bool:
+        return False
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self.resolution // self._pipe.vae_scale_factor
+        return (self.transformer.config.in_channels, side, side)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: Sequence[Prompt]) -> TextCondition:
+        texts = ["" if p is None else p for p in prompts]
+        hidden, _, pooled, _ = self._pipe.encode_prompt(
+            prompt=texts, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length)
+        return TextCondition(hidden, pooled)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        cfg = self.vae.config
+        x = latents.to(self.vae.dtype) / cfg.scaling_factor + cfg.shift_factor
+        pixels = self.vae.decode(x, return_dict=False)[0]
+        return ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        cfg = self.vae.config
+        x = (images.to(self.device, self.vae.dtype) / 127.5 - 1)
+        lat = self.vae.encode(x).latent_dist.sample()
+        return ((lat - cfg.shift_factor) * cfg.scaling_factor).float()
+
+    def make_reference(self) -> "DiffusersFlowPolicy":
+        """Shares the frozen text encoders and VAE; copies only the transformer."""
+        ref = copy.copy(self)
+        ref._modules = dict(self._modules)
+        ref._parameters, ref._buffers = dict(self._parameters), dict(self._buffers)
+        ref.transformer = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+        return ref
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Writes the transformer (diffusers format) and the source pipeline's id."""
+        path = Path(path)
+        self.transformer.save_pretrained(path / "transformer")
+        (path / "flow_policy.json").write_text(json.dumps(
+            {"pretrained": self.pretrained, "resolution": self.resolution, "max_sequence_length": self.max_sequence_length}))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> "DiffusersFlowPolicy":
+        """Loads a `save_pretrained` folder (source pipeline + trained transformer) or a pipeline itself."""
+        from diffusers import SD3Transformer2DModel
+
+        path = Path(path)
+        meta = path / "flow_policy.json"
+        if not meta.is_file():
+            return cls(str(path), **kwargs)
+        policy = cls(**{**json.loads(meta.read_text()), **kwargs})
+        dtype = next(policy.transformer.parameters()).dtype
+        policy.transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", torch_dtype=dtype)
+        return policy
+
+
+# ---- the built-in model --------------------------------------------------------------------------
+@dataclass
+class TinyFlowConfig:
+    """The built-in flow model: SD3 transformer size, text encoder, latent cells, schedule shift.
+
+    The latent is a `(1 + 4 + 10, canvas/cell, canvas/cell)` grid: per cell an object flag, the
+    shape one-hot and the colour one-hot, as +-`latent_scale` (background: all minus).
+    """
+
+    num_layers: int = 4
+    num_heads: int = 4
+    head_dim: int = 32
+    text_dim: int = 64
+    text_len: int = 12
+    shift: float = 1.0
+    canvas: int = 32
+    cell: int = 8
+    latent_scale: float = 1.0
+    words: list[str] = field(default_factory=world_words)
+
+    def __post_init__(self) -> None:
+        if self.canvas % self.cell:
+            raise ValueError(f"canvas ({self.canvas}) must be a multiple of cell ({self.cell})")
+
+    @property
+    def world(self) -> WorldConfig:
+        """The world this model draws: one `cell`-px object per cell, a free cell between objects."""
+        return WorldConfig(canvas=self.canvas, sizes=(self.cell,), grid=self.cell, gap=1)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return (self.cell,)
+
+
+class WordTextEncoder(nn.Module):
+    """Learned word + position embeddings over a closed vocabulary -> `TextCondition`.
+
+    Prompts are right-padded / truncated to `text_len` words; the unconditional prompt is a
+    learned [NULL] sequence. The MMDiT's joint attention contextualises the tokens, so no
+    transformer layers are needed here. pooled = MLP(mean of the prompt's word embeddings).
+    """
+
+    PAD, NULL, UNK = 0, 1, 2
+
+    def __init__(self, words: Sequence[str], dim: int, text_len: int):
+        super().__init__()
+        self.tokenizer = WordTokenizer(words)
+        self.text_len = text_len
+        self.embed = nn.Embedding(len(self.tokenizer) + 3, dim)
+        self.pos = nn.Parameter(torch.randn(text_len, dim) * 0.02)
+        self.norm = nn.LayerNorm(dim)
+        self.pool = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def ids(self, prompts: Sequence[Prompt]) -> Tensor:
+        """long `[B, text_len]`."""
+        rows = []
+        for p in prompts:
+            # word ids shift by 3 past the specials; unknown words (-1) land on UNK (2)
+            ids = [self.NULL] * self.text_len if p is None else [i + 3 for i in self.tokenizer.encode(p, unk_id=-1)]
+            ids = ids[: self.text_len]
+            rows.append(ids + [self.PAD] * (self.text_len - len(ids)))
+        return torch.tensor(rows, dtype=torch.long, device=self.pos.device)
+
+    def forward(self, prompts: Sequence[Prompt]) -> TextCondition:
+        ids = self.ids(prompts)
+        tok = self.embed(ids)
+        real = (ids != self.PAD).unsqueeze(-1).to(tok.dtype)
+        pooled = self.pool((tok * real).sum(1) / real.sum(1).clamp(min=1))
+        return TextCondition(self.norm(tok + self.pos), pooled)
+
+
+class CellCodec(nn.Module):
+    """Scenes <-> cell latents. Encoding is exact for scenes rendered on the cell grid; decoding
+    snaps each cell's vector to the nearest code (L2) and paints that cell's rendered patch."""
+
+    def __init__(self, cfg: TinyFlowConfig):
+        super().__init__()
+        self.tokenizer = PatchTokenizer(cfg.world)  # codes: background + one per (colour, shape)
+        self.side = cfg.canvas // cfg.cell
+        patches = self.tokenizer._patches  # uint8 [K, 3, cell, cell]
+        table = -torch.ones(len(patches), 1 + len(SHAPES) + len(COLORS))
+        bg = torch.tensor(BACKGROUND, dtype=torch.uint8).view(3, 1, 1)
+        for ci, color in enumerate(COLORS):
+            fg = torch.tensor(PALETTE[color], dtype=torch.uint8).view(3, 1, 1)
+            for si, shape in enumerate(SHAPES):
+                patch = torch.where(shape_mask(shape, cfg.cell), fg, bg)
+                k = int((patches == patch).flatten(1).all(1).nonzero()[0])
+                table[k, 0] = table[k, 1 + si] = table[k, 1 + len(SHAPES) + ci] = 1.0
+        self.register_buffer("codes", table * cfg.latent_scale, persistent=False)  # [K, C]
+
+    @property
+    def channels(self) -> int:
+        return self.codes.shape[1]
+
+    def tokens_to_latents(self, tokens: Tensor) -> Tensor:
+        """long `[B, L]` -> `[B, C, side, side]`."""
+        lat = self.codes[tokens.to(self.codes.device)]  # [B, L, C]
+        return lat.transpose(1, 2).reshape(tokens.shape[0], self.channels, self.side, self.side)
+
+    def latents_to_tokens(self, latents: Tensor) -> Tensor:
+        """`[B, C, side, side]` -> nearest code ids long `[B, L]`."""
+        flat = latents.float().flatten(2).transpose(1, 2)  # [B, L, C]
+        return torch.cdist(flat, self.codes.unsqueeze(0).expand(flat.shape[0], -1, -1)).argmin(-1)
+
+    def encode(self, images: Tensor) -> Tensor:
+        return self.tokens_to_latents(self.tokenizer.encode(images.cpu()))
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return self.tokenizer.decode(self.latents_to_tokens(latents).cpu())
+
+
+class TinyFlowModel(SD3FlowPolicy):
+    """The built-in flow policy: a tiny `SD3Transformer2DModel` (patch 1) over cell latents.
+
+    About 2M parameters at the defaults; one step of batch 64 takes tens of milliseconds.
+    """
+
+    def __init__(self, config: TinyFlowConfig | None = None, **overrides):
+        cfg = config or TinyFlowConfig(**overrides)
+        super().__init__(shift=cfg.shift)
+        from diffusers import SD3Transformer2DModel
+
+        self.config = cfg
+        self.codec = CellCodec(cfg)
+        self.text_encoder = WordTextEncoder(cfg.words, cfg.text_dim, cfg.text_len)
+        side, inner = cfg.canvas // cfg.cell, cfg.num_heads * cfg.head_dim
+        self.transformer = SD3Transformer2DModel(
+            sample_size=side, patch_size=1, in_channels=self.codec.channels, out_channels=self.codec.channels,
+            num_layers=cfg.num_layers, attention_head_dim=cfg.head_dim, num_attention_heads=cfg.num_heads,
+            joint_attention_dim=cfg.text_dim, caption_projection_dim=inner, pooled_projection_dim=cfg.text_dim,
+            pos_embed_max_size=side,
+        )
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self.config.canvas // self.config.cell
+        return (self.codec.channels, side, side)
+
+    @property
+    def world(self) -> WorldConfig:
+        return self.config.world
+
+    def encode_text(self, prompts: Sequence[Prompt]) -> TextCondition:
+        return self.text_encoder(prompts)
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        return self.codec.encode(images).to(self.device)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return self.codec.decode(latents)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=1))
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(path / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **overrides) -> "TinyFlowModel":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} holds no config.json: not a TinyFlowModel folder (see save_pretrained)")
+        model = cls(TinyFlowConfig(**{**json.loads((path / "config.json").read_text()), **overrides}))
+        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        return model
