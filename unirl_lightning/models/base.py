@@ -89,6 +89,16 @@ class UnifiedPolicy(nn.Module, ABC):
 
     image_order: ImageOrder = "autoregressive"
 
+    #: Methods that read parameters outside `forward`; under FSDP2 they are registered as forward
+    #: methods so the sharded parameters are gathered for them (generation included).
+    fsdp_entry_points: tuple[str, ...] = (
+        "generate_images", "image_logits", "image_logprobs", "relaxed_image_tokens", "answer", "answer_logprobs",
+    )
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """Sub-modules to shard one by one under FSDP (e.g. transformer blocks); the rest shard as the root."""
+        return []
+
     # ---- generation -------------------------------------------------------------------
     @property
     @abstractmethod

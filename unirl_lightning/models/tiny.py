@@ -114,6 +114,9 @@ class TinyUnifiedModel(UnifiedPolicy):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
+    def fsdp_units(self) -> list[nn.Module]:
+        return list(self.blocks)
+
     # ---- sizes ------------------------------------------------------------------------
     @property
     def image_vocab_size(self) -> int:

@@ -84,6 +84,25 @@ class PolicyModule(L.LightningModule):
     def on_warm_started(self) -> None:
         """Hook: runs after the warm-start weights are loaded (e.g. to copy the reference)."""
 
+    def configure_model(self) -> None:
+        """FSDP2 under Lightning's ModelParallelStrategy: shard the policy's units, then the policy
+        (and the frozen reference, when there is one) over the data-parallel mesh."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        dp = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+        for policy in (self.policy, getattr(self, "reference", None)):
+            if policy is None or hasattr(policy, "_fsdp_sharded"):
+                continue
+            for unit in policy.fsdp_units():
+                fully_shard(unit, mesh=dp)
+            fully_shard(policy, mesh=dp)
+            for name in policy.fsdp_entry_points:
+                register_fsdp_forward_method(policy, name)
+            policy._fsdp_sharded = True
+
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, betas=tuple(self.hparams.betas))

@@ -1,0 +1,18 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_sft_under_fsdp2_on_two_cpu_processes(tmp_path):
+    script = Path(__file__).with_name("fsdp_sft_script.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=540,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["sharded"].startswith("FSDP") for r in results), results
+    # both ranks hold the same full parameters after sharded updates
+    assert abs(results[0]["checksum"] - results[1]["checksum"]) < 1e-6 * results[0]["checksum"]
+    assert all(r["loss"] == r["loss"] for r in results)  # finite (not NaN)

@@ -1,0 +1,214 @@
+"""FlowGRPO (Flow-GRPO; UniGRPO's image side): GRPO on the denoising steps of a flow policy.
+
+Per step: P prompts x G images by the SDE sampler (stochastic steps inside the SDE window,
+each with its log-prob) -> rewards -> group-relative advantages (clipped to +-5) -> `mu` passes
+of the clipped-ratio loss on every trained step, one backward per (micro-batch, step) so memory
+stays at one step's activations, plus `beta` x a regulariser to the frozen reference evaluated
+at the rollout states: velocity MSE (UniGRPO, default), Flow-GRPO's latent KL, the exact step
+KL, or none. Rollout and training use the same CFG scale (default 1: no CFG, one forward a step).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from unirl_lightning.data.datamodule import PromptBatch
+from unirl_lightning.models.flow import FlowPolicy, FlowRollout, StepOutput
+from unirl_lightning.modules.flow_common import FlowPolicyModule
+from unirl_lightning.objectives import (
+    exact_latent_kl,
+    group_advantages,
+    latent_kl,
+    policy_loss,
+    sde_step,
+    velocity_mse,
+    zero_std_fraction,
+)
+from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards
+
+REGULARIZERS = ("velocity_mse", "latent_kl", "exact_kl", "none")
+
+
+class FlowGRPO(FlowPolicyModule):
+    """GRPO over the SDE steps of a flow-matching policy.
+
+    Args:
+        policy: a `FlowPolicy` (the built-in `TinyFlowModel`, or `DiffusersFlowPolicy`).
+        rewards: reward terms (default: GenEval partial credit with the world's detector).
+        num_steps / noise_level / kind: the rollout sampler (`objectives.sde_step` kinds).
+        sde_window: fixed `[start, end)` steps sampled by SDE (trained); others are ODE steps.
+        sde_window_size: if set, a window of this many steps at a random start each training
+            step (Flow-GRPO-Fast); overrides `sde_window`.
+        cfg_scale: CFG of rollouts and of the training log-probs (1 = none, UniGRPO).
+        num_iterations: mu, update passes over each rollout (old log-probs from the rollout).
+        micro_batch_size: rows per backward (with one backward per trained step).
+        clip_range: ratio clip epsilon; ~1e-4 for mean-over-dims log-probs (Flow-GRPO).
+        scale / adv_clip: advantage normalisation ("batch" = Flow-GRPO's global std for SD3,
+            "group", "none") and clip.
+        regularizer / beta: penalty to the frozen reference, times beta (0 or "none": no penalty).
+        track_reference: keep the frozen reference even without a penalty, to log the velocity
+            MSE to it (one no-grad forward per trained step).
+        gradient_clip_val: max gradient norm per optimiser step (None: no clipping).
+        Other arguments as in `FlowPolicyModule`.
+    """
+
+    def __init__(
+        self,
+        policy: FlowPolicy,
+        rewards: list[RewardFunction] | None = None,
+        num_steps: int = 10,
+        noise_level: float = 0.7,
+        kind: Literal["sde", "dance", "cps"] = "sde",
+        sde_window: tuple[int, int] | None = None,
+        sde_window_size: int | None = None,
+        cfg_scale: float = 1.0,
+        num_iterations: int = 1,
+        micro_batch_size: int = 64,
+        clip_range: float = 1e-4,
+        scale: Literal["group", "batch", "none"] = "batch",
+        adv_clip: float | None = 5.0,
+        regularizer: Literal["velocity_mse", "latent_kl", "exact_kl", "none"] = "velocity_mse",
+        beta: float = 0.1,
+        track_reference: bool = True,
+        gradient_clip_val: float | None = 1.0,
+        **kwargs,
+    ):
+        super().__init__(policy, **kwargs)
+        self.save_hyperparameters(ignore=["policy", "detector", "rewards"])
+        if regularizer not in REGULARIZERS:
+            raise ValueError(f"model.regularizer must be one of {REGULARIZERS}, got {regularizer!r}")
+        if regularizer == "exact_kl" and kind != "sde":
+            raise ValueError("model.regularizer 'exact_kl' is the closed form of kind 'sde'; use kind: sde")
+        if num_iterations < 1 or micro_batch_size < 1 or num_steps < 2:
+            raise ValueError("model.num_iterations and micro_batch_size must be >= 1 and num_steps >= 2")
+        if sde_window_size is not None and not 1 <= sde_window_size <= num_steps - 1:
+            raise ValueError(f"model.sde_window_size must be in 1..num_steps-1={num_steps - 1}, got {sde_window_size}")
+        if rewards is None:
+            from unirl_lightning.rewards.geneval import GenEvalReward
+
+            rewards = [GenEvalReward("partial")]
+        self.rewards = rewards
+        self.automatic_optimization = False  # mu passes, micro-batches and one backward per step
+        self.reference = policy.make_reference() if self.uses_reference else None
+
+    @property
+    def penalised(self) -> bool:
+        return self.hparams.regularizer != "none" and self.hparams.beta > 0
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.penalised or self.hparams.track_reference
+
+    def on_warm_started(self) -> None:
+        if self.uses_reference:
+            self.reference = self.policy.make_reference().to(self.device)
+
+    # ---- rollout (called by the DataModule on device) ---------------------------------------
+    def sde_window(self) -> tuple[int, int] | None:
+        """This step's SDE window: random of `sde_window_size` steps, or the fixed one."""
+        hp = self.hparams
+        if hp.sde_window_size is None:
+            return None if hp.sde_window is None else tuple(hp.sde_window)
+        start = int(torch.randint(hp.num_steps - hp.sde_window_size, (1,)))  # the last step stays ODE
+        return (start, start + hp.sde_window_size)
+
+    @torch.no_grad()
+    def make_rollouts(self, batch: PromptBatch) -> RolloutContext:
+        hp = self.hparams
+        t0 = time.perf_counter()
+        rollout = self.policy.sample(batch.prompts, num_steps=hp.num_steps, noise_level=hp.noise_level,
+                                     cfg_scale=hp.cfg_scale, sde_window=self.sde_window(), kind=hp.kind)
+        ctx = RolloutContext(specs=batch.specs, rollout=rollout, images=rollout.images)
+        ctx.cache["rollout_s"] = time.perf_counter() - t0
+        return ctx
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        """All ranks' values, concatenated (groups may span ranks)."""
+        if not (dist.is_available() and dist.is_initialized()) or self.trainer.world_size == 1:
+            return x
+        return self.all_gather(x).reshape(-1, *x.shape[1:])
+
+    def _advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+        all_r, all_g = self._gather(rewards.to(self.device)), self._gather(group_ids.to(self.device))
+        adv = group_advantages(all_r, all_g, scale=self.hparams.scale, clip=self.hparams.adv_clip)
+        zero = zero_std_fraction(all_r, all_g)
+        if all_r.shape[0] != rewards.shape[0]:  # keep this rank's rows
+            adv = adv.view(self.trainer.world_size, -1)[self.trainer.global_rank]
+        return adv, zero
+
+    # ---- training -------------------------------------------------------------------------
+    @torch.no_grad()
+    def _reference_step(self, rollout: FlowRollout, step: int) -> StepOutput:
+        return self.reference.step_log_prob(rollout, step)
+
+    def _penalty(self, out: StepOutput, ref: StepOutput, rollout: FlowRollout, step: int) -> torch.Tensor:
+        """`[B]` regulariser of one step against the reference's output at the same states."""
+        name = self.hparams.regularizer
+        s, s_next = rollout.sigmas[step], rollout.sigmas[step + 1]
+        if name == "velocity_mse":
+            return velocity_mse(out.velocity, ref.velocity)
+        if name == "latent_kl":  # Flow-GRPO's form: std = sigma_t = transition std / sqrt(|dt|)
+            return latent_kl(out.mean, ref.mean, out.std.detach() / (s - s_next).sqrt())
+        return exact_latent_kl(out.velocity, ref.velocity, s, s_next, float(rollout.noise_levels[step]))
+
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        hp = self.hparams
+        ctx = batch.rollout if batch.rollout is not None else self.make_rollouts(batch)
+        rollout: FlowRollout = ctx.rollout
+        t0 = time.perf_counter()
+        rewards, logs = combine_rewards(self.rewards, ctx)
+        adv, zero_frac = self._advantages(rewards, batch.group_ids)
+        steps = rollout.trained_steps
+        n = len(rollout)
+        chunks = [torch.arange(i, min(i + hp.micro_batch_size, n), device=self.device)
+                  for i in range(0, n, hp.micro_batch_size)]
+        subs = [rollout.select(rows) for rows in chunks]
+        opt = self.optimizers()
+        ref_cache: dict[tuple[int, int], StepOutput] = {}
+        acc: dict[str, list[float]] = {}
+        for _ in range(hp.num_iterations):
+            for c, (rows, sub) in enumerate(zip(chunks, subs)):
+                frozen_cond = None
+                if not self.policy.text_trainable:
+                    with torch.no_grad():
+                        frozen_cond = self.policy.encode_text(sub.prompts)
+                for j in steps:
+                    out = self.policy.step_log_prob(sub, j, frozen_cond)
+                    old = sub.log_probs[:, j]
+                    loss, stats = policy_loss(out.log_prob[:, None], old[:, None], adv[rows],
+                                              torch.ones_like(old, dtype=torch.bool)[:, None],
+                                              epsilon_low=hp.clip_range)
+                    stats["approx_kl"] = 0.5 * (out.log_prob.detach() - old).square().mean()
+                    if self.reference is not None:
+                        if (c, j) not in ref_cache:
+                            ref_cache[(c, j)] = self._reference_step(sub, j)
+                        ref = ref_cache[(c, j)]
+                        stats["velocity_mse"] = velocity_mse(out.velocity.detach(), ref.velocity).mean()
+                        if self.penalised:
+                            penalty = self._penalty(out, ref, sub, j).mean()
+                            stats[f"reg_{hp.regularizer}"] = penalty.detach()
+                            loss = loss + hp.beta * penalty
+                    self.manual_backward(loss * len(rows) / n / len(steps))
+                    for k, v in stats.items():
+                        acc.setdefault(k, []).append(float(v))
+            if hp.gradient_clip_val:
+                self.clip_gradients(opt, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        logs.update({f"policy/{k}": sum(v) / len(v) for k, v in acc.items()})
+        logs.update({
+            "reward/total": rewards.mean().item(),
+            "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
+            "train/zero_std_frac": zero_frac,
+            "train/adv_abs": adv.abs().mean().item(),
+            "train/trained_steps": float(len(steps)),
+            "time/rollout_s": ctx.cache.get("rollout_s", math.nan),
+            "time/train_s": time.perf_counter() - t0,
+        })
+        self.log_dict(logs, prog_bar=False, batch_size=n)
+        self.log("reward", rewards.mean().item(), prog_bar=True, batch_size=n)
