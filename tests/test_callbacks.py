@@ -8,7 +8,9 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from unirl_lightning.callbacks.geneval_logging import GenEvalCallback, make_grid, score_images
+from unirl_lightning.callbacks.geneval_logging import GenEvalCallback
+from unirl_lightning.callbacks.image_grid import make_grid
+from unirl_lightning.evaluation.judge import score_images
 from unirl_lightning.evaluation import Detection
 
 SPECS = [
@@ -106,9 +108,11 @@ def test_generate_must_be_overridden():
 
 
 def test_helpers():
-    grid = make_grid(torch.full((5, 3, 4, 6), 7, dtype=torch.uint8), padding=1)
+    grid = make_grid(torch.full((5, 3, 4, 6), 7, dtype=torch.uint8), pad=1, upscale=1)
     assert grid.shape == (3, 2 * 5 + 1, 3 * 7 + 1) and grid.dtype == torch.uint8
-    assert (grid[:, 1:5, 1:7] == 7).all() and (grid[:, 0] == 153).all()
+    assert (grid[:, 1:5, 1:7] == 7).all() and (grid[:, 0] == 255).all()
+    big = make_grid(torch.full((2, 3, 4, 4), 7, dtype=torch.uint8), nrow=2, pad=0, upscale=3)
+    assert big.shape == (3, 12, 24) and (big == 7).all()
     results = score_images(torch.full((1, 3, 8, 8), 255, dtype=torch.uint8), SPECS[:1], MarkerDetector())
     assert results[0].correct
     with pytest.raises(ValueError, match="one spec per image"):

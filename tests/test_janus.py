@@ -29,6 +29,15 @@ CHAT_TEMPLATE = (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Matrices this small run fastest on one thread (and do not fight other jobs for cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _policy(seed: int = 0, **kw) -> JanusPolicy:
     model, processor = tiny_janus_components(grid=GRID, seed=seed, **kw)
     return JanusPolicy.from_components(model, processor).eval()
@@ -207,5 +216,6 @@ def test_grpo_trains_janus_under_trainer(tmp_path):
     trainer.fit(module, datamodule=data)
     changed = {k for k, v in policy.state_dict().items() if not torch.equal(before[k], v)}
     assert any(k.startswith("model.model.generation_head.") for k in changed)
+    assert not any(k.startswith("model.model.vqmodel.") for k in changed)  # frozen, as in Janus
     assert "model.lm_head.weight" in changed or "model.model.language_model.embed_tokens.weight" in changed
     assert "image/ratio_mean" in trainer.logged_metrics and "answer/ratio_mean" in trainer.logged_metrics

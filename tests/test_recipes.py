@@ -69,3 +69,21 @@ def test_grpo_on_policy_ratio_is_one_and_kl_zero(tmp_path):
     m = trainer.logged_metrics
     assert float(m["image/ratio_mean"]) == 1.0
     assert abs(float(m["image/kl"])) < 1e-6
+
+
+def test_policy_geneval_callback_logs_scalars_and_grid(tmp_path):
+    from unirl_lightning.callbacks import PolicyGenEvalCallback
+    from benchmarks.tb_scalars import read_scalars
+
+    policy = _tiny()
+    module = UniRLSFT(policy, warm_start=None, lr=1e-3, score_every_n_steps=0)
+    data = OnPolicyDataModule(num_train=60, num_val=12, prompts_per_step=2, group_size=1, val_batch_size=6)
+    cb = PolicyGenEvalCallback(every_n_steps=1, samples_per_prompt=2)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=L.pytorch.loggers.TensorBoardLogger(tmp_path),
+                        callbacks=[cb], enable_checkpointing=False, limit_val_batches=0, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, datamodule=data)
+    trainer.logger.experiment.flush()
+    scalars = read_scalars(tmp_path)
+    assert "geneval/overall" in scalars and "imbalance/overall" in scalars
+    assert len(cb.last_results) == 24  # 12 prompts x 2 samples

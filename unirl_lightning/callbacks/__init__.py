@@ -1,0 +1,7 @@
+"""Periodic evaluation and logging callbacks."""
+
+from unirl_lightning.callbacks.geneval_logging import GenEvalCallback
+from unirl_lightning.callbacks.image_grid import log_image_grid, make_grid
+from unirl_lightning.callbacks.policy_eval import PolicyGenEvalCallback
+
+__all__ = ["GenEvalCallback", "PolicyGenEvalCallback", "log_image_grid", "make_grid"]

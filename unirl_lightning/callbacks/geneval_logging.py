@@ -10,7 +10,6 @@ and the prompts (with verdicts) go to every logger whose experiment has `add_ima
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
@@ -18,45 +17,10 @@ import torch
 from torch import Tensor
 
 from unirl_lightning.evaluation.detection import Detector
-from unirl_lightning.evaluation.geneval import GenEvalResult, evaluate
+from unirl_lightning.callbacks.image_grid import make_grid
+from unirl_lightning.evaluation.geneval import GenEvalResult
+from unirl_lightning.evaluation.judge import score_images
 from unirl_lightning.evaluation.metrics import GenEvalScore, ImbalanceScore
-from unirl_lightning.worlds.vocab import BACKGROUND
-
-
-def spec_classes(specs: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The class names the specs mention (include and exclude), first-seen order: what an
-    open-vocabulary detector must look for."""
-    names = [c["class"] for s in specs for c in [*s.get("include", []), *s.get("exclude", [])]]
-    return list(dict.fromkeys(names))
-
-
-def score_images(
-    images: Tensor, specs: Sequence[Mapping[str, Any]], detector: Detector, **eval_kwargs: Any
-) -> list[GenEvalResult]:
-    """Detect and score: images uint8 `[N, 3, H, W]`, one spec per image -> N GenEval verdicts.
-    `eval_kwargs` go to `evaluate` (threshold, counting_threshold, max_objects)."""
-    if len(images) != len(specs):
-        raise ValueError(f"got {len(images)} images for {len(specs)} specs; pass one spec per image")
-    if len(specs) == 0:
-        return []
-    detections = detector(images, classes=spec_classes(specs))
-    return [evaluate(s, d, **eval_kwargs) for s, d in zip(specs, detections)]
-
-
-def make_grid(images: Tensor, nrow: int | None = None, padding: int = 2) -> Tensor:
-    """Tile uint8 `[N, 3, H, W]` into one uint8 `[3, rows*(H+p)+p, nrow*(W+p)+p]` on #999 grey."""
-    n, c, h, w = images.shape
-    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
-    rows = max(1, math.ceil(n / nrow))
-    grid = (
-        torch.tensor(BACKGROUND, dtype=torch.uint8)
-        .view(3, 1, 1)
-        .repeat(1, rows * (h + padding) + padding, nrow * (w + padding) + padding)
-    )
-    for k in range(n):
-        y, x = padding + (k // nrow) * (h + padding), padding + (k % nrow) * (w + padding)
-        grid[:, y : y + h, x : x + w] = images[k].cpu()
-    return grid
 
 
 def _to_uint8(images: Tensor) -> Tensor:
@@ -196,7 +160,8 @@ class GenEvalCallback(pl.Callback):
             self.imbalance.update(tasks, correct, torch.as_tensor(und_correct).reshape(-1).bool().cpu())
             values.update(self.imbalance.compute())
         # metric values are already synced; the partial-credit mean is pooled over ranks here
-        sums = torch.tensor([sum(r.partial for r in results), len(results)], device=device, dtype=torch.float64)
+        total = sum(r.partial for r in results)
+        sums = torch.tensor([total, len(results)], dtype=torch.float32, device=device)
         sums = trainer.strategy.reduce(sums, reduce_op="sum")
         values["geneval/partial"] = sums[0] / sums[1].clamp(min=1)
         values = {k: v.float() for k, v in values.items()}

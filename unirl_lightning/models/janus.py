@@ -81,6 +81,9 @@ class JanusPolicy(UnifiedPolicy):
             "bfloat16" halves memory for inference or frozen use; "auto" keeps the checkpoint's.
         attn_implementation: transformers attention backend ("sdpa", "eager", "flash_attention_2").
         gradient_checkpointing: recompute activations in backward (the 7B model needs it).
+        freeze_vq: keep the VQ tokenizer fixed, as Janus does. The relaxed route still passes
+            gradients through it to the image-token logits, but cannot repaint the decoder to
+            please the understanding loss (which would change every decoded image).
     """
 
     image_order = "autoregressive"
@@ -91,29 +94,31 @@ class JanusPolicy(UnifiedPolicy):
         torch_dtype: str = "float32",
         attn_implementation: str | None = "sdpa",
         gradient_checkpointing: bool = False,
+        freeze_vq: bool = True,
     ):
         super().__init__()
         from transformers import JanusForConditionalGeneration, JanusProcessor
 
         model = JanusForConditionalGeneration.from_pretrained(
             model_path, dtype=_dtype(torch_dtype), attn_implementation=attn_implementation)
-        self._setup(model, JanusProcessor.from_pretrained(model_path), gradient_checkpointing)
+        self._setup(model, JanusProcessor.from_pretrained(model_path), gradient_checkpointing, freeze_vq)
 
     @classmethod
-    def from_components(cls, model: nn.Module, processor: Any, gradient_checkpointing: bool = False) -> "JanusPolicy":
+    def from_components(cls, model: nn.Module, processor: Any, gradient_checkpointing: bool = False,
+                        freeze_vq: bool = True) -> "JanusPolicy":
         """Wrap an already built `JanusForConditionalGeneration` and its `JanusProcessor` (tests, custom loading)."""
         policy = cls.__new__(cls)
         UnifiedPolicy.__init__(policy)  # nn.Module state before any submodule is assigned
-        policy._setup(model, processor, gradient_checkpointing)
+        policy._setup(model, processor, gradient_checkpointing, freeze_vq)
         return policy
 
-    def _setup(self, model: nn.Module, processor: Any, gradient_checkpointing: bool) -> None:
+    def _setup(self, model: nn.Module, processor: Any, gradient_checkpointing: bool, freeze_vq: bool) -> None:
         self.model = model
         self.processor = processor
         tok = processor.tokenizer
         gen_pad = getattr(model.generation_config, "pad_token_id", None)
         self.pad_id = int(gen_pad if gen_pad is not None else tok.pad_token_id)
-        self.bos_id = tok.bos_token_id
+        self.bos_id = -1 if tok.bos_token_id is None else int(tok.bos_token_id)
         self.boi_id = tok.convert_tokens_to_ids(processor.image_start_token)
         eos = tok.eos_token_id
         self.eos_id = int(eos[0] if isinstance(eos, (list, tuple)) else eos)
@@ -124,6 +129,8 @@ class JanusPolicy(UnifiedPolicy):
         if processor.num_image_tokens != vision_tokens:
             raise ValueError(f"processor.num_image_tokens={processor.num_image_tokens} but the vision encoder "
                              f"makes {vision_tokens} features per image")
+        if freeze_vq:
+            model.model.vqmodel.requires_grad_(False)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

@@ -1,0 +1,183 @@
+"""Flow policies and FlowGRPO on a tiny SD3 transformer: sampling, log-probs, CFG, windows, recipes."""
+
+import lightning as L
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from unirl_lightning.data import OnPolicyDataModule, generate_specs
+from unirl_lightning.models.flow import TinyFlowConfig, TinyFlowModel
+from unirl_lightning.modules.flow_grpo import FlowGRPO
+from unirl_lightning.modules.flow_pretrain import FlowSceneDataModule, FlowWarmStart
+from unirl_lightning.worlds import render_batch
+
+PROMPTS = ["a photo of a red square", "a photo of two circles", "a photo of a cross left of a triangle"]
+
+
+def _tiny(**overrides) -> TinyFlowModel:
+    torch.manual_seed(0)
+    return TinyFlowModel(TinyFlowConfig(num_layers=1, num_heads=2, head_dim=8, text_dim=16, **overrides))
+
+
+def _trainer(tmp_path, steps, callbacks=()):
+    return L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=L.pytorch.loggers.TensorBoardLogger(tmp_path),
+                     enable_checkpointing=False, limit_val_batches=1, val_check_interval=steps,
+                     check_val_every_n_epoch=None, enable_progress_bar=False, enable_model_summary=False,
+                     callbacks=list(callbacks))
+
+
+def _data(P=2, G=3):
+    return OnPolicyDataModule(num_train=60, num_val=12, prompts_per_step=P, group_size=G, val_batch_size=6)
+
+
+class _Record(L.Callback):
+    """Keeps every training step's logged metrics."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+# ---- the policy ---------------------------------------------------------------------------------
+def test_codec_round_trips_rendered_scenes_exactly():
+    policy = _tiny()
+    specs = generate_specs(24, ["square", "circle", "triangle", "cross"], seed=0)
+    images, _ = render_batch(specs, list(range(24)), policy.world)
+    latents = policy.encode_images(images)
+    assert latents.shape == (24, *policy.latent_shape)
+    assert torch.equal(policy.decode(latents), images)
+    assert torch.equal(policy.decode(latents + 0.3 * torch.randn_like(latents)), images)  # snaps to codes
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+@pytest.mark.parametrize("kind", ["sde", "cps"])
+def test_rollout_logprobs_equal_recomputed(cfg_scale, kind):
+    policy = _tiny()
+    rollout = policy.sample(PROMPTS, num_steps=6, noise_level=0.7, cfg_scale=cfg_scale, kind=kind,
+                            generator=torch.Generator().manual_seed(0))
+    assert rollout.latents.shape == (3, 7, *policy.latent_shape) and rollout.log_probs.shape == (3, 6)
+    assert rollout.images.dtype == torch.uint8 and rollout.images.shape == (3, 3, 32, 32)
+    for j in range(6):
+        out = policy.step_log_prob(rollout, j)
+        torch.testing.assert_close(out.log_prob, rollout.log_probs[:, j], rtol=0, atol=1e-5)
+
+
+def test_cfg_is_the_guided_combination_and_rescoring_needs_the_same_scale():
+    policy = _tiny()
+    x, sigma = torch.randn(3, *policy.latent_shape), torch.full((3,), 0.5)
+    cond = policy.encode_text(PROMPTS)
+    with torch.no_grad():
+        v_c = policy.velocity(x, sigma, cond)
+        v_u = policy.velocity(x, sigma, policy.encode_text([None] * 3))
+        torch.testing.assert_close(policy.velocity(x, sigma, cond, cfg_scale=4.0), v_u + 4.0 * (v_c - v_u))
+    rollout = policy.sample(PROMPTS, num_steps=4, cfg_scale=4.0, generator=torch.Generator().manual_seed(1))
+    wrong = policy.step_log_prob(type(rollout)(**{**rollout.__dict__, "cfg_scale": 1.0}), 1)
+    assert not torch.allclose(wrong.log_prob, rollout.log_probs[:, 1])
+
+
+def test_windowed_sampling_trains_only_window_steps_never_the_last():
+    policy = _tiny()
+    gen = torch.Generator().manual_seed(0)
+    rollout = policy.sample(PROMPTS, num_steps=8, sde_window=(2, 5), generator=gen)
+    assert rollout.trained_steps == [2, 3, 4]
+    assert (rollout.log_probs[:, [0, 1, 5, 6, 7]] == 0).all() and (rollout.log_probs[:, 2:5] != 0).all()
+    tail = policy.sample(PROMPTS, num_steps=8, sde_window=(5, 8), generator=gen)
+    assert tail.trained_steps == [5, 6]
+    assert policy.sample(PROMPTS, num_steps=8, generator=gen).trained_steps == list(range(7))
+    with pytest.raises(ValueError):
+        policy.sample(PROMPTS, num_steps=8, sde_window=(3, 9))
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_noise_zero_sampling_equals_diffusers_euler_loop(shift):
+    policy = _tiny(shift=shift)
+    cond = policy.encode_text(PROMPTS)
+    x0 = torch.randn(3, *policy.latent_shape, generator=torch.Generator().manual_seed(0))
+    rollout = policy.sample(PROMPTS, num_steps=7, noise_level=0.0, latents=x0, decode=False)
+    assert not rollout.train_mask.any() and (rollout.log_probs == 0).all()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(7)
+    x = x0
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            v = policy.velocity(x, (t / 1000).expand(3), cond)
+            x = scheduler.step(v, t, x).prev_sample
+    torch.testing.assert_close(rollout.latents[:, -1], x, rtol=0, atol=1e-6)
+
+
+def test_save_load_round_trip(tmp_path):
+    policy = _tiny()
+    policy.save_pretrained(tmp_path / "m")
+    loaded = TinyFlowModel.from_pretrained(tmp_path / "m")
+    assert loaded.config == policy.config
+    for (k, a), (_, b) in zip(policy.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+# ---- the recipes --------------------------------------------------------------------------------
+def _snapshot(policy):
+    return {k: v.detach().clone() for k, v in policy.state_dict().items()}
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.5])
+def test_flow_grpo_on_policy_ratio_is_one(tmp_path, cfg_scale):
+    """mu = 1, one micro-batch equal to the rollout batch: stored and recomputed log-probs agree."""
+    module = FlowGRPO(_tiny(), warm_start=None, num_steps=4, micro_batch_size=6, cfg_scale=cfg_scale, lr=1e-3)
+    trainer = _trainer(tmp_path, 1)
+    trainer.fit(module, datamodule=_data(P=2, G=3))
+    m = trainer.logged_metrics
+    assert float(m["policy/ratio_mean"]) == 1.0 and float(m["policy/approx_kl"]) == 0.0
+    assert float(m["policy/clip_frac"]) == 0.0
+
+
+def test_flow_grpo_velocity_mse_zero_at_start_then_positive(tmp_path):
+    policy = _tiny()
+    before = _snapshot(policy)
+    record = _Record()
+    module = FlowGRPO(policy, warm_start=None, num_steps=4, beta=0.1, lr=3e-3)
+    trainer = _trainer(tmp_path, 3, [record])
+    trainer.fit(module, datamodule=_data())
+    assert record.rows[0]["policy/velocity_mse"] == 0.0 and record.rows[0]["policy/reg_velocity_mse"] == 0.0
+    assert record.rows[-1]["policy/velocity_mse"] > 0.0
+    changed = [k for k, v in policy.state_dict().items() if not torch.equal(before[k], v)]
+    assert any(k.startswith("transformer.") for k in changed) and any(k.startswith("text_encoder.") for k in changed)
+    assert "val/geneval/overall" in trainer.logged_metrics and "reward/geneval_partial" in trainer.logged_metrics
+    # the reference stays frozen at the initial weights
+    ref = module.reference.state_dict()
+    assert all(torch.equal(before[k], ref[k]) for k in before)
+
+
+@pytest.mark.parametrize("regularizer,kind", [("latent_kl", "sde"), ("exact_kl", "sde"), ("none", "cps")])
+def test_flow_grpo_regularizers_and_kinds_run(tmp_path, regularizer, kind):
+    policy = _tiny()
+    before = _snapshot(policy)
+    module = FlowGRPO(policy, warm_start=None, num_steps=4, kind=kind, regularizer=regularizer, beta=0.04,
+                      num_iterations=2, micro_batch_size=4, lr=1e-3)
+    trainer = _trainer(tmp_path, 2)
+    trainer.fit(module, datamodule=_data())
+    assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    if regularizer != "none":
+        assert f"policy/reg_{regularizer}" in trainer.logged_metrics
+
+
+def test_flow_grpo_window_trains_only_window_steps(tmp_path):
+    record = _Record()
+    module = FlowGRPO(_tiny(), warm_start=None, num_steps=6, sde_window_size=2, lr=1e-3)
+    trainer = _trainer(tmp_path, 2, [record])
+    trainer.fit(module, datamodule=_data())
+    assert [r["train/trained_steps"] for r in record.rows] == [2.0, 2.0]
+    fixed = FlowGRPO(_tiny(), warm_start=None, num_steps=6, sde_window=(3, 6))
+    assert fixed.policy.sample(PROMPTS, num_steps=6, sde_window=fixed.sde_window()).trained_steps == [3, 4]
+
+
+def test_flow_warm_start_trains_and_saves(tmp_path):
+    policy = _tiny()
+    before = _snapshot(policy)
+    module = FlowWarmStart(policy, lr=1e-3, warmup_steps=1, max_steps=2, eval_num_steps=4, save_to=str(tmp_path / "ws"))
+    data = FlowSceneDataModule(batch_size=8, num_train=60, num_val=12, val_batch_size=6)
+    _trainer(tmp_path, 2).fit(module, datamodule=data)
+    assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    loaded = TinyFlowModel.from_pretrained(tmp_path / "ws")
+    assert torch.equal(loaded.transformer.proj_out.weight, policy.transformer.proj_out.weight)
