@@ -17,14 +17,14 @@ from pathlib import Path
 
 #: The warm-start recipe (keep in step with configs/pretrain.yaml).
 RECIPE = {
-    "max_steps": 1500,
+    "max_steps": 800,
     "batch_size": 64,
     "lr": 1e-3,
     "warmup_steps": 100,
     "cfg_dropout": 0.1,
     "num_train": 4000,
     "seed": 0,
-    "val_every": 250,
+    "val_every": 200,
 }
 
 
