@@ -1,4 +1,4 @@
-"""Image-token rollout speed: JanusPolicy.generate_images vs transformers' Janus generate, and the built-in model.
+"""Image-token rollout speed: JanusPolicy vs transformers' Janus generate, and the built-in model.
 
 One process, one random Janus config and batch, runs interleaved, median of `--runs` timed runs
 after a warm-up. Rows:
@@ -27,8 +27,8 @@ import torch  # noqa: E402
 from unirl_lightning.models.janus import JanusPolicy, tiny_janus_components  # noqa: E402
 from unirl_lightning.models.tiny import TinyConfig, TinyUnifiedModel  # noqa: E402
 
-PROMPTS = ["a photo of a red square", "a photo of two blue circles", "a photo of a green cross left of a triangle",
-           "a photo of a yellow triangle and a purple circle"]
+PROMPTS = ["a photo of a red square", "a photo of two blue circles",
+           "a photo of a green cross left of a triangle", "a photo of a yellow triangle and a purple circle"]
 
 
 def median_seconds(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
@@ -58,20 +58,22 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    model, processor = tiny_janus_components(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-                                             grid=args.grid, codebook_size=args.codebook)
+    model, processor = tiny_janus_components(hidden_size=args.hidden, num_layers=args.layers,
+                                             num_heads=args.heads, grid=args.grid,
+                                             codebook_size=args.codebook)
     policy = JanusPolicy.from_components(model, processor).eval()
     tiny = TinyUnifiedModel(TinyConfig()).eval()
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
-    hf_inputs = processor(text=[policy.chat_prompt(p) for p in prompts], generation_mode="image", padding=True,
-                          return_tensors="pt")
+    texts = [policy.chat_prompt(p) for p in prompts]
+    hf_inputs = processor(text=texts, generation_mode="image", padding=True, return_tensors="pt")
     L = policy.tokens_per_image
 
     def ours():
         return policy.generate_images(prompts, cfg_scale=args.cfg, generator=torch.Generator().manual_seed(0))
 
     def theirs():
-        return model.generate(**hf_inputs, generation_mode="image", do_sample=True, top_k=0, guidance_scale=args.cfg)
+        return model.generate(**hf_inputs, generation_mode="image", do_sample=True, top_k=0,
+                              guidance_scale=args.cfg)
 
     def builtin():
         return tiny.generate_images(prompts, cfg_scale=args.cfg, generator=torch.Generator().manual_seed(0))
@@ -86,8 +88,8 @@ def main() -> None:
     print("|---|---|---:|---:|---:|")
     rows = [("(a) JanusPolicy.generate_images", "yes", secs["ours"], args.batch * L),
             ("(b) transformers Janus generate(image)", "no", secs["hf"], args.batch * L),
-            (f"(c) TinyUnifiedModel ({tiny_params:.2f}M params, {tiny.tokens_per_image} tokens)", "yes", secs["tiny"],
-             args.batch * tiny.tokens_per_image)]
+            (f"(c) TinyUnifiedModel ({tiny_params:.2f}M params, {tiny.tokens_per_image} tokens)", "yes",
+             secs["tiny"], args.batch * tiny.tokens_per_image)]
     for name, logp, s, n in rows:
         print(f"| {name} | {logp} | {s:.3f} | {n / s:,.0f} | {secs['hf'] / s * n / (args.batch * L):.2f}x |")
 

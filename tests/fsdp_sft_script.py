@@ -20,7 +20,7 @@ from unirl_lightning.modules import UniRLSFT
 def main(out_dir: str) -> None:
     torch.manual_seed(0)
     policy = TinyUnifiedModel(TinyConfig(d_model=32, n_layers=2, n_heads=2))
-    module = UniRLSFT(policy, warm_start=None, lr=1e-3, score_every_n_steps=1)
+    module = UniRLSFT(policy, warm_start=None, lr=1e-3, score_every_n_steps=1, save_to=os.path.join(out_dir, 'saved'))
     data = OnPolicyDataModule(num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
                         max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -34,6 +34,9 @@ def main(out_dir: str) -> None:
         "loss": float(trainer.logged_metrics["train/loss"]),
         "geneval": float(trainer.logged_metrics["val/geneval/overall"]),
     }
+    if trainer.is_global_zero:  # the saved full weights equal the gathered ones
+        saved = TinyUnifiedModel.from_pretrained(os.path.join(out_dir, "saved")).state_dict()
+        result["saved_checksum"] = float(sum(v.double().abs().sum() for v in saved.values()))
     with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
         json.dump(result, f)
 

@@ -42,3 +42,20 @@ def test_bad_paths_fail_before_compute(tmp_path):
         OnPolicyDataModule(train_prompts=str(tmp_path / "missing.jsonl"))
     with pytest.raises(ValueError, match="group_size"):
         OnPolicyDataModule(group_size=0)
+
+
+def test_prompt_files_with_coco_classes_load(tmp_path):
+    from unirl_lightning.data import load_official_specs, save_specs
+
+    specs = load_official_specs()
+    save_specs(specs[:400], tmp_path / "train.jsonl")
+    save_specs(specs[400:], tmp_path / "val.jsonl")
+    for vocab in (None, "geneval"):
+        dm = OnPolicyDataModule(train_prompts=str(tmp_path / "train.jsonl"), val_prompts=str(tmp_path / "val.jsonl"), vocabulary=vocab)
+        dm.setup("fit")
+        assert len(dm.train_specs) == 400 and len(dm.val_specs) == 153
+    import pytest
+
+    with pytest.raises(ValueError, match="vocabulary"):
+        OnPolicyDataModule(train_prompts=str(tmp_path / "train.jsonl"), val_prompts=str(tmp_path / "val.jsonl"),
+                           vocabulary="shapes").setup("fit")

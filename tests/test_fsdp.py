@@ -16,3 +16,4 @@ def test_sft_under_fsdp2_on_two_cpu_processes(tmp_path):
     # both ranks hold the same full parameters after sharded updates
     assert abs(results[0]["checksum"] - results[1]["checksum"]) < 1e-6 * results[0]["checksum"]
     assert all(r["loss"] == r["loss"] for r in results)  # finite (not NaN)
+    assert abs(results[0]["saved_checksum"] - results[0]["checksum"]) < 1e-6 * results[0]["checksum"]

@@ -5,7 +5,9 @@ Parity: transformers samples image tokens with `torch.multinomial`, whose RNG us
 our Gumbel-max, so sampled parity is shown by routing its `torch.multinomial` through the same
 Gumbel-max with the same generator: the tokens are then equal and our log-probs equal the log
 of the exact probabilities transformers samples from (after its CFG). Greedy decoding
-(`temperature=0` vs `do_sample=False`) is compared without any patching.
+(`temperature=0` vs `do_sample=False`) is compared without any patching. (Its
+`generate(output_logits=True, return_dict_in_generate=True)` cannot serve here: in transformers
+5.23 the image branch appends only the last step's hidden state, after the loop.)
 """
 
 import inspect
@@ -18,7 +20,8 @@ from unirl_lightning.models.janus import JanusPolicy, gumbel_noise, tiny_janus_c
 from unirl_lightning.testing import PolicyTesterMixin
 
 GRID = 4  # 16 image tokens, 16x16 pixels: fast on 2 CPU cores
-PROMPTS = ["a photo of a red square", "a photo of two circles", "a photo of a blue cross and a green triangle"]
+PROMPTS = ["a photo of a red square", "a photo of two circles",
+           "a photo of a blue cross and a green triangle"]
 
 # Janus' conversation format ("<|User|>: ...\n\n<|Assistant|>:") as a chat template of our own
 CHAT_TEMPLATE = (
@@ -60,7 +63,8 @@ def test_chat_template_and_fallback_format_agree():
     templated = policy.generation_inputs(PROMPTS, cfg_scale=3.0)
     assert torch.equal(fallback[0], templated[0]) and torch.equal(fallback[1], templated[1])
     assert policy.chat_prompt("a red square") == "<|User|>: a red square\n\n<|Assistant|>:"
-    assert policy.chat_prompt("what?", with_image=True) == "<|User|>: <image_placeholder>\nwhat?\n\n<|Assistant|>:"
+    with_image = "<|User|>: <image_placeholder>\nwhat?\n\n<|Assistant|>:"
+    assert policy.chat_prompt("what?", with_image=True) == with_image
 
 
 def test_unconditional_rows_keep_only_bos_and_begin_of_image():
@@ -99,14 +103,16 @@ def _hf_inputs(policy):
 def test_greedy_tokens_equal_transformers_generate():
     policy = _policy()
     ours = policy.generate_images(PROMPTS, cfg_scale=5.0, temperature=0.0)
-    theirs = policy.model.generate(**_hf_inputs(policy), generation_mode="image", do_sample=False, guidance_scale=5.0)
+    theirs = policy.model.generate(**_hf_inputs(policy), generation_mode="image", do_sample=False,
+                                   guidance_scale=5.0)
     assert torch.equal(ours.tokens, theirs)
     torch.testing.assert_close(policy.image_logprobs(ours), ours.logprobs, atol=1e-4, rtol=0)
 
 
 def test_sampled_tokens_and_logprobs_equal_transformers_generate(monkeypatch):
     policy = _policy()
-    ours = policy.generate_images(PROMPTS, cfg_scale=3.0, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    ours = policy.generate_images(PROMPTS, cfg_scale=3.0, temperature=1.0,
+                                  generator=torch.Generator().manual_seed(7))
 
     gen, seen = torch.Generator().manual_seed(7), []
 
@@ -125,10 +131,12 @@ def test_sampled_tokens_and_logprobs_equal_transformers_generate(monkeypatch):
 
 def test_decode_matches_transformers_decode_and_postprocess():
     policy = _policy()
-    tokens = torch.randint(policy.image_vocab_size, (2, policy.tokens_per_image), generator=torch.Generator().manual_seed(0))
+    shape = (2, policy.tokens_per_image)
+    tokens = torch.randint(policy.image_vocab_size, shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         decoded = policy.model.decode_image_tokens(tokens)  # [B, H, W, 3]
-    ref = policy.processor.postprocess(list(decoded.permute(0, 3, 1, 2).float()), return_tensors="pt")["pixel_values"]
+    ref = policy.processor.postprocess(list(decoded.permute(0, 3, 1, 2).float()), return_tensors="pt")
+    ref = ref["pixel_values"]
     assert torch.equal(policy.decode_images(tokens), ref)
 
 
@@ -153,7 +161,8 @@ def test_init_takes_simple_types_and_loads_saved_folder(tmp_path):
     from jsonargparse import ArgumentParser
 
     sig = inspect.signature(JanusPolicy.__init__)
-    assert all(p.annotation in ("str", "bool", "str | None") for n, p in sig.parameters.items() if n != "self")
+    simple = ("str", "bool", "str | None")
+    assert all(p.annotation in simple for n, p in sig.parameters.items() if n != "self")
     policy = _policy()
     policy.save_pretrained(tmp_path / "janus")
     parser = ArgumentParser()
@@ -164,7 +173,10 @@ def test_init_takes_simple_types_and_loads_saved_folder(tmp_path):
     torch.testing.assert_close(loaded.image_logprobs(rollout), policy.image_logprobs(rollout))
 
 
-@pytest.mark.parametrize("name", ["janus_pro_1b_sft.yaml", "janus_pro_1b_grpo.yaml", "janus_pro_7b_grpo.yaml"])
+JANUS_CONFIGS = ["janus_pro_1b_sft.yaml", "janus_pro_1b_grpo.yaml", "janus_pro_7b_grpo.yaml"]
+
+
+@pytest.mark.parametrize("name", JANUS_CONFIGS)
 def test_janus_configs_instantiate_through_the_cli(name, tmp_path):
     """The YAML as shipped (FSDP block included) parses; with a local tiny checkpoint, prompt files
     and a CPU trainer it instantiates the recipe around a JanusPolicy."""
@@ -177,15 +189,18 @@ def test_janus_configs_instantiate_through_the_cli(name, tmp_path):
 
     config = Path(__file__).resolve().parents[1] / "configs" / name
     cfg = yaml.safe_load(config.read_text())
-    assert cfg["trainer"]["strategy"]["class_path"].endswith("FSDPStrategy") and cfg["trainer"]["precision"] == "bf16-mixed"
+    assert cfg["trainer"]["strategy"]["class_path"].endswith("ModelParallelStrategy")  # FSDP2
+    assert cfg["trainer"]["precision"] == "bf16-mixed"
     _policy().save_pretrained(tmp_path / "janus")
     for split in ("train", "val"):
         save_specs(generate_specs(6, world_vocabulary(), seed=len(split)), tmp_path / f"{split}.jsonl")
-    cli = cli_main(["--config", str(config), "--model.init_args.policy.init_args.model_path", str(tmp_path / "janus"),
+    cli = cli_main(["--config", str(config),
+                    "--model.init_args.policy.init_args.model_path", str(tmp_path / "janus"),
                     "--model.init_args.policy.init_args.gradient_checkpointing", "false",
                     "--data.init_args.train_prompts", str(tmp_path / "train.jsonl"),
-                    "--data.init_args.val_prompts", str(tmp_path / "val.jsonl"), "--trainer.accelerator", "cpu",
-                    "--trainer.devices", "1", "--trainer.strategy", "auto", "--trainer.precision", "32-true",
+                    "--data.init_args.val_prompts", str(tmp_path / "val.jsonl"),
+                    "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
+                    "--trainer.precision", "32-true",
                     "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)], run=False)
     assert isinstance(cli.model.policy, JanusPolicy)
 
@@ -219,3 +234,60 @@ def test_grpo_trains_janus_under_trainer(tmp_path):
     assert not any(k.startswith("model.model.vqmodel.") for k in changed)  # frozen, as in Janus
     assert "model.lm_head.weight" in changed or "model.model.language_model.embed_tokens.weight" in changed
     assert "image/ratio_mean" in trainer.logged_metrics and "answer/ratio_mean" in trainer.logged_metrics
+
+
+# ---- FSDP2 (Lightning's ModelParallelStrategy) on 2 CPU processes ----------------------------
+FSDP_SCRIPT = '''
+import json, os, sys
+import lightning as L
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from unirl_lightning.data import OnPolicyDataModule
+from unirl_lightning.models.janus import JanusPolicy, tiny_janus_components
+from unirl_lightning.modules import DiscreteGRPO
+from unirl_lightning.rewards import SelfUnderstandingReward
+from unirl_lightning.rewards.base import RewardFunction
+
+
+class RandomReward(RewardFunction):
+    def __call__(self, ctx):
+        return torch.rand(len(ctx.specs))
+
+
+torch.manual_seed(0)
+policy = JanusPolicy.from_components(*tiny_janus_components(grid=4))
+module = DiscreteGRPO(policy, warm_start=None, rewards=[RandomReward(), SelfUnderstandingReward()],
+                      answer_weight=0.5, cfg_scale=3.0, beta=0.04, micro_batch_size=2, lr=1e-3)
+data = OnPolicyDataModule(num_train=60, num_val=4, prompts_per_step=1, group_size=2, val_batch_size=2)
+strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=1, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    limit_val_batches=1, val_check_interval=1, check_val_every_n_epoch=None)
+trainer.fit(module, datamodule=data)
+full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in policy.state_dict().items()}
+out = {"unit": type(policy.model.model.language_model.layers[0]).__name__,
+       "checksum": float(sum(v.double().abs().sum() for v in full.values())),
+       "ratio": float(trainer.logged_metrics["image/ratio_mean"])}
+with open(os.path.join(sys.argv[1], f"rank{trainer.global_rank}.json"), "w") as f:
+    json.dump(out, f)
+'''
+
+
+def test_grpo_under_fsdp2_on_two_cpu_processes(tmp_path):
+    """Sharded blocks, rollouts and decoding through the registered entry points, a sharded
+    reference, validation (answers, encode_images): both ranks end with the same weights."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "janus_fsdp.py"
+    script.write_text(FSDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                          timeout=540, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["unit"].startswith("FSDP") for r in ranks), ranks
+    assert abs(ranks[0]["checksum"] - ranks[1]["checksum"]) < 1e-6 * ranks[0]["checksum"]
+    assert all(r["ratio"] == 1.0 for r in ranks)  # on-policy, one update per rollout

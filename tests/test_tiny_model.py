@@ -23,14 +23,15 @@ def test_masked_rollout_reveals_every_token_once():
     policy = TinyUnifiedModel(TinyConfig(d_model=32, n_layers=2, n_heads=2, image_order="masked", mask_steps=4)).eval()
     rollout = policy.generate_images(["a photo of a cross"] * 3, generator=torch.Generator().manual_seed(0))
     assert rollout.logprobs.shape == (3, 4)
+    L = policy.tokens_per_image
     counts = torch.stack([(rollout.reveal_step == t).sum(1) for t in range(4)], 1)
-    expected = [a - b for a, b in zip([64] + policy.mask_schedule()[:-1], policy.mask_schedule())]
-    assert counts.tolist() == [expected] * 3 and sum(expected) == 64
+    expected = [a - b for a, b in zip([L] + policy.mask_schedule()[:-1], policy.mask_schedule())]
+    assert counts.tolist() == [expected] * 3 and sum(expected) == L
 
 
 def test_masked_order_attention_is_bidirectional_in_image_block_only():
     policy = TinyUnifiedModel(TinyConfig(d_model=32, n_layers=1, n_heads=2, image_order="masked"))
-    seq = torch.zeros(1, policy.soi_pos + 1 + 64 + 1, dtype=torch.long)
+    seq = torch.zeros(1, policy.soi_pos + 1 + policy.tokens_per_image + 1, dtype=torch.long)
     allowed = policy._allowed(seq, seq.shape[1])[0, 0]
     img = policy._image_slice
     assert allowed[img.start, img.stop - 1]  # first image token sees the last

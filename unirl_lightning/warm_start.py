@@ -17,7 +17,7 @@ from pathlib import Path
 
 #: The warm-start recipe (keep in step with configs/pretrain.yaml).
 RECIPE = {
-    "max_steps": 800,
+    "max_steps": 1200,
     "batch_size": 64,
     "lr": 1e-3,
     "warmup_steps": 100,
@@ -58,7 +58,8 @@ def ensure_warm_start(policy, recipe: dict | None = None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     module = WarmStartPretrain(fresh, lr=r["lr"], warmup_steps=r["warmup_steps"], max_steps=r["max_steps"],
                                cfg_dropout=r["cfg_dropout"], save_to=str(tmp))
-    data = RenderedSceneDataModule(batch_size=r["batch_size"], canvas=policy.config.canvas, sizes=policy.config.sizes,
+    world = policy.world_config
+    data = RenderedSceneDataModule(batch_size=r["batch_size"], canvas=world.canvas, sizes=world.sizes, grid=world.grid,
                                    num_train=r["num_train"], seed=r["seed"])
     L.seed_everything(r["seed"], verbose=False)
     logger = L.pytorch.loggers.TensorBoardLogger(save_dir=str(target.parent), name=target.name + "_logs")

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from unirl_lightning.data.prompts import split_specs
+from unirl_lightning.data.prompts import geneval_vocabulary, split_specs
 from unirl_lightning.data.specs import load_specs
 from unirl_lightning.worlds.vocab import SHAPES, TASKS
 
@@ -72,7 +72,8 @@ class OnPolicyDataModule(L.LightningDataModule):
         train_prompts / val_prompts: GenEval `evaluation_metadata.jsonl` paths; when None a seeded
             generator makes `num_train` / `num_val` specs over `vocabulary` (tasks balanced), with
             disjoint prompts: validation takes `val_fraction` of each task's distinct prompts.
-        vocabulary: object classes for generated prompts (default: the synthetic world's shapes).
+        vocabulary: object classes: a list, "shapes" (the synthetic world's) or "geneval" (COCO's 80).
+            Generated prompts use it (None: shapes); prompt files are checked against it (None: not checked).
         prompts_per_step: P distinct prompts per step and rank; group_size: G samples per prompt.
         val_batch_size: prompts per validation batch (one sample each).
     """
@@ -81,7 +82,7 @@ class OnPolicyDataModule(L.LightningDataModule):
         self,
         train_prompts: str | None = None,
         val_prompts: str | None = None,
-        vocabulary: list[str] | None = None,
+        vocabulary: list[str] | Literal["shapes", "geneval"] | None = None,
         num_train: int = 1200,
         num_val: int = 120,
         val_fraction: float = 0.25,
@@ -97,22 +98,27 @@ class OnPolicyDataModule(L.LightningDataModule):
         for name, path in (("train_prompts", train_prompts), ("val_prompts", val_prompts)):
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"data.{name}: no such file {path!r}; give a GenEval evaluation_metadata.jsonl")
+        if vocabulary == "geneval":
+            vocabulary = geneval_vocabulary()
+        elif vocabulary == "shapes":
+            vocabulary = list(SHAPES)
+        self.file_vocabulary = list(vocabulary) if vocabulary is not None else None
         self.vocabulary = list(vocabulary or SHAPES)
         self.train_specs: list[dict] = []
         self.val_specs: list[dict] = []
 
     def setup(self, stage: str | None = None) -> None:
-        hp, vocab = self.hparams, self.vocabulary
+        hp, vocab, checked = self.hparams, self.vocabulary, self.file_vocabulary
         if hp.train_prompts and hp.val_prompts:
-            self.train_specs = load_specs(hp.train_prompts, vocabulary=vocab)
-            self.val_specs = load_specs(hp.val_prompts, vocabulary=vocab)
+            self.train_specs = load_specs(hp.train_prompts, vocabulary=checked)
+            self.val_specs = load_specs(hp.val_prompts, vocabulary=checked)
         else:
             # Held-out prompts per task (a quarter of each small task's distinct prompts, at least
             # one), tasks balanced since GenEval's overall score is their unweighted mean.
             train, val = split_specs(vocab, hp.num_train, hp.num_val, hp.seed, test_fraction=hp.val_fraction,
                                      task_weights={t: 1.0 for t in TASKS}, allow_repeats=True)
-            self.train_specs = load_specs(hp.train_prompts, vocabulary=vocab) if hp.train_prompts else train
-            self.val_specs = load_specs(hp.val_prompts, vocabulary=vocab) if hp.val_prompts else val
+            self.train_specs = load_specs(hp.train_prompts, vocabulary=checked) if hp.train_prompts else train
+            self.val_specs = load_specs(hp.val_prompts, vocabulary=checked) if hp.val_prompts else val
         overlap = {s["prompt"] for s in self.val_specs} & {s["prompt"] for s in self.train_specs}
         if overlap:
             raise ValueError(f"{len(overlap)} prompts are in both train and validation sets, e.g. {sorted(overlap)[0]!r}")

@@ -41,14 +41,14 @@ class RenderedSceneDataModule(OnPolicyDataModule):
     """Training batches of rendered scenes; validation as in `OnPolicyDataModule` (held-out prompts).
 
     Args:
-        batch_size: scenes per step; canvas / sizes: the world (must match the model's).
+        batch_size: scenes per step; canvas / sizes / grid: the world (must match the model's).
         Other arguments as in `OnPolicyDataModule`.
     """
 
-    def __init__(self, batch_size: int = 64, canvas: int = 32, sizes: tuple[int, ...] = (8,), **kwargs):
+    def __init__(self, batch_size: int = 64, canvas: int = 32, sizes: tuple[int, ...] = (8,), grid: int = 8, **kwargs):
         super().__init__(**kwargs)
         self.save_hyperparameters()
-        self.world = WorldConfig(canvas=canvas, sizes=tuple(sizes))
+        self.world = WorldConfig(canvas=canvas, sizes=tuple(sizes), grid=grid)
 
     def train_dataloader(self) -> DataLoader:
         rank, _ = self._rank()

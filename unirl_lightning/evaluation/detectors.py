@@ -236,3 +236,16 @@ class TransformersDetector:
                 color = self.colors[int((self._color_classifier(det.label) @ f).argmax())]
                 out[i][j] = dataclasses.replace(det, color=color)
         return out
+
+
+class PretrainedDetector(TransformersDetector):
+    """`TransformersDetector` built from paths, so a YAML config can name it:
+
+        detector:
+          class_path: unirl_lightning.evaluation.detectors.PretrainedDetector
+          init_args: {detector_path: google/owlv2-base-patch16-ensemble, clip_path: openai/clip-vit-large-patch14}
+    """
+
+    def __init__(self, detector_path: str, clip_path: str | None = None, device: str = "cpu", **kwargs: Any):
+        loaded = TransformersDetector.from_pretrained(detector_path, clip_path, device=device)
+        super().__init__(loaded.detector_model, loaded.detector_processor, loaded.clip_model, loaded.clip_processor, **kwargs)

@@ -185,8 +185,9 @@ class UnifiedPolicy(nn.Module, ABC):
         return ref.eval()
 
     @abstractmethod
-    def save_pretrained(self, path: str | Path) -> None:
-        """Save weights and config in the family's native format."""
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
+        """Save weights and config in the family's native format. `state_dict` (this module's keys)
+        replaces the live weights, e.g. the full weights gathered from FSDP shards."""
 
     @classmethod
     @abstractmethod

@@ -37,6 +37,9 @@ the generation logits:
 
 This is the processor's arithmetic in torch without the uint8 round trip: no PIL, no
 quantisation, gradients flow, and rollouts and training see identical pixels.
+
+FSDP2: `fsdp_units` shards each Llama and SigLIP block on its own; `decode_images` and
+`encode_images` join the base entry points, since they read the VQ model outside `forward`.
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ def _dtype(name: str | torch.dtype) -> torch.dtype | str:
         return name
     dtype = getattr(torch, str(name).removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"torch_dtype must name a torch dtype (float32, bfloat16, float16) or 'auto', got {name!r}")
+        raise ValueError(f"torch_dtype must name a torch dtype (float32, bfloat16, float16) or 'auto', "
+                         f"got {name!r}")
     return dtype
 
 
@@ -87,6 +91,8 @@ class JanusPolicy(UnifiedPolicy):
     """
 
     image_order = "autoregressive"
+    # decoding / encoding read the VQ codebook and decoder directly: gather them under FSDP2 too
+    fsdp_entry_points = (*UnifiedPolicy.fsdp_entry_points, "decode_images", "encode_images")
 
     def __init__(
         self,
@@ -106,7 +112,7 @@ class JanusPolicy(UnifiedPolicy):
     @classmethod
     def from_components(cls, model: nn.Module, processor: Any, gradient_checkpointing: bool = False,
                         freeze_vq: bool = True) -> "JanusPolicy":
-        """Wrap an already built `JanusForConditionalGeneration` and its `JanusProcessor` (tests, custom loading)."""
+        """Wrap a built `JanusForConditionalGeneration` and its `JanusProcessor` (tests, custom loading)."""
         policy = cls.__new__(cls)
         UnifiedPolicy.__init__(policy)  # nn.Module state before any submodule is assigned
         policy._setup(model, processor, gradient_checkpointing, freeze_vq)
@@ -124,15 +130,21 @@ class JanusPolicy(UnifiedPolicy):
         self.eos_id = int(eos[0] if isinstance(eos, (list, tuple)) else eos)
         self.image_token_id = int(model.config.image_token_id)
         if tok.convert_tokens_to_ids(processor.image_token) != self.image_token_id:
-            raise ValueError("processor.image_token and model.config.image_token_id disagree: mismatched model and processor")
+            raise ValueError("processor.image_token and model.config.image_token_id disagree: "
+                             "mismatched model and processor")
         vision_tokens = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
         if processor.num_image_tokens != vision_tokens:
-            raise ValueError(f"processor.num_image_tokens={processor.num_image_tokens} but the vision encoder "
-                             f"makes {vision_tokens} features per image")
+            raise ValueError(f"processor.num_image_tokens={processor.num_image_tokens} but the vision "
+                             f"encoder makes {vision_tokens} features per image")
         if freeze_vq:
             model.model.vqmodel.requires_grad_(False)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """FSDP2 shards each Llama block and each SigLIP block on its own; the rest (embeddings,
+        heads, aligners, VQ model) shards with the policy and is gathered by its entry points."""
+        return [*self._lm.layers, *self.model.model.vision_model.encoder.layers]
 
     # ---- sizes and parts --------------------------------------------------------------
     @property
@@ -165,7 +177,8 @@ class JanusPolicy(UnifiedPolicy):
         """One user turn and the assistant prompt, through the processor's chat template when it has one."""
         content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
         if getattr(self.processor, "chat_template", None):
-            return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+            messages = [{"role": "user", "content": content}]
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
         image = f"{self.processor.image_token}\n" if with_image else ""
         return f"<|User|>: {image}{text.strip()}\n\n<|Assistant|>:"  # Janus' format when no template ships
 
@@ -183,7 +196,9 @@ class JanusPolicy(UnifiedPolicy):
     # ---- generation -------------------------------------------------------------------
     @staticmethod
     def _guided(logits: Tensor, cfg_scale: float, temperature: float) -> Tensor:
-        """Head logits `[R, ..., K]` (rows [cond; uncond]) -> float32 u + w (c - u), / temperature (0 = greedy: none)."""
+        """Head logits `[R, ..., K]` (rows [cond; uncond]) -> float32 u + w (c - u), / temperature.
+
+        temperature 0 (greedy) leaves the guided logits unscaled."""
         logits = logits.float()
         if cfg_scale != 1.0:
             c, u = logits.chunk(2)
@@ -196,7 +211,8 @@ class JanusPolicy(UnifiedPolicy):
         return out.last_hidden_state[:, -1]
 
     @torch.no_grad()
-    def generate_images(self, prompts, *, cfg_scale=1.0, temperature=1.0, generator=None, return_gumbel=False) -> ImageRollout:
+    def generate_images(self, prompts, *, cfg_scale=1.0, temperature=1.0, generator=None,
+                        return_gumbel=False) -> ImageRollout:
         from transformers import DynamicCache
 
         prompts = list(prompts)
@@ -228,8 +244,9 @@ class JanusPolicy(UnifiedPolicy):
                 step = self.model.prepare_embeddings_for_image_generation(tok.repeat(R // B)[:, None])
                 h = self._step(step, None if full is None else full[:, : S + l + 1], cache)
         return ImageRollout(
-            prompts=prompts, tokens=tokens, logprobs=logps, action_mask=torch.ones_like(tokens, dtype=torch.bool),
-            cfg_scale=cfg_scale, temperature=temperature, gumbel=torch.stack(noises, 1) if return_gumbel else None,
+            prompts=prompts, tokens=tokens, logprobs=logps,
+            action_mask=torch.ones_like(tokens, dtype=torch.bool), cfg_scale=cfg_scale,
+            temperature=temperature, gumbel=torch.stack(noises, 1) if return_gumbel else None,
         )
 
     def image_logits(self, rollout: ImageRollout) -> Tensor:
@@ -248,14 +265,15 @@ class JanusPolicy(UnifiedPolicy):
 
     # ---- images -----------------------------------------------------------------------
     def _pixels(self, images: ImageInput) -> Tensor:
-        """Tokens `[B, L]` or relaxed one-hots `[B, L, K]` -> decoder pixels `[B, 3, H, W]` (normalised space)."""
+        """Tokens `[B, L]` or relaxed one-hots `[B, L, K]` -> decoder pixels `[B, 3, H, W]`, normalised."""
         vq = self.model.model.vqmodel
         codebook = vq.quantize.embedding.weight  # [K, e]
         if images.dtype == torch.long:
             z = F.embedding(images.to(codebook.device), codebook)
         else:
             if images.shape[-1] != codebook.shape[0]:
-                raise ValueError(f"relaxed images must be [B, L, {codebook.shape[0]}], got {tuple(images.shape)}")
+                raise ValueError(f"relaxed images must be [B, L, {codebook.shape[0]}], "
+                                 f"got {tuple(images.shape)}")
             z = images.to(codebook.dtype) @ codebook
         if z.shape[1] != self.tokens_per_image:
             raise ValueError(f"images have {z.shape[1]} tokens, the VQ grid holds {self.tokens_per_image}")
@@ -277,18 +295,19 @@ class JanusPolicy(UnifiedPolicy):
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
-        """uint8 pixels `[B, 3, H, W]` -> image tokens `[B, L]` through the VQ encoder (resized to its grid)."""
+        """uint8 pixels `[B, 3, H, W]` -> image tokens `[B, L]` (VQ encoder; resized to fit its grid)."""
         vq = self.model.model.vqmodel
         size = self._grid[0] * 2 ** (len(vq.config.channel_multiplier) - 1)
         x = images.to(self.device, torch.float32) / 255
         if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+            x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+            x = x.clamp(0, 1)
         mean, std = self._mean_std(x)
         out = vq.encode(((x - mean) / std).to(vq.quantize.embedding.weight.dtype))
         return out.image_tokens.view(images.shape[0], -1)
 
     def _vision_pixels(self, images: ImageInput) -> Tensor:
-        """Images -> the vision encoder's `pixel_values` `[B, 3, S, S]`, differentiable (see module docstring)."""
+        """Images -> the vision encoder's `pixel_values` `[B, 3, S, S]`, differentiable (module docstring)."""
         x = self._pixels(images).float()
         mean, std = self._mean_std(x)
         x = (x * std + mean).clamp(0, 1)  # what a uint8 image would keep, in [0, 1]
@@ -305,8 +324,9 @@ class JanusPolicy(UnifiedPolicy):
 
         proc = self.processor
         system = DEFAULT_SYSTEM_PROMPT if getattr(proc, "use_default_system_prompt", False) else ""
-        block = proc.replace_image_token({}, image_idx=0)  # <begin_of_image> + N placeholders + <end_of_image>
-        texts = [system + self.chat_prompt(q, with_image=True).replace(proc.image_token, block) for q in questions]
+        block = proc.replace_image_token({}, image_idx=0)  # <begin_of_image> + N x image + <end_of_image>
+        texts = [system + self.chat_prompt(q, with_image=True).replace(proc.image_token, block)
+                 for q in questions]
         enc = proc.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
@@ -318,7 +338,9 @@ class JanusPolicy(UnifiedPolicy):
         return embeds.masked_scatter(slots, features.to(embeds.dtype))
 
     def encode_answers(self, answers: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """Answer ids + EOS, right padded: tokens `[B, T]`, mask `[B, T]` (a leading space, as the template's reply)."""
+        """Answer ids + EOS, right padded: tokens `[B, T]`, mask `[B, T]`.
+
+        Each answer gets a leading space, as the chat template writes the assistant's reply."""
         tok = self.processor.tokenizer
         rows = [tok(" " + a.strip(), add_special_tokens=False)["input_ids"] + [self.eos_id] for a in answers]
         width = max(map(len, rows))
@@ -330,7 +352,8 @@ class JanusPolicy(UnifiedPolicy):
         return tokens.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
-    def answer(self, images, questions, *, greedy=True, temperature=1.0, max_new_tokens=16, generator=None) -> AnswerRollout:
+    def answer(self, images, questions, *, greedy=True, temperature=1.0, max_new_tokens=16,
+               generator=None) -> AnswerRollout:
         from transformers import DynamicCache
 
         ids, mask = self.understanding_inputs(questions)
@@ -342,7 +365,8 @@ class JanusPolicy(UnifiedPolicy):
         toks, logps, masks = [], [], []
         for t in range(max_new_tokens):
             logits = self.model.lm_head(h).float() / (1.0 if greedy else temperature)
-            pick = logits.argmax(-1) if greedy else (logits + gumbel_noise(logits.shape, generator, logits.device)).argmax(-1)
+            noisy = logits if greedy else logits + gumbel_noise(logits.shape, generator, logits.device)
+            pick = noisy.argmax(-1)  # greedy, or Gumbel-max: an exact sample
             masks.append(~done)
             toks.append(torch.where(done, torch.full_like(pick, self.pad_id), pick))
             logps.append(torch.log_softmax(logits, -1).gather(-1, pick[:, None]).squeeze(-1) * (~done))
@@ -351,7 +375,8 @@ class JanusPolicy(UnifiedPolicy):
                 break
             h = self._step(self._embed(toks[-1][:, None]), full[:, : S + t + 1], cache)
         tokens, mask_out = torch.stack(toks, 1), torch.stack(masks, 1)
-        texts = [self.processor.tokenizer.decode(row[m & (row != self.eos_id)], skip_special_tokens=True).strip()
+        decode = self.processor.tokenizer.decode
+        texts = [decode(row[m & (row != self.eos_id)], skip_special_tokens=True).strip()
                  for row, m in zip(tokens, mask_out)]
         return AnswerRollout(texts=texts, tokens=tokens, logprobs=torch.stack(logps, 1), mask=mask_out)
 
@@ -370,16 +395,18 @@ class JanusPolicy(UnifiedPolicy):
         return logp * mask, mask
 
     # ---- persistence ------------------------------------------------------------------
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
         """transformers format: model weights + config + generation config, and the processor files."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
+        if state_dict is not None:  # this module's keys -> the wrapped model's
+            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+        self.model.save_pretrained(path, state_dict=state_dict)
         self.processor.save_pretrained(path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> "JanusPolicy":
-        """Load a folder written by `save_pretrained`, or released weights (Hub id); kwargs go to `__init__`."""
+        """Load a `save_pretrained` folder or released weights (Hub id); kwargs go to `__init__`."""
         return cls(str(path), **kwargs)
 
 
@@ -405,28 +432,33 @@ def tiny_janus_components(
     `4 * grid` pixels; the vision encoder sees the same size in `grid x grid` patches.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import (JanusConfig, JanusForConditionalGeneration, JanusImageProcessorPil, JanusProcessor,
-                              JanusVisionConfig, JanusVQVAEConfig, LlamaConfig, PreTrainedTokenizerFast)
+    from transformers import (JanusConfig, JanusForConditionalGeneration, JanusImageProcessorPil,
+                              JanusProcessor, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig,
+                              PreTrainedTokenizerFast)
 
     from unirl_lightning.models.text import world_words
 
     pad, bos, eos, image, boi, eoi, *_ = JANUS_SPECIAL_TOKENS
-    vocab = {t: i for i, t in enumerate(dict.fromkeys([*JANUS_SPECIAL_TOKENS, *(words or world_words()), ":"]))}
+    names = dict.fromkeys([*JANUS_SPECIAL_TOKENS, *(words or world_words()), ":"])
+    vocab = {t: i for i, t in enumerate(names)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     core.add_special_tokens(list(JANUS_SPECIAL_TOKENS))  # matched before normalising / splitting
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    core.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                        special_tokens=[(bos, vocab[bos])])
     core.decoder = decoders.WordPiece()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token=bos, eos_token=eos, pad_token=pad, unk_token="[UNK]",
         extra_special_tokens={"image_token": image, "boi_token": boi, "eoi_token": eoi})
     size = 4 * grid
-    image_processor = JanusImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    image_processor = JanusImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.5] * 3,
+                                             image_std=[0.5] * 3)
     processor = JanusProcessor(image_processor, tokenizer, num_image_tokens=grid * grid)
     config = JanusConfig(
-        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                                num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=hidden_size,
+                                intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                                num_attention_heads=num_heads,
                                 num_key_value_heads=max(1, num_heads // 2), max_position_embeddings=1024,
                                 pad_token_id=vocab[pad], bos_token_id=vocab[bos], eos_token_id=vocab[eos]),
         vision_config=JanusVisionConfig(hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=2,

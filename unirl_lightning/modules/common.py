@@ -78,8 +78,15 @@ class PolicyModule(L.LightningModule):
         self.on_warm_started()
 
     def on_train_end(self) -> None:
-        if self.hparams.save_to and self.trainer.is_global_zero:
-            self.policy.save_pretrained(self.hparams.save_to)
+        if not self.hparams.save_to:
+            return
+        full = None
+        if getattr(self.policy, "_fsdp_sharded", False):  # every rank joins the gather; rank 0 writes
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.trainer.is_global_zero:
+            self.policy.save_pretrained(self.hparams.save_to, state_dict=full)
 
     def on_warm_started(self) -> None:
         """Hook: runs after the warm-start weights are loaded (e.g. to copy the reference)."""
@@ -146,10 +153,10 @@ class PolicyModule(L.LightningModule):
         return encode(images)
 
     def world_config(self) -> Any:
+        """The policy's synthetic world (its `world_config`), or the default one."""
         from unirl_lightning.worlds.render import WorldConfig
 
-        cfg = getattr(self.policy, "config", None)
-        return WorldConfig(canvas=getattr(cfg, "canvas", 32), sizes=tuple(getattr(cfg, "sizes", (8,))))
+        return getattr(self.policy, "world_config", None) or WorldConfig()
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict({f"val/{k}": v for k, v in self.val_geneval.compute().items()}, sync_dist=False)

@@ -1,0 +1,241 @@
+"""UniGRPO: text policies (built-in and transformers), the reasoning task, the joint recipe, the CLI."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from unirl_lightning.data.reasoning import (
+    WARM_START_HELD_OUT,
+    ReasoningDataModule,
+    corrupt_answer,
+    generate_reasoning_specs,
+    reasoning_words,
+    riddle_answer,
+    split_reasoning_specs,
+)
+from unirl_lightning.data.specs import validate_spec
+from unirl_lightning.models.flow import TinyFlowConfig, TinyFlowModel
+from unirl_lightning.models.text import split_words, world_words
+from unirl_lightning.models.text_policy import HFTextPolicy, TinyTextConfig, TinyTextPolicy, text_matches
+from unirl_lightning.modules.unigrpo import UniGRPO
+from unirl_lightning.text_warm_start import greedy_accuracy, train_text_supervised
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+def _tiny_text(**overrides) -> TinyTextPolicy:
+    torch.manual_seed(0)
+    return TinyTextPolicy(TinyTextConfig(d_model=32, n_layers=1, n_heads=2, **overrides))
+
+
+def _tiny_flow() -> TinyFlowModel:
+    torch.manual_seed(1)
+    return TinyFlowModel(TinyFlowConfig(num_layers=1, num_heads=2, head_dim=8, text_dim=16))
+
+
+def _word_tokenizer():
+    """A word-level fast tokenizer over the reasoning task's words, built locally (no Hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[EOS]", *reasoning_words()])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+
+
+def _hf_text(arch: str) -> HFTextPolicy:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tok = _word_tokenizer()
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                             bos_token_id=None, **common))
+    else:  # GPT-2 has dropout by default: the wrapper must switch it off
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                           bos_token_id=tok.eos_token_id, **common))
+    return HFTextPolicy(model=model, tokenizer=tok, allowed_words=world_words())
+
+
+def _riddles(n=6, seed=0):
+    specs = generate_reasoning_specs(n, seed)
+    return specs, [s["reasoning_prompt"] for s in specs]
+
+
+def _trainer(steps, callbacks=()):
+    return L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     limit_val_batches=1, val_check_interval=steps, check_val_every_n_epoch=None,
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                     callbacks=list(callbacks))
+
+
+def _data(P=2, G=3):
+    return ReasoningDataModule(num_train=60, num_val=12, prompts_per_step=P, group_size=G, val_batch_size=12)
+
+
+def _module(**kwargs) -> UniGRPO:
+    args = dict(warm_start=None, text_warm_start=None, num_steps=3, max_new_tokens=10, lr=3e-3, text_lr=3e-3)
+    return UniGRPO(_tiny_text(), _tiny_flow(), **{**args, **kwargs})
+
+
+def _snapshot(module: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before: dict, module: torch.nn.Module) -> list[str]:
+    return [k for k, v in module.state_dict().items() if not torch.equal(before[k], v)]
+
+
+class _Record(L.Callback):
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+# ---- text policies ----------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [_tiny_text, lambda: _hf_text("llama"), lambda: _hf_text("gpt2")],
+                         ids=["tiny", "hf-llama", "hf-gpt2"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_rollout_logprobs_equal_teacher_forced(make, temperature):
+    policy = make().train()  # train mode: dropout must not make the two passes differ
+    _, prompts = _riddles()
+    out = policy.generate(prompts, max_new_tokens=8, temperature=temperature, generator=torch.Generator().manual_seed(0))
+    assert out.tokens.shape == out.logprobs.shape == out.mask.shape and out.tokens.shape[0] == 6
+    assert out.mask[:, 0].all() and (out.logprobs[~out.mask] == 0).all() and (out.logprobs[out.mask] < 0).all()
+    logp = policy.logprobs(prompts, out)
+    assert logp.requires_grad
+    torch.testing.assert_close(logp.detach(), out.logprobs, rtol=0, atol=1e-5)
+    # every written word is one the flow model's text encoder knows
+    known = set(world_words())
+    assert all(set(split_words(t)) <= known for t in out.texts)
+
+
+def test_generation_is_seeded_and_stops_at_eos():
+    policy = _tiny_text()
+    _, prompts = _riddles()
+    a = policy.generate(prompts, max_new_tokens=6, generator=torch.Generator().manual_seed(3))
+    b = policy.generate(prompts, max_new_tokens=6, generator=torch.Generator().manual_seed(3))
+    assert a.texts == b.texts and torch.equal(a.tokens, b.tokens)
+    # a policy taught to stop right away writes EOS first: empty texts, one scored token each
+    with torch.no_grad():
+        policy.head.weight.zero_()
+        policy.head.weight[policy.eos_id] = 1.0
+        policy.ln_f.bias.fill_(1.0)
+    out = policy.generate(prompts, max_new_tokens=6, temperature=0.0)
+    assert out.texts == [""] * 6 and out.tokens.shape[1] == 1 and out.mask.all()
+
+
+def test_supervised_warm_start_learns_riddles():
+    policy = _tiny_text()
+    specs = generate_reasoning_specs(200, 0, tasks=["colors"])
+    train_text_supervised(policy, [(s["reasoning_prompt"], s["prompt"]) for s in specs], steps=60, batch_size=32,
+                          lr=1e-2, log_every=0)
+    assert greedy_accuracy(policy, specs[:40]) > 0.5
+
+
+# ---- the reasoning task -----------------------------------------------------------------------
+def test_reasoning_generator_is_deterministic_and_maps_riddles_to_specs():
+    a, b = generate_reasoning_specs(60, 7), generate_reasoning_specs(60, 7)
+    assert a == b and a != generate_reasoning_specs(60, 8)
+    assert {s["tag"] for s in a} == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+    for s in a:
+        validate_spec(s)
+        assert s["reasoning_prompt"] != s["prompt"]
+    words = set(reasoning_words())
+    assert all(set(s["reasoning_prompt"].split()) <= words for s in a)
+    by_riddle = {s["reasoning_prompt"]: s for s in generate_reasoning_specs(3000, 0)}
+    counting = by_riddle["a photo of as many circles as a triangle has corners"]
+    assert counting["include"] == [{"class": "circle", "count": 3}] and counting["prompt"] == "a photo of three circles"
+    color = by_riddle["a photo of a square the color of grass"]
+    assert color["include"] == [{"class": "square", "count": 1, "color": "green"}]
+    pos = by_riddle["a photo of a cross left of the shape with four corners"]
+    assert pos["prompt"] == "a photo of a cross left of a square"
+    assert pos["include"] == [{"class": "square", "count": 1}, {"class": "cross", "count": 1, "position": ["left of", 0]}]
+    assert riddle_answer("the color of coal") == "black" and riddle_answer("two plus two {P}") == 4
+
+
+def test_split_holds_out_riddles_and_exclusion_works():
+    train, val = split_reasoning_specs(300, 60, seed=0)
+    assert len(train) == 300 and 0 < len(val) <= 60
+    assert not {s["reasoning_prompt"] for s in train} & {s["reasoning_prompt"] for s in val}
+    held = generate_reasoning_specs(300, 0, exclude_riddles=WARM_START_HELD_OUT)
+    assert not {s["riddle"] for s in held} & set(WARM_START_HELD_OUT)
+    import random
+
+    rng = random.Random(0)
+    for s in held[:50]:
+        wrong = corrupt_answer(s, rng)
+        assert not text_matches(wrong, s["prompt"]) and len(wrong.split()) == len(s["prompt"].split())
+
+
+# ---- the recipe -------------------------------------------------------------------------------
+def test_on_policy_ratio_is_one_for_both_streams_and_velocity_mse_starts_at_zero():
+    record = _Record()
+    module = _module(micro_batch_size=6, beta=0.1, beta_text=0.05)
+    _trainer(1, [record]).fit(module, datamodule=_data(P=2, G=3))
+    row = record.rows[0]
+    assert row["image/ratio_mean"] == 1.0 and row["image/clip_frac"] == 0.0 and row["image/approx_kl"] == 0.0
+    assert abs(row["text/ratio_mean"] - 1.0) < 1e-5 and row["text/clip_frac"] == 0.0
+    assert row["image/velocity_mse"] == 0.0 and row["image/reg_velocity_mse"] == 0.0 and row["text/kl"] == 0.0
+    for key in ("reward/total", "reward/std", "text/exact_prompt", "train/zero_std_frac"):
+        assert key in row
+
+
+def test_shared_advantage_reaches_both_policies():
+    module = _module(micro_batch_size=4)  # two micro-batches
+    text_before, flow_before = _snapshot(module.text_policy), _snapshot(module.policy)
+    record = _Record()
+    trainer = _trainer(2, [record])
+    trainer.fit(module, datamodule=_data(P=2, G=3))
+    changed_text, changed_flow = _changed(text_before, module.text_policy), _changed(flow_before, module.policy)
+    assert any(k.startswith("blocks.") for k in changed_text) and any(k.startswith("transformer.") for k in changed_flow)
+    assert record.rows[-1]["image/velocity_mse"] > 0.0
+    # the frozen references stay at the initial weights
+    assert not _changed(text_before, module.text_reference) and not _changed(flow_before, module.reference)
+    assert "val/geneval/overall" in trainer.logged_metrics and "val/text_exact" in trainer.logged_metrics
+
+
+def test_train_text_false_leaves_the_text_policy_unchanged():
+    module = _module(train_text=False)
+    text_before, flow_before = _snapshot(module.text_policy), _snapshot(module.policy)
+    record = _Record()
+    _trainer(2, [record]).fit(module, datamodule=_data())
+    assert not _changed(text_before, module.text_policy) and _changed(flow_before, module.policy)
+    assert module.text_reference is None and not any(k.startswith("text/ratio") for k in record.rows[-1])
+    assert "text/exact_prompt" in record.rows[-1]
+
+
+def test_oracle_condition_and_checks():
+    module = _module(image_condition="prompt")
+    batch = _data()
+    batch.setup()
+    texts, text = module.write(batch.val_specs[:4])
+    assert text is None and texts == [s["prompt"] for s in batch.val_specs[:4]]
+    with pytest.raises(ValueError, match="text_temperature"):
+        _module(text_temperature=0.0)
+    with pytest.raises(ValueError, match="does not know"):
+        UniGRPO(_tiny_text(output_words=[*world_words(), "grass"]), _tiny_flow(), warm_start=None, text_warm_start=None)
+
+
+def test_print_config_parses(capsys):
+    from unirl_lightning.cli import cli_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(CONFIGS / "unigrpo.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    import yaml
+
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"]["class_path"] == "unirl_lightning.modules.unigrpo.UniGRPO"
+    assert "cfg_scale" not in cfg["model"]["init_args"]  # no CFG in UniGRPO
+    cli = cli_main(["--config", str(CONFIGS / "unigrpo.yaml"), "--model.init_args.warm_start", "null",
+                    "--model.init_args.text_warm_start", "null"], run=False)
+    assert isinstance(cli.model, UniGRPO) and isinstance(cli.datamodule, ReasoningDataModule)

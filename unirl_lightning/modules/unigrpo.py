@@ -1,0 +1,309 @@
+"""UniGRPO: a reasoning text policy and a flow image policy trained as one MDP with one reward.
+
+One trajectory = the text policy's tokens y (written from the riddle / user prompt) followed by
+the flow policy's denoising steps x (conditioned on y, no CFG). The terminal reward (GenEval
+judge of the final image against the spec) gives one group-relative advantage A_i per
+trajectory, shared by every text token and every trained flow step:
+
+    L = lambda_text * L_text(y) + lambda_img * L_img(x steps) + beta * L_vel (+ beta_text * KL_text)
+
+L_text: clipped surrogate over tokens (clip `text_clip_range` ~0.2, TRL aggregation);
+L_img: clipped surrogate per trained SDE step (clip `clip_range` ~1e-4 on mean-over-dims
+log-probs); L_vel: `mean_d (v - v_ref)^2` to the frozen flow reference at the rollout states;
+KL_text: k3 to the frozen text reference. Ablations: `train_text=False` freezes the text policy
+(it still writes the prompt: image-only FlowGRPO on the same task); `image_condition="riddle"`
+feeds the raw riddle to the flow model, `"prompt"` the plain GenEval prompt (an oracle).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Literal
+
+import torch
+
+from unirl_lightning.data.datamodule import PromptBatch
+from unirl_lightning.models.flow import FlowPolicy, FlowRollout
+from unirl_lightning.models.text_policy import TextPolicy, TextRollout, text_matches
+from unirl_lightning.modules.flow_grpo import FlowGRPO
+from unirl_lightning.objectives import kl_k3, policy_loss, velocity_mse
+from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards
+
+CONDITIONS = ("text", "riddle", "prompt")
+
+
+def _riddles(specs: list[dict]) -> list[str]:
+    """What the text policy reads: the spec's "reasoning_prompt" when present, else its prompt."""
+    return [s.get("reasoning_prompt", s["prompt"]) for s in specs]
+
+
+class UniGRPO(FlowGRPO):
+    """Joint GRPO of a text policy and a flow policy with one shared advantage (see module docstring).
+
+    Args:
+        text_policy: a `TextPolicy` (`TinyTextPolicy`, or `HFTextPolicy` around any causal LM). Its
+            output must be words the flow model's text encoder knows (checked for built-in models).
+        flow_policy: a `FlowPolicy` (`TinyFlowModel`, `DiffusersFlowPolicy`).
+        rewards: reward terms (default: GenEval partial credit).
+        train_text: False freezes the text policy (image-only baseline; it still writes the prompt).
+        image_condition: what the flow model reads: "text" (the text policy's output), "riddle"
+            (the raw riddle) or "prompt" (the plain GenEval prompt, an oracle); the text policy is
+            neither run nor trained unless "text".
+        text_warm_start: "auto" (built-in `TinyTextPolicy`: the cached supervised riddle -> prompt
+            warm start, see `text_warm_start.py`; a no-op for other policies), a `save_pretrained`
+            folder, or None.
+        max_new_tokens / text_temperature: the text sampler of rollouts (validation is greedy);
+            temperature 0 (greedy rollouts) is only allowed with `train_text=False`.
+        lambda_text / lambda_img: weights of the two surrogate losses.
+        text_clip_range: text ratio clip epsilon; text_loss_type: TRL aggregation over tokens.
+        beta_text: weight of the k3 KL to the frozen text reference (its value is logged anyway
+            when `track_reference`).
+        text_lr: text policy learning rate (None: `lr`).
+        beta: weight of the velocity MSE (beta_v); clip_range: image ratio clip. Other arguments
+            (num_steps, noise_level, kind, sde_window(_size), num_iterations, micro_batch_size,
+            scale, adv_clip, regularizer, track_reference, lr, warm_start, ...) as in `FlowGRPO`.
+            CFG is off in rollouts, training and validation (UniGRPO).
+    """
+
+    def __init__(
+        self,
+        text_policy: TextPolicy,
+        flow_policy: FlowPolicy,
+        rewards: list[RewardFunction] | None = None,
+        *,
+        train_text: bool = True,
+        image_condition: Literal["text", "riddle", "prompt"] = "text",
+        text_warm_start: str | None = "auto",
+        max_new_tokens: int = 16,
+        text_temperature: float = 1.0,
+        lambda_text: float = 1.0,
+        lambda_img: float = 1.0,
+        text_clip_range: float = 0.2,
+        text_loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "grpo",
+        beta_text: float = 0.0,
+        text_lr: float | None = None,
+        **kwargs,
+    ):
+        # No CFG anywhere (UniGRPO): one velocity forward per step in rollouts, training and validation.
+        super().__init__(flow_policy, rewards=rewards, cfg_scale=1.0, eval_cfg_scale=1.0, **kwargs)
+        if image_condition not in CONDITIONS:
+            raise ValueError(f"model.image_condition must be one of {CONDITIONS}, got {image_condition!r}")
+        if text_temperature < 0 or (text_temperature == 0 and train_text and image_condition == "text"):
+            raise ValueError("model.text_temperature must be > 0 when the text policy trains (0 = greedy: frozen only)")
+        _check_vocabulary(text_policy, flow_policy, image_condition)
+        self.text_policy = text_policy
+        if not self.trains_text:
+            text_policy.requires_grad_(False)
+        self.text_reference = self._make_text_reference()
+        self._text_warm_started = False
+
+    # Lightning walks every __init__ frame up the class chain: keep the two policies out of the
+    # hyper-parameters (they would be deep-copied into `hparams_initial`).
+    def save_hyperparameters(self, *args, ignore=None, frame=None, logger: bool = True) -> None:
+        ignore = [ignore] if isinstance(ignore, str) else list(ignore or [])
+        super().save_hyperparameters(*args, ignore=ignore + ["text_policy", "flow_policy"],
+                                     frame=frame or inspect.currentframe().f_back, logger=logger)
+
+    @property
+    def trains_text(self) -> bool:
+        return self.hparams.train_text and self.hparams.image_condition == "text"
+
+    def _make_text_reference(self) -> TextPolicy | None:
+        hp = self.hparams
+        return self.text_policy.make_reference() if self.trains_text and (hp.beta_text > 0 or hp.track_reference) else None
+
+    # ---- warm starts --------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        super().setup(stage)  # the flow policy's warm start
+        source = self.hparams.text_warm_start
+        if self._text_warm_started or source is None or self.hparams.image_condition != "text":
+            return
+        self._text_warm_started = True
+        if source == "auto":
+            if getattr(self.text_policy, "config", None) is None:
+                return  # a pretrained LM is its own warm start
+            from unirl_lightning.text_warm_start import ensure_text_warm_start
+
+            source = ensure_text_warm_start(self.text_policy)
+        loaded = type(self.text_policy).from_pretrained(source)
+        self.text_policy.load_state_dict(loaded.state_dict())
+        self.text_reference = self._make_text_reference()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": hp.lr}]
+        if self.trains_text:
+            groups.append({"params": [p for p in self.text_policy.parameters() if p.requires_grad],
+                           "lr": hp.text_lr if hp.text_lr is not None else hp.lr})
+        return torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+
+    # ---- rollout ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def write(self, specs: list[dict], *, greedy: bool = False,
+              generator: torch.Generator | None = None) -> tuple[list[str], TextRollout | None]:
+        """The flow model's conditions for `specs`, and the text rollout that wrote them (if any)."""
+        hp = self.hparams
+        if hp.image_condition == "prompt":
+            return [s["prompt"] for s in specs], None
+        if hp.image_condition == "riddle":
+            return _riddles(specs), None
+        text = self.text_policy.generate(_riddles(specs), max_new_tokens=hp.max_new_tokens,
+                                         temperature=0.0 if greedy else hp.text_temperature, generator=generator)
+        return text.texts, text
+
+    @torch.no_grad()
+    def make_rollouts(self, batch: PromptBatch) -> RolloutContext:
+        hp = self.hparams
+        t0 = time.perf_counter()
+        texts, text = self.write(batch.specs)
+        t1 = time.perf_counter()
+        rollout = self.policy.sample(texts, num_steps=hp.num_steps, noise_level=hp.noise_level, cfg_scale=1.0,
+                                     sde_window=self.sde_window(), kind=hp.kind)
+        ctx = RolloutContext(specs=batch.specs, rollout=rollout, images=rollout.images)
+        ctx.cache.update(text=text, texts=texts, text_s=t1 - t0, rollout_s=time.perf_counter() - t0)
+        return ctx
+
+    # ---- training -----------------------------------------------------------------------------
+    def _text_loss(self, riddles: list[str], text: TextRollout, adv: torch.Tensor, ref: torch.Tensor | None):
+        """lambda_text * L_text + beta_text * KL_text of one micro-batch, and its stats."""
+        hp = self.hparams
+        logp = self.text_policy.logprobs(riddles, text)
+        loss, stats = policy_loss(logp, text.logprobs, adv, text.mask, loss_type=hp.text_loss_type,
+                                  epsilon_low=hp.text_clip_range, ref_logp=ref)
+        total = hp.lambda_text * loss
+        if hp.beta_text > 0:
+            m = text.mask.float()
+            kl = ((kl_k3(logp, ref) * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+            total = total + hp.beta_text * kl
+        stats["loss"] = loss.detach()
+        return total, stats
+
+    def _image_loss(self, sub: FlowRollout, step: int, adv: torch.Tensor, cond, ref_cache: dict, key):
+        """lambda_img * L_img + beta * L_reg of one trained step of one micro-batch, and its stats."""
+        hp = self.hparams
+        out = self.policy.step_log_prob(sub, step, cond)
+        old = sub.log_probs[:, step]
+        loss, stats = policy_loss(out.log_prob[:, None], old[:, None], adv, torch.ones_like(old, dtype=torch.bool)[:, None],
+                                  epsilon_low=hp.clip_range)
+        stats.pop("kl")  # no text-style reference log-probs here; the regulariser is logged below
+        stats["approx_kl"] = 0.5 * (out.log_prob.detach() - old).square().mean()
+        stats["loss"] = loss.detach()
+        total = hp.lambda_img * loss
+        if self.reference is not None:
+            if key not in ref_cache:
+                ref_cache[key] = self._reference_step(sub, step)
+            ref = ref_cache[key]
+            stats["velocity_mse"] = velocity_mse(out.velocity.detach(), ref.velocity).mean()
+            if self.penalised:
+                penalty = self._penalty(out, ref, sub, step).mean()
+                stats[f"reg_{hp.regularizer}"] = penalty.detach()
+                total = total + hp.beta * penalty
+        return total, stats
+
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        hp = self.hparams
+        ctx = batch.rollout if batch.rollout is not None else self.make_rollouts(batch)
+        rollout: FlowRollout = ctx.rollout
+        text: TextRollout | None = ctx.cache["text"]
+        riddles = _riddles(batch.specs)
+        t0 = time.perf_counter()
+        rewards, logs = combine_rewards(self.rewards, ctx)
+        adv, zero_frac = self._advantages(rewards, batch.group_ids)  # one A_i per trajectory, both streams
+        steps, n = rollout.trained_steps, len(rollout)
+        chunks = [torch.arange(i, min(i + hp.micro_batch_size, n), device=self.device)
+                  for i in range(0, n, hp.micro_batch_size)]
+        subs = [rollout.select(rows) for rows in chunks]
+        train_text = self.trains_text and text is not None
+        opt = self.optimizers()
+        text_ref: dict[int, torch.Tensor | None] = {}
+        img_ref: dict = {}
+        acc: dict[str, list[float]] = {}
+        for _ in range(hp.num_iterations):
+            for c, (rows, sub) in enumerate(zip(chunks, subs)):
+                share = len(rows) / n
+                if train_text:
+                    sub_text, sub_riddles = text.select(rows), [riddles[i] for i in rows.tolist()]
+                    if c not in text_ref:
+                        with torch.no_grad():
+                            text_ref[c] = (None if self.text_reference is None
+                                           else self.text_reference.logprobs(sub_riddles, sub_text))
+                    loss, stats = self._text_loss(sub_riddles, sub_text, adv[rows], text_ref[c])
+                    self.manual_backward(loss * share)
+                    for k, v in stats.items():
+                        acc.setdefault(f"text/{k}", []).append(float(v))
+                cond = None
+                if not self.policy.text_trainable:
+                    with torch.no_grad():
+                        cond = self.policy.encode_text(sub.prompts)
+                for j in steps:
+                    loss, stats = self._image_loss(sub, j, adv[rows], cond, img_ref, (c, j))
+                    self.manual_backward(loss * share / len(steps))
+                    for k, v in stats.items():
+                        acc.setdefault(f"image/{k}", []).append(float(v))
+            if hp.gradient_clip_val:
+                self.clip_gradients(opt, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        logs.update({k: sum(v) / len(v) for k, v in acc.items()})
+        logs.update(self._text_logs(batch.specs, ctx.cache["texts"], text, rewards))
+        logs.update({
+            "reward/total": rewards.mean().item(),
+            "reward/std": rewards.std().item() if n > 1 else 0.0,
+            "train/zero_std_frac": zero_frac,
+            "train/adv_abs": adv.abs().mean().item(),
+            "train/trained_steps": float(len(steps)),
+            "time/text_s": ctx.cache.get("text_s", float("nan")),
+            "time/rollout_s": ctx.cache.get("rollout_s", float("nan")),
+            "time/train_s": time.perf_counter() - t0,
+        })
+        self.log_dict(logs, prog_bar=False, batch_size=n)
+        self.log("reward", rewards.mean().item(), prog_bar=True, batch_size=n)
+
+    @staticmethod
+    def _text_logs(specs: list[dict], texts: list[str], text: TextRollout | None, rewards: torch.Tensor) -> dict:
+        """Share of conditions equal to the plain GenEval prompt, text length, reward split by it."""
+        exact = torch.tensor([text_matches(t, s["prompt"]) for t, s in zip(texts, specs)])
+        logs = {"text/exact_prompt": exact.float().mean().item()}
+        if text is not None:
+            logs["text/len"] = text.mask.sum(-1).float().mean().item()
+        if exact.any() and not exact.all():
+            logs["reward/exact_text"] = rewards[exact].mean().item()
+            logs["reward/wrong_text"] = rewards[~exact].mean().item()
+        return logs
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        """Greedy text, ODE image (noise 0, no CFG), GenEval judge against the spec."""
+        hp = self.hparams
+        gen = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
+        texts, _ = self.write(batch.specs, greedy=True)
+        rollout = self.policy.sample(texts, num_steps=hp.eval_num_steps, noise_level=0.0, generator=gen)
+        results = self.judge(rollout.images, batch.specs)
+        correct = torch.tensor([r.correct for r in results], dtype=torch.bool)
+        self.val_geneval.update([s["tag"] for s in batch.specs], correct.to(self.device))
+        size = len(results)
+        partial = torch.tensor([float(r.partial) for r in results]).mean()
+        exact = torch.tensor([text_matches(t, s["prompt"]) for t, s in zip(texts, batch.specs)]).float().mean()
+        self.log("val/geneval_partial", partial, batch_size=size, sync_dist=True)
+        self.log("val/text_exact", exact, batch_size=size, sync_dist=True)
+        if batch_idx == 0:
+            from unirl_lightning.callbacks.image_grid import log_image_grid
+
+            n = hp.grid_size
+            captions = [f"{r} -> {t}" for r, t in zip(_riddles(batch.specs[:n]), texts[:n])]
+            log_image_grid(self.logger, "val/images", rollout.images[:n], captions, self.global_step, correct[:n])
+
+    test_step = validation_step
+
+
+def _check_vocabulary(text_policy: TextPolicy, flow_policy: FlowPolicy, image_condition: str) -> None:
+    """The flow model must know every word the text policy can write (built-in models only)."""
+    known = getattr(getattr(flow_policy, "config", None), "words", None)
+    words = text_policy.output_words
+    if image_condition != "text" or known is None or words is None:
+        return
+    missing = sorted(set(words) - set(known))
+    if missing:
+        raise ValueError(f"the text policy can write words the flow model's text encoder does not know: {missing[:8]}; "
+                         "restrict its output (TinyTextConfig.output_words / HFTextPolicy.allowed_words)")
