@@ -199,6 +199,7 @@ def test_janus_configs_instantiate_through_the_cli(name, tmp_path):
                     "--model.init_args.policy.init_args.gradient_checkpointing", "false",
                     "--data.init_args.train_prompts", str(tmp_path / "train.jsonl"),
                     "--data.init_args.val_prompts", str(tmp_path / "val.jsonl"),
+                    "--data.init_args.vocabulary", "null", "--model.init_args.detector", "null",
                     "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
                     "--trainer.precision", "32-true",
                     "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)], run=False)
