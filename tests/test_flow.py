@@ -181,3 +181,54 @@ def test_flow_warm_start_trains_and_saves(tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
     loaded = TinyFlowModel.from_pretrained(tmp_path / "ws")
     assert torch.equal(loaded.transformer.proj_out.weight, policy.transformer.proj_out.weight)
+
+
+# ---- the real-model adapter on a tiny local SD3 pipeline (no downloads) --------------------------
+def _tiny_sd3_pipeline(folder):
+    """A random SD3 pipeline: char-level CLIP tokenizers, two 2-layer CLIP encoders, no T5, tiny VAE."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    torch.manual_seed(0)
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            projection_dim=16, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"]))
+
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                        caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=8)
+    vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                        block_out_channels=[8] * 4, latent_channels=4, norm_num_groups=4, shift_factor=0.06,
+                        scaling_factor=1.5)
+    StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                             text_encoder=clip(), tokenizer=tok, text_encoder_2=clip(), tokenizer_2=tok,
+                             text_encoder_3=None, tokenizer_3=None).save_pretrained(folder)
+
+
+def test_diffusers_flow_policy_on_a_tiny_local_sd3_pipeline(tmp_path):
+    from unirl_lightning.models.flow import DiffusersFlowPolicy
+
+    _tiny_sd3_pipeline(tmp_path / "pipe")
+    policy = DiffusersFlowPolicy(str(tmp_path / "pipe"), resolution=64, torch_dtype="float32", max_sequence_length=8,
+                                 drop_t5=True)
+    assert policy.latent_shape == (4, 8, 8) and not policy.text_trainable
+    rollout = policy.sample(["a red square", "two circles"], num_steps=4, cfg_scale=2.0,
+                            generator=torch.Generator().manual_seed(0))
+    assert rollout.images.shape == (2, 3, 64, 64) and rollout.images.dtype == torch.uint8
+    out = policy.step_log_prob(rollout, 1)
+    torch.testing.assert_close(out.log_prob, rollout.log_probs[:, 1], rtol=0, atol=1e-5)
+    out.log_prob.sum().backward()
+    assert policy.transformer.proj_out.weight.grad is not None
+    ref = policy.make_reference()
+    assert ref.text_encoder is policy.text_encoder and ref.transformer is not policy.transformer
+    assert not any(p.requires_grad for p in ref.transformer.parameters())
+    policy.save_pretrained(tmp_path / "saved")
+    loaded = DiffusersFlowPolicy.from_pretrained(tmp_path / "saved")
+    assert torch.equal(loaded.transformer.proj_out.weight, policy.transformer.proj_out.weight)

@@ -69,9 +69,12 @@ NUMBER_RIDDLES: dict[int, tuple[str, ...]] = {
 #: Facts the default text warm start never sees, so RL has something left to learn.
 WARM_START_HELD_OUT: tuple[str, ...] = (
     "the shape with no corners",
+    "the shape with four arms",
     "the color of coal",
     "the color of a flamingo",
+    "the color of a plum",
     "two plus two {P}",
+    "a pair of {P}",
 )
 
 

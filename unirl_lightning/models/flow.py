@@ -294,15 +294,18 @@ class DiffusersFlowPolicy(SD3FlowPolicy):
         torch_dtype: "float32", "bfloat16" or "float16" for every component.
         max_sequence_length: T5 tokens.
         shift: scheduler shift; None keeps the pipeline's.
+        drop_t5: load without the T5 encoder (SD3 then reads zeros in its place; saves memory).
     """
 
     def __init__(self, pretrained: str, resolution: int = 512, torch_dtype: str = "bfloat16",
-                 max_sequence_length: int = 128, shift: float | None = None):
+                 max_sequence_length: int = 128, shift: float | None = None, drop_t5: bool = False):
         from diffusers import StableDiffusion3Pipeline
 
-        pipe = StableDiffusion3Pipeline.from_pretrained(pretrained, torch_dtype=getattr(torch, torch_dtype))
+        no_t5 = {"text_encoder_3": None, "tokenizer_3": None} if drop_t5 else {}
+        pipe = StableDiffusion3Pipeline.from_pretrained(pretrained, dtype=getattr(torch, torch_dtype), **no_t5)
         super().__init__(shift=pipe.scheduler.config.shift if shift is None else shift)
         self.pretrained, self.resolution, self.max_sequence_length = pretrained, resolution, max_sequence_length
+        self.torch_dtype, self.drop_t5 = torch_dtype, drop_t5
         self.transformer = pipe.transformer
         self.vae = pipe.vae.requires_grad_(False)
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
@@ -356,7 +359,9 @@ class DiffusersFlowPolicy(SD3FlowPolicy):
         path = Path(path)
         self.transformer.save_pretrained(path / "transformer")
         (path / "flow_policy.json").write_text(json.dumps(
-            {"pretrained": self.pretrained, "resolution": self.resolution, "max_sequence_length": self.max_sequence_length}))
+            {"pretrained": self.pretrained, "resolution": self.resolution, "torch_dtype": self.torch_dtype,
+             "max_sequence_length": self.max_sequence_length, "shift": self.scheduler.config.shift,
+             "drop_t5": self.drop_t5}))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> "DiffusersFlowPolicy":
@@ -369,7 +374,7 @@ class DiffusersFlowPolicy(SD3FlowPolicy):
             return cls(str(path), **kwargs)
         policy = cls(**{**json.loads(meta.read_text()), **kwargs})
         dtype = next(policy.transformer.parameters()).dtype
-        policy.transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", torch_dtype=dtype)
+        policy.transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", dtype=dtype)
         return policy
 
 
