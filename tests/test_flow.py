@@ -172,6 +172,29 @@ def test_flow_grpo_window_trains_only_window_steps(tmp_path):
     assert fixed.policy.sample(PROMPTS, num_steps=6, sde_window=fixed.sde_window()).trained_steps == [3, 4]
 
 
+def test_flow_grpo_accumulates_rollouts_per_update(tmp_path):
+    record = _Record()
+    policy = _tiny()
+    before = _snapshot(policy)
+    module = FlowGRPO(policy, warm_start=None, num_steps=3, rollouts_per_update=2, lr=1e-3)
+    trainer = _trainer(tmp_path, 1, [record])  # max_steps counts optimiser steps: 2 rollouts, 1 update
+    trainer.fit(module, datamodule=_data())
+    assert len(record.rows) == 2 and trainer.global_step == 1
+    assert record.rows[1]["policy/ratio_mean"] == 1.0  # no update between the two rollouts
+    assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+
+
+def test_same_latent_shares_the_initial_noise_within_groups():
+    from unirl_lightning.data.datamodule import PromptBatch
+
+    module = FlowGRPO(_tiny(), warm_start=None, num_steps=4, same_latent=True)
+    specs = [{"prompt": p} for p in PROMPTS[:2] for _ in range(3)]
+    ctx = module.make_rollouts(PromptBatch(specs=specs, group_ids=torch.tensor([7, 7, 7, 9, 9, 9])))
+    x0 = ctx.rollout.latents[:, 0]
+    assert torch.equal(x0[0], x0[2]) and torch.equal(x0[3], x0[5]) and not torch.equal(x0[0], x0[3])
+    assert not torch.equal(ctx.rollout.latents[0, -1], ctx.rollout.latents[1, -1])  # SDE steps differ
+
+
 def test_flow_warm_start_trains_and_saves(tmp_path):
     policy = _tiny()
     before = _snapshot(policy)

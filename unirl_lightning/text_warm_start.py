@@ -5,9 +5,11 @@ run trains `TinyTextPolicy` by teacher forcing on riddle -> GenEval prompt pairs
 task, deliberately imperfect: the facts in `held_out` (e.g. "the color of coal") never appear, and
 a share `answer_noise` of the targets has the riddle's answer swapped for a random wrong one, so
 the policy spreads probability over each riddle slot's alternatives: greedy decoding is right on
-seen facts, sampling is not always, and held-out facts are guessed. RL has something to learn. The result is cached under
-`$UNIRL_CACHE/text_warm_start/<hash of model config + recipe>` (like `warm_start.py`) with its
-greedy accuracy on seen and held-out facts in `metrics.json`.
+seen facts, sampling is not always, and held-out facts are guessed: RL has something to learn.
+Measured (default recipe, ~50 s on 2 CPU cores): greedy exact prompt 0.97 on seen facts, 0.01 on
+held-out ones; sampled (temperature 1) 0.68 and 0.06. The result is cached under
+`$UNIRL_CACHE/text_warm_start/<hash of model config + recipe>` (like `warm_start.py`) with these
+accuracies in `metrics.json`.
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ def text_warm_start_dir(policy: TextPolicy, recipe: dict | None = None) -> Path:
     """The cache folder of `policy`'s config + the recipe."""
     cfg = getattr(policy, "config", None)
     if cfg is None:
-        raise TypeError(f"text_warm_start='auto' is for the built-in TinyTextPolicy; give {type(policy).__name__} a folder or null")
+        raise TypeError(f"text_warm_start='auto' is for the built-in TinyTextPolicy; "
+                        f"give {type(policy).__name__} a folder or null")
     key = json.dumps({"model": asdict(cfg), "recipe": {**RECIPE, **(recipe or {})}, "v": 1}, sort_keys=True)
     return cache_root() / "text_warm_start" / hashlib.sha256(key.encode()).hexdigest()[:16]
 

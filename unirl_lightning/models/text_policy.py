@@ -419,7 +419,8 @@ class TinyTextPolicy(TextPolicy):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text(json.dumps(asdict(self.config), indent=1))
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(path / "model.safetensors"))
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(path / "model.safetensors"))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides) -> "TinyTextPolicy":

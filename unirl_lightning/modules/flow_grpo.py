@@ -44,8 +44,14 @@ class FlowGRPO(FlowPolicyModule):
         sde_window: fixed `[start, end)` steps sampled by SDE (trained); others are ODE steps.
         sde_window_size: if set, a window of this many steps at a random start each training
             step (Flow-GRPO-Fast); overrides `sde_window`.
+        same_latent: one initial noise per prompt group (Flow-GRPO's `same_latent`), so reward
+            differences inside a group come only from the trained SDE steps, not from the
+            untrained initial noise (less advantage noise; see benchmarks/flow_grpo.md).
         cfg_scale: CFG of rollouts and of the training log-probs (1 = none, UniGRPO).
         num_iterations: mu, update passes over each rollout (old log-probs from the rollout).
+        rollouts_per_update: accumulate gradients over this many training steps (rollout
+            batches) before an optimiser step (Flow-GRPO accumulates over several sample
+            batches); with num_iterations > 1 every pass still steps once per rollout.
         micro_batch_size: rows per backward (with one backward per trained step).
         clip_range: ratio clip epsilon; ~1e-4 for mean-over-dims log-probs (Flow-GRPO).
         scale / adv_clip: advantage normalisation ("batch" = Flow-GRPO's global std for SD3,
@@ -54,6 +60,8 @@ class FlowGRPO(FlowPolicyModule):
         track_reference: keep the frozen reference even without a penalty, to log the velocity
             MSE to it (one no-grad forward per trained step).
         gradient_clip_val: max gradient norm per optimiser step (None: no clipping).
+        warmup_steps: linear learning-rate warm-up (Adam's first, bias-corrected updates move
+            every parameter by ~lr along a mostly-noise gradient; warming up avoids that shock).
         Other arguments as in `FlowPolicyModule`.
     """
 
@@ -66,8 +74,10 @@ class FlowGRPO(FlowPolicyModule):
         kind: Literal["sde", "dance", "cps"] = "sde",
         sde_window: tuple[int, int] | None = None,
         sde_window_size: int | None = None,
+        same_latent: bool = False,
         cfg_scale: float = 1.0,
         num_iterations: int = 1,
+        rollouts_per_update: int = 1,
         micro_batch_size: int = 64,
         clip_range: float = 1e-4,
         scale: Literal["group", "batch", "none"] = "batch",
@@ -76,6 +86,7 @@ class FlowGRPO(FlowPolicyModule):
         beta: float = 0.1,
         track_reference: bool = True,
         gradient_clip_val: float | None = 1.0,
+        warmup_steps: int = 0,
         **kwargs,
     ):
         super().__init__(policy, **kwargs)
@@ -84,8 +95,10 @@ class FlowGRPO(FlowPolicyModule):
             raise ValueError(f"model.regularizer must be one of {REGULARIZERS}, got {regularizer!r}")
         if regularizer == "exact_kl" and kind != "sde":
             raise ValueError("model.regularizer 'exact_kl' is the closed form of kind 'sde'; use kind: sde")
-        if num_iterations < 1 or micro_batch_size < 1 or num_steps < 2:
-            raise ValueError("model.num_iterations and micro_batch_size must be >= 1 and num_steps >= 2")
+        if min(num_iterations, micro_batch_size, rollouts_per_update) < 1 or num_steps < 2:
+            raise ValueError("model.num_iterations, rollouts_per_update and micro_batch_size must be >= 1, num_steps >= 2")
+        if num_iterations > 1 and rollouts_per_update > 1:
+            raise ValueError("model.num_iterations > 1 needs rollouts_per_update == 1 (each pass steps the optimiser)")
         if sde_window_size is not None and not 1 <= sde_window_size <= num_steps - 1:
             raise ValueError(f"model.sde_window_size must be in 1..num_steps-1={num_steps - 1}, got {sde_window_size}")
         if rewards is None:
@@ -108,6 +121,12 @@ class FlowGRPO(FlowPolicyModule):
         if self.uses_reference:
             self.reference = self.policy.make_reference().to(self.device)
 
+    def configure_optimizers(self):
+        opt = super().configure_optimizers()
+        warm = max(self.hparams.warmup_steps, 0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min((step + 1) / warm, 1.0) if warm else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
     # ---- rollout (called by the DataModule on device) ---------------------------------------
     def sde_window(self) -> tuple[int, int] | None:
         """This step's SDE window: random of `sde_window_size` steps, or the fixed one."""
@@ -121,8 +140,12 @@ class FlowGRPO(FlowPolicyModule):
     def make_rollouts(self, batch: PromptBatch) -> RolloutContext:
         hp = self.hparams
         t0 = time.perf_counter()
+        latents = None
+        if hp.same_latent:
+            _, group = torch.unique(batch.group_ids, return_inverse=True)
+            latents = self.policy.initial_noise(int(group.max()) + 1)[group.to(self.policy.device)]
         rollout = self.policy.sample(batch.prompts, num_steps=hp.num_steps, noise_level=hp.noise_level,
-                                     cfg_scale=hp.cfg_scale, sde_window=self.sde_window(), kind=hp.kind)
+                                     cfg_scale=hp.cfg_scale, sde_window=self.sde_window(), kind=hp.kind, latents=latents)
         ctx = RolloutContext(specs=batch.specs, rollout=rollout, images=rollout.images)
         ctx.cache["rollout_s"] = time.perf_counter() - t0
         return ctx
@@ -169,6 +192,8 @@ class FlowGRPO(FlowPolicyModule):
                   for i in range(0, n, hp.micro_batch_size)]
         subs = [rollout.select(rows) for rows in chunks]
         opt = self.optimizers()
+        accumulate = hp.rollouts_per_update
+        update = (batch_idx + 1) % accumulate == 0  # gradients accumulate over this many rollouts
         ref_cache: dict[tuple[int, int], StepOutput] = {}
         acc: dict[str, list[float]] = {}
         for _ in range(hp.num_iterations):
@@ -193,13 +218,17 @@ class FlowGRPO(FlowPolicyModule):
                             penalty = self._penalty(out, ref, sub, j).mean()
                             stats[f"reg_{hp.regularizer}"] = penalty.detach()
                             loss = loss + hp.beta * penalty
-                    self.manual_backward(loss * len(rows) / n / len(steps))
+                    self.manual_backward(loss * len(rows) / n / len(steps) / accumulate)
                     for k, v in stats.items():
                         acc.setdefault(k, []).append(float(v))
+            if not update:
+                continue
             if hp.gradient_clip_val:
                 self.clip_gradients(opt, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
             opt.step()
             opt.zero_grad(set_to_none=True)
+        if update:
+            self.lr_schedulers().step()
         logs.update({f"policy/{k}": sum(v) / len(v) for k, v in acc.items()})
         logs.update({
             "reward/total": rewards.mean().item(),
@@ -207,6 +236,7 @@ class FlowGRPO(FlowPolicyModule):
             "train/zero_std_frac": zero_frac,
             "train/adv_abs": adv.abs().mean().item(),
             "train/trained_steps": float(len(steps)),
+            "train/lr": opt.param_groups[0]["lr"],
             "time/rollout_s": ctx.cache.get("rollout_s", math.nan),
             "time/train_s": time.perf_counter() - t0,
         })

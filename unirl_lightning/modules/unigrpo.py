@@ -111,7 +111,8 @@ class UniGRPO(FlowGRPO):
 
     def _make_text_reference(self) -> TextPolicy | None:
         hp = self.hparams
-        return self.text_policy.make_reference() if self.trains_text and (hp.beta_text > 0 or hp.track_reference) else None
+        needed = self.trains_text and (hp.beta_text > 0 or hp.track_reference)
+        return self.text_policy.make_reference() if needed else None
 
     # ---- warm starts --------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -184,8 +185,8 @@ class UniGRPO(FlowGRPO):
         hp = self.hparams
         out = self.policy.step_log_prob(sub, step, cond)
         old = sub.log_probs[:, step]
-        loss, stats = policy_loss(out.log_prob[:, None], old[:, None], adv, torch.ones_like(old, dtype=torch.bool)[:, None],
-                                  epsilon_low=hp.clip_range)
+        ones = torch.ones_like(old, dtype=torch.bool)[:, None]
+        loss, stats = policy_loss(out.log_prob[:, None], old[:, None], adv, ones, epsilon_low=hp.clip_range)
         stats.pop("kl")  # no text-style reference log-probs here; the regulariser is logged below
         stats["approx_kl"] = 0.5 * (out.log_prob.detach() - old).square().mean()
         stats["loss"] = loss.detach()
