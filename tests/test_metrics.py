@@ -128,8 +128,9 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def test_ddp_reduction_equals_single_process(tmp_path):
     world = 2
-    # fork where available: children inherit the imports (spawn re-imports torch + torchmetrics, ~5 s each)
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # spawn, not fork: forking a process whose torch thread pools already ran (the full suite)
+    # deadlocks the children
+    method = "spawn"
     mp.start_processes(
         _ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, start_method=method
     )
