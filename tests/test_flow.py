@@ -255,3 +255,19 @@ def test_diffusers_flow_policy_on_a_tiny_local_sd3_pipeline(tmp_path):
     policy.save_pretrained(tmp_path / "saved")
     loaded = DiffusersFlowPolicy.from_pretrained(tmp_path / "saved")
     assert torch.equal(loaded.transformer.proj_out.weight, policy.transformer.proj_out.weight)
+
+
+def test_auto_warm_start_is_trained_once_cached_and_loaded(tmp_path, monkeypatch):
+    from unirl_lightning import flow_warm_start
+
+    monkeypatch.setenv("UNIRL_CACHE", str(tmp_path / "cache"))
+    for key, value in {"max_steps": 2, "batch_size": 8, "num_train": 60, "warmup_steps": 1}.items():
+        monkeypatch.setitem(flow_warm_start.RECIPE, key, value)
+    module = FlowGRPO(_tiny(), warm_start="auto", num_steps=3)
+    module.setup("fit")
+    folder = flow_warm_start.flow_warm_start_dir(module.policy)
+    assert (folder / "model.safetensors").is_file()
+    cached = TinyFlowModel.from_pretrained(folder)
+    assert torch.equal(cached.transformer.proj_out.weight, module.policy.transformer.proj_out.weight)
+    assert torch.equal(module.reference.transformer.proj_out.weight, module.policy.transformer.proj_out.weight)
+    assert flow_warm_start.ensure_flow_warm_start(module.policy) == folder  # cached: no retraining

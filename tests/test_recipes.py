@@ -49,12 +49,18 @@ def test_sft_trains_understanding_and_end_to_end_generation(tmp_path, end_to_end
 
 @pytest.mark.parametrize("order", ["autoregressive", "masked"])
 def test_grpo_changes_parameters(tmp_path, order):
-    from unirl_lightning.rewards import GenEvalReward, SelfUnderstandingReward
+    from unirl_lightning.rewards import GenEvalReward, RewardFunction, SelfUnderstandingReward
+
+    class NoiseReward(RewardFunction):
+        """Seeded noise: nonzero advantages whatever an untrained model draws (its real rewards tie)."""
+
+        def __call__(self, ctx):
+            return torch.rand(len(ctx.specs), generator=torch.Generator().manual_seed(len(ctx.specs)))
 
     policy = _tiny(order)
     before = _snapshot(policy)
-    # partial credit + self-understanding: nonzero reward variance even for an untrained model
-    module = DiscreteGRPO(policy, warm_start=None, rewards=[GenEvalReward("partial"), SelfUnderstandingReward(0.8)],
+    rewards = [GenEvalReward("partial"), SelfUnderstandingReward(0.8), NoiseReward(0.1)]
+    module = DiscreteGRPO(policy, warm_start=None, rewards=rewards,
                           answer_weight=0.5, beta=0.04, num_iterations=2, micro_batch_size=4, lr=1e-3)
     trainer = _fit(module, tmp_path, steps=2)
     assert _changed(before, policy)

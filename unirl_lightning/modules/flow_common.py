@@ -31,6 +31,7 @@ class FlowPolicyModule(L.LightningModule):
         lr, weight_decay, betas: AdamW settings.
         detector: GenEval detector (default: the synthetic world's exact detector).
         eval_num_steps / eval_cfg_scale: the validation sampler (ODE, noise 0).
+        eval_repeats: images per held-out prompt (more = a less noisy GenEval estimate).
         grid_size: images in the logged validation grid.
     """
 
@@ -44,6 +45,7 @@ class FlowPolicyModule(L.LightningModule):
         detector: Detector | None = None,
         eval_num_steps: int = 20,
         eval_cfg_scale: float = 1.0,
+        eval_repeats: int = 1,
         grid_size: int = 16,
     ):
         super().__init__()
@@ -82,19 +84,21 @@ class FlowPolicyModule(L.LightningModule):
     # ---- evaluation -------------------------------------------------------------------
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         hp = self.hparams
-        gen = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
-        rollout = self.policy.sample(batch.prompts, num_steps=hp.eval_num_steps, noise_level=0.0,
+        gen = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)  # same noise every validation
+        specs = [s for s in batch.specs for _ in range(hp.eval_repeats)]
+        prompts = [s["prompt"] for s in specs]
+        rollout = self.policy.sample(prompts, num_steps=hp.eval_num_steps, noise_level=0.0,
                                      cfg_scale=hp.eval_cfg_scale, generator=gen)
-        results = self.judge(rollout.images, batch.specs)
+        results = self.judge(rollout.images, specs)
         correct = torch.tensor([r.correct for r in results], dtype=torch.bool)
-        self.val_geneval.update([s["tag"] for s in batch.specs], correct.to(self.device))
+        self.val_geneval.update([s["tag"] for s in specs], correct.to(self.device))
         partial = torch.tensor([float(r.partial) for r in results]).mean()
         self.log("val/geneval_partial", partial, batch_size=len(results), sync_dist=True)
         if batch_idx == 0:
             from unirl_lightning.callbacks.image_grid import log_image_grid
 
             n = hp.grid_size
-            log_image_grid(self.logger, "val/images", rollout.images[:n], batch.prompts[:n], self.global_step, correct[:n])
+            log_image_grid(self.logger, "val/images", rollout.images[:n], prompts[:n], self.global_step, correct[:n])
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict({f"val/{k}": v for k, v in self.val_geneval.compute().items()}, sync_dist=False)
