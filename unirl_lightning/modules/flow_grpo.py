@@ -15,20 +15,17 @@ import time
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 
 from unirl_lightning.data.datamodule import PromptBatch
 from unirl_lightning.models.flow import FlowPolicy, FlowRollout, StepOutput
 from unirl_lightning.modules.flow_common import FlowPolicyModule
 from unirl_lightning.objectives import (
     exact_latent_kl,
-    group_advantages,
     latent_kl,
     policy_loss,
-    sde_step,
     velocity_mse,
-    zero_std_fraction,
 )
+from unirl_lightning.modules.shared import rank_advantages
 from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards
 
 REGULARIZERS = ("velocity_mse", "latent_kl", "exact_kl", "none")
@@ -150,20 +147,6 @@ class FlowGRPO(FlowPolicyModule):
         ctx.cache["rollout_s"] = time.perf_counter() - t0
         return ctx
 
-    def _gather(self, x: torch.Tensor) -> torch.Tensor:
-        """All ranks' values, concatenated (groups may span ranks)."""
-        if not (dist.is_available() and dist.is_initialized()) or self.trainer.world_size == 1:
-            return x
-        return self.all_gather(x).reshape(-1, *x.shape[1:])
-
-    def _advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
-        all_r, all_g = self._gather(rewards.to(self.device)), self._gather(group_ids.to(self.device))
-        adv = group_advantages(all_r, all_g, scale=self.hparams.scale, clip=self.hparams.adv_clip)
-        zero = zero_std_fraction(all_r, all_g)
-        if all_r.shape[0] != rewards.shape[0]:  # keep this rank's rows
-            adv = adv.view(self.trainer.world_size, -1)[self.trainer.global_rank]
-        return adv, zero
-
     # ---- training -------------------------------------------------------------------------
     @torch.no_grad()
     def _reference_step(self, rollout: FlowRollout, step: int) -> StepOutput:
@@ -185,7 +168,7 @@ class FlowGRPO(FlowPolicyModule):
         rollout: FlowRollout = ctx.rollout
         t0 = time.perf_counter()
         rewards, logs = combine_rewards(self.rewards, ctx)
-        adv, zero_frac = self._advantages(rewards, batch.group_ids)
+        adv, zero_frac = rank_advantages(self, rewards, batch.group_ids, scale=self.hparams.scale, clip=self.hparams.adv_clip)
         steps = rollout.trained_steps
         n = len(rollout)
         chunks = [torch.arange(i, min(i + hp.micro_batch_size, n), device=self.device)

@@ -7,7 +7,6 @@ A share `cfg_dropout` of prompts is dropped (unconditional rows) so CFG works af
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +14,7 @@ import torch
 
 from unirl_lightning.data.rendered import RenderedSceneDataModule
 from unirl_lightning.models.flow import FlowPolicy
+from unirl_lightning.modules.shared import warmup_cosine
 from unirl_lightning.modules.flow_common import FlowPolicyModule
 from unirl_lightning.worlds.render import WorldConfig
 
@@ -75,16 +75,7 @@ class FlowWarmStart(FlowPolicyModule):
 
     def configure_optimizers(self):
         opt = super().configure_optimizers()
-        warm, total = self.hparams.warmup_steps, max(self.hparams.max_steps, 1)
-
-        def schedule(step: int) -> float:  # linear warm-up, cosine decay to 10%
-            if step < warm:
-                return (step + 1) / warm
-            progress = min((step - warm) / max(total - warm, 1), 1.0)
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(progress * math.pi))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return {"optimizer": opt, "lr_scheduler": warmup_cosine(opt, self.hparams.warmup_steps, self.hparams.max_steps)}
 
     def on_train_end(self) -> None:
         if self.hparams.save_to and self.trainer.is_global_zero:

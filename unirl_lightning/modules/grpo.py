@@ -17,7 +17,8 @@ import torch.distributed as dist
 from unirl_lightning.data.datamodule import PromptBatch
 from unirl_lightning.models.base import UnifiedPolicy
 from unirl_lightning.modules.common import PolicyModule
-from unirl_lightning.objectives import group_advantages, policy_loss, zero_std_fraction
+from unirl_lightning.objectives import policy_loss
+from unirl_lightning.modules.shared import rank_advantages
 from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards
 
 
@@ -92,27 +93,12 @@ class DiscreteGRPO(PolicyModule):
             ctx.answers = self.policy.answer(rollout.tokens, questions, greedy=False, temperature=hp.answer_temperature)
         return ctx
 
-    def _gather(self, x: torch.Tensor) -> torch.Tensor:
-        """All ranks' values, concatenated (groups may span ranks)."""
-        if not (dist.is_available() and dist.is_initialized()) or self.trainer.world_size == 1:
-            return x
-        return self.all_gather(x).reshape(-1, *x.shape[1:])
-
-    def _advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
-        all_r, all_g = self._gather(rewards.to(self.device)), self._gather(group_ids.to(self.device))
-        adv = group_advantages(all_r, all_g, scale=self.hparams.scale, clip=self.hparams.adv_clip)
-        zero = zero_std_fraction(all_r, all_g)
-        if all_r.shape[0] != rewards.shape[0]:  # keep this rank's rows
-            rank = self.trainer.global_rank
-            adv = adv.view(self.trainer.world_size, -1)[rank]
-        return adv, zero
-
     # ---- training ---------------------------------------------------------------------
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         hp = self.hparams
         ctx = batch.rollout if batch.rollout is not None else self.make_rollouts(batch)
         rewards, logs = combine_rewards(self.rewards, ctx)
-        adv, zero_frac = self._advantages(rewards, batch.group_ids)
+        adv, zero_frac = rank_advantages(self, rewards, batch.group_ids, scale=self.hparams.scale, clip=self.hparams.adv_clip)
         keep = torch.arange(len(adv), device=self.device)
         if hp.filter_zero_std:
             keep = keep[self._nonzero_std_rows(rewards, batch.group_ids)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from unirl_lightning.models.base import UnifiedPolicy
+from unirl_lightning.modules.shared import warmup_cosine
 from unirl_lightning.modules.common import PolicyModule
 
 
@@ -49,13 +50,4 @@ class WarmStartPretrain(PolicyModule):
 
     def configure_optimizers(self):
         opt = super().configure_optimizers()
-        warm, total = self.hparams.warmup_steps, max(self.hparams.max_steps, 1)
-
-        def schedule(step: int) -> float:  # linear warm-up, cosine decay to 10%
-            if step < warm:
-                return (step + 1) / warm
-            progress = min((step - warm) / max(total - warm, 1), 1.0)
-            return 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return {"optimizer": opt, "lr_scheduler": warmup_cosine(opt, self.hparams.warmup_steps, self.hparams.max_steps)}

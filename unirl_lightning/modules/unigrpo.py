@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 
 from unirl_lightning.data.datamodule import PromptBatch
+from unirl_lightning.modules.shared import rank_advantages
 from unirl_lightning.models.flow import FlowPolicy, FlowRollout
 from unirl_lightning.models.text_policy import TextPolicy, TextRollout, text_matches
 from unirl_lightning.modules.flow_grpo import FlowGRPO
@@ -210,7 +211,7 @@ class UniGRPO(FlowGRPO):
         riddles = _riddles(batch.specs)
         t0 = time.perf_counter()
         rewards, logs = combine_rewards(self.rewards, ctx)
-        adv, zero_frac = self._advantages(rewards, batch.group_ids)  # one A_i per trajectory, both streams
+        adv, zero_frac = rank_advantages(self, rewards, batch.group_ids, scale=self.hparams.scale, clip=self.hparams.adv_clip)  # one A_i per trajectory, both streams
         steps, n = rollout.trained_steps, len(rollout)
         chunks = [torch.arange(i, min(i + hp.micro_batch_size, n), device=self.device)
                   for i in range(0, n, hp.micro_batch_size)]

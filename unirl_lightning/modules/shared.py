@@ -1,0 +1,44 @@
+"""Pieces the discrete and flow recipes share: group advantages across ranks, the LR schedule."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+from unirl_lightning.objectives import group_advantages, zero_std_fraction
+
+
+def gather_ranks(module: L.LightningModule, x: torch.Tensor) -> torch.Tensor:
+    """All ranks' `x`, concatenated along dim 0 (identity on one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or module.trainer.world_size == 1:
+        return x
+    return module.all_gather(x).reshape(-1, *x.shape[1:])
+
+
+def rank_advantages(module: L.LightningModule, rewards: torch.Tensor, group_ids: torch.Tensor, *, scale: str,
+                    clip: float | None) -> tuple[torch.Tensor, float]:
+    """This rank's advantages `[N]`, normalised over every rank's rewards (groups may span ranks),
+    and the fraction of zero-std groups."""
+    all_r = gather_ranks(module, rewards.to(module.device))
+    all_g = gather_ranks(module, group_ids.to(module.device))
+    adv = group_advantages(all_r, all_g, scale=scale, clip=clip)
+    zero = zero_std_fraction(all_r, all_g)
+    if all_r.shape[0] != rewards.shape[0]:  # keep this rank's rows
+        adv = adv.view(module.trainer.world_size, -1)[module.trainer.global_rank]
+    return adv, zero
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int) -> dict:
+    """Lightning scheduler config: linear warm-up, then cosine decay to 10% of the LR, per step."""
+    total = max(max_steps, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min((step - warmup_steps) / max(total - warmup_steps, 1), 1.0)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(progress * math.pi))
+
+    return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"}
