@@ -146,3 +146,21 @@ def test_ddp_reduction_equals_single_process(tmp_path):
             assert got[key].keys() == want[key].keys()
             for k in want[key]:
                 torch.testing.assert_close(got[key][k], want[key][k])
+
+
+@pytest.mark.parametrize("metric", [GenEvalScore(), ImbalanceScore()], ids=["geneval", "imbalance"])
+def test_states_reset_under_inference_mode_still_update_in_training(metric):
+    """Validation resets metrics under inference mode; `trainer.validate()` then `fit` must still count."""
+    gen, und = torch.tensor([True, False]), torch.tensor([False, False])
+    flags = [gen] if isinstance(metric, GenEvalScore) else [gen, und]
+    with torch.inference_mode():
+        metric.update(["single_object", "counting"], *flags)
+        metric.compute()
+        metric.reset()
+    metric.update(["single_object", "counting"], *flags)
+    metric.update(["single_object", "counting"], *flags)
+    out = metric.compute()
+    if isinstance(metric, GenEvalScore):
+        assert out["geneval/single_object"] == 1.0 and out["geneval/counting"] == 0.0
+    else:
+        assert out["imbalance/single_object"] == 1.0  # gen right, und wrong

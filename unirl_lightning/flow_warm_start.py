@@ -7,13 +7,9 @@ under `$UNIRL_CACHE/flow_warm_start/<hash of model config + recipe>`; later runs
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
-from dataclasses import asdict
 from pathlib import Path
 
-from unirl_lightning.warm_start import cache_root
+from unirl_lightning.warm_start import cache_dir, cached_training
 
 #: The flow warm-start recipe (keep in step with configs/pretrain_flow.yaml).
 RECIPE = {
@@ -30,36 +26,27 @@ RECIPE = {
 
 def flow_warm_start_dir(policy, recipe: dict | None = None) -> Path:
     """The cache folder of `policy`'s config + the recipe."""
-    cfg = getattr(policy, "config", None)
-    if cfg is None:
-        raise TypeError(f"warm_start='auto' is for the built-in TinyFlowModel; give {type(policy).__name__} a folder or null")
-    key = json.dumps({"model": asdict(cfg), "recipe": {**RECIPE, **(recipe or {})}, "v": 1}, sort_keys=True)
-    return cache_root() / "flow_warm_start" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir("flow_warm_start", policy, {**RECIPE, **(recipe or {})})
 
 
 def ensure_flow_warm_start(policy, recipe: dict | None = None) -> Path:
     """Folder of the cached flow warm start for `policy`'s config, training it first if absent."""
-    target = flow_warm_start_dir(policy, recipe)
-    if (target / "model.safetensors").is_file():
-        return target
-    import lightning as L
-
-    from unirl_lightning.modules.flow_pretrain import FlowSceneDataModule, FlowWarmStart
-
     r = {**RECIPE, **(recipe or {})}
-    print(f"[unirl_lightning] no cached flow warm start at {target}: training it ({r['max_steps']} steps, once)")
-    fresh = type(policy)(policy.config)
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    module = FlowWarmStart(fresh, lr=r["lr"], warmup_steps=r["warmup_steps"], max_steps=r["max_steps"],
-                           cfg_dropout=r["cfg_dropout"], t_sampling=r["t_sampling"], save_to=str(tmp))
-    world = policy.config.world
-    data = FlowSceneDataModule(grid=world.grid, gap=world.gap, batch_size=r["batch_size"], canvas=world.canvas,
-                               sizes=world.sizes, num_train=r["num_train"], seed=r["seed"])
-    L.seed_everything(r["seed"], verbose=False)
-    trainer = L.Trainer(max_steps=r["max_steps"], logger=False, enable_checkpointing=False, limit_val_batches=0,
-                        accelerator="cpu", devices=1, enable_model_summary=False)
-    trainer.fit(module, datamodule=data)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(target)  # atomic: a half-written cache is never picked up
-    return target
+
+    def train(folder: Path) -> None:
+        import lightning as L
+
+        from unirl_lightning.modules.flow_pretrain import FlowSceneDataModule, FlowWarmStart
+
+        module = FlowWarmStart(type(policy)(policy.config), lr=r["lr"], warmup_steps=r["warmup_steps"],
+                               max_steps=r["max_steps"], cfg_dropout=r["cfg_dropout"], t_sampling=r["t_sampling"],
+                               save_to=str(folder))
+        world = policy.config.world
+        data = FlowSceneDataModule(grid=world.grid, gap=world.gap, batch_size=r["batch_size"], canvas=world.canvas,
+                                   sizes=world.sizes, num_train=r["num_train"], seed=r["seed"])
+        L.seed_everything(r["seed"], verbose=False)
+        trainer = L.Trainer(max_steps=r["max_steps"], logger=False, enable_checkpointing=False, limit_val_batches=0,
+                            accelerator="cpu", devices=1, enable_model_summary=False)
+        trainer.fit(module, datamodule=data)
+
+    return cached_training("flow_warm_start", policy, r, train)

@@ -14,11 +14,8 @@ accuracies in `metrics.json`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
-import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +23,7 @@ import torch
 
 from unirl_lightning.data.reasoning import WARM_START_HELD_OUT, corrupt_answer, generate_reasoning_specs
 from unirl_lightning.models.text_policy import TextPolicy, text_matches
-from unirl_lightning.warm_start import cache_root
+from unirl_lightning.warm_start import cache_dir, cached_training
 
 #: The text warm-start recipe.
 RECIPE = {
@@ -84,42 +81,32 @@ def greedy_accuracy(policy: TextPolicy, specs: Sequence[dict], max_new_tokens: i
 
 def text_warm_start_dir(policy: TextPolicy, recipe: dict | None = None) -> Path:
     """The cache folder of `policy`'s config + the recipe."""
-    cfg = getattr(policy, "config", None)
-    if cfg is None:
-        raise TypeError(f"text_warm_start='auto' is for the built-in TinyTextPolicy; "
-                        f"give {type(policy).__name__} a folder or null")
-    key = json.dumps({"model": asdict(cfg), "recipe": {**RECIPE, **(recipe or {})}, "v": 1}, sort_keys=True)
-    return cache_root() / "text_warm_start" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir("text_warm_start", policy, {**RECIPE, **(recipe or {})})
 
 
 def ensure_text_warm_start(policy: TextPolicy, recipe: dict | None = None) -> Path:
     """Folder of the cached text warm start for `policy`'s config, training it first if absent (~1 min)."""
-    target = text_warm_start_dir(policy, recipe)
-    if (target / "model.safetensors").is_file():
-        return target
     r = {**RECIPE, **(recipe or {})}
-    print(f"[unirl_lightning] no cached text warm start at {target}: training it ({r['max_steps']} steps, once)")
-    torch.manual_seed(r["seed"])
-    fresh = type(policy)(policy.config)
-    specs = generate_reasoning_specs(r["num_train"], r["seed"], exclude_riddles=r["held_out"])
-    rng = random.Random(r["seed"])
-    pairs = [(s["reasoning_prompt"], corrupt_answer(s, rng) if rng.random() < r["answer_noise"] else s["prompt"])
-             for s in specs]
-    train_text_supervised(fresh, pairs, steps=r["max_steps"],
-                          batch_size=r["batch_size"], lr=r["lr"], seed=r["seed"])
-    probe = generate_reasoning_specs(600, r["seed"] + 1)
-    held = set(r["held_out"])
-    seen, unseen = [s for s in probe if s["riddle"] not in held], [s for s in probe if s["riddle"] in held]
-    metrics = {
-        "seen_accuracy": greedy_accuracy(fresh, seen),
-        "held_out_accuracy": greedy_accuracy(fresh, unseen),
-        "seen_sampled_accuracy": greedy_accuracy(fresh, seen, temperature=1.0),
-        "held_out_sampled_accuracy": greedy_accuracy(fresh, unseen, temperature=1.0),
-    }
-    print(f"[unirl_lightning] text warm start greedy accuracy: {metrics}")
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fresh.save_pretrained(tmp)
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    tmp.rename(target)  # atomic: a half-written cache is never picked up
-    return target
+
+    def train(folder: Path) -> None:
+        torch.manual_seed(r["seed"])
+        fresh = type(policy)(policy.config)
+        specs = generate_reasoning_specs(r["num_train"], r["seed"], exclude_riddles=r["held_out"])
+        rng = random.Random(r["seed"])
+        pairs = [(s["reasoning_prompt"], corrupt_answer(s, rng) if rng.random() < r["answer_noise"] else s["prompt"])
+                 for s in specs]
+        train_text_supervised(fresh, pairs, steps=r["max_steps"], batch_size=r["batch_size"], lr=r["lr"], seed=r["seed"])
+        probe = generate_reasoning_specs(600, r["seed"] + 1)
+        held = set(r["held_out"])
+        seen, unseen = [s for s in probe if s["riddle"] not in held], [s for s in probe if s["riddle"] in held]
+        metrics = {
+            "seen_accuracy": greedy_accuracy(fresh, seen),
+            "held_out_accuracy": greedy_accuracy(fresh, unseen),
+            "seen_sampled_accuracy": greedy_accuracy(fresh, seen, temperature=1.0),
+            "held_out_sampled_accuracy": greedy_accuracy(fresh, unseen, temperature=1.0),
+        }
+        print(f"[unirl_lightning] text warm start greedy accuracy: {metrics}")
+        fresh.save_pretrained(folder)
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
+
+    return cached_training("text_warm_start", policy, r, train)

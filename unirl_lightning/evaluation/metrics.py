@@ -89,11 +89,13 @@ class GenEvalScore(Metric):
 
     def update(self, tasks: Sequence[str], correct: Tensor, prompt_ids: Tensor | None = None) -> None:
         """Count images: tasks `[N]` names, correct bool `[N]`, prompt_ids long `[N]` or None."""
+        # Out-of-place sums: states reset under inference mode (validation) are inference
+        # tensors, which an in-place add outside inference mode (training) would reject.
         idx = _task_index(tasks, self.tasks, self.device)
         ok = _flags(correct, len(idx), "correct", self.device).long()
         t = len(self.tasks)
-        self.total += torch.bincount(idx, minlength=t)
-        self.correct += torch.bincount(idx, weights=ok, minlength=t).long()
+        self.total = self.total + torch.bincount(idx, minlength=t)
+        self.correct = self.correct + torch.bincount(idx, weights=ok, minlength=t).long()
         if prompt_ids is None:
             return
         pid = torch.as_tensor(prompt_ids, device=self.device).reshape(-1).long()
@@ -105,8 +107,8 @@ class GenEvalScore(Metric):
                 f"got {pid.min().item()}..{pid.max().item()}; "
                 "raise max_prompts at construction"
             )
-        self.prompt_images += torch.bincount(pid, minlength=self.max_prompts)
-        self.prompt_correct += torch.bincount(pid, weights=ok, minlength=self.max_prompts).long()
+        self.prompt_images = self.prompt_images + torch.bincount(pid, minlength=self.max_prompts)
+        self.prompt_correct = self.prompt_correct + torch.bincount(pid, weights=ok, minlength=self.max_prompts).long()
 
     def compute(self) -> dict[str, Tensor]:
         seen = self.total > 0
@@ -153,7 +155,7 @@ class ImbalanceScore(Metric):
         gen = _flags(gen_correct, len(idx), "gen_correct", self.device).long()
         und = _flags(und_correct, len(idx), "und_correct", self.device).long()
         flat = idx * 4 + gen * 2 + und
-        self.table += torch.bincount(flat, minlength=len(self.tasks) * 4).view(-1, 2, 2)
+        self.table = self.table + torch.bincount(flat, minlength=len(self.tasks) * 4).view(-1, 2, 2)
 
     @staticmethod
     def _rate(table: Tensor) -> Tensor:

@@ -10,29 +10,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import torch
 
 from unirl_lightning.data.datamodule import PromptBatch
-from unirl_lightning.evaluation.detection import Detector
-from unirl_lightning.evaluation.judge import GenEvalJudge
-from unirl_lightning.evaluation.metrics import GenEvalScore
 from unirl_lightning.models.flow import FlowPolicy
+from unirl_lightning.modules.recipe import RecipeModule
 
 
-class FlowPolicyModule(L.LightningModule):
+class FlowPolicyModule(RecipeModule):
     """Base LightningModule of the flow recipes.
 
     Args:
-        policy: the flow policy (any `FlowPolicy`).
-        warm_start: "auto" (built-in `TinyFlowModel`: the cached flow warm start, trained on first
-            use; a no-op for pretrained policies such as `DiffusersFlowPolicy`), a folder written by
-            `save_pretrained`, or None (keep the initial weights).
-        lr, weight_decay, betas: AdamW settings.
-        detector: GenEval detector (default: the synthetic world's exact detector).
+        policy: the flow policy (any `FlowPolicy`); warm_start="auto" loads the built-in
+            `TinyFlowModel`'s cached flow warm start (trained on first use) and leaves pretrained
+            policies such as `DiffusersFlowPolicy` as they are.
         eval_num_steps / eval_cfg_scale: the validation sampler (ODE, noise 0).
         eval_repeats: images per held-out prompt (more = a less noisy GenEval estimate).
-        grid_size: images in the logged validation grid.
+        Other arguments: `RecipeModule`'s (warm start, AdamW, detector, grid_size, save_to).
     """
 
     def __init__(
@@ -40,46 +34,19 @@ class FlowPolicyModule(L.LightningModule):
         policy: FlowPolicy,
         warm_start: str | None = "auto",
         lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        detector: Detector | None = None,
         eval_num_steps: int = 20,
         eval_cfg_scale: float = 1.0,
         eval_repeats: int = 1,
-        grid_size: int = 16,
+        **kwargs,
     ):
-        super().__init__()
-        self.save_hyperparameters(ignore=["policy", "detector"])
-        self.policy = policy
-        self.judge = GenEvalJudge(detector)
-        self.val_geneval = GenEvalScore()
-        self._warm_started = False
+        super().__init__(policy, warm_start=warm_start, lr=lr, **kwargs)
 
-    # ---- warm start -------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        if self._warm_started or self.hparams.warm_start is None:
-            return
-        self._warm_started = True
-        source = self.hparams.warm_start
-        if source == "auto":
-            if getattr(self.policy, "config", None) is None:
-                return  # a pretrained model (e.g. DiffusersFlowPolicy) is its own warm start
-            from unirl_lightning.flow_warm_start import ensure_flow_warm_start
+    def auto_warm_start(self) -> Path | None:
+        if getattr(self.policy, "config", None) is None:
+            return None  # a pretrained model (e.g. DiffusersFlowPolicy) is its own warm start
+        from unirl_lightning.flow_warm_start import ensure_flow_warm_start
 
-            source = ensure_flow_warm_start(self.policy)
-        if not Path(source).is_dir():
-            raise FileNotFoundError(f"model.warm_start: {source!r} is not a folder written by save_pretrained")
-        loaded = type(self.policy).from_pretrained(source)
-        self.policy.load_state_dict(loaded.state_dict())
-        self.on_warm_started()
-
-    def on_warm_started(self) -> None:
-        """Hook: runs after the warm-start weights are loaded (e.g. to copy the reference)."""
-
-    def configure_optimizers(self):
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
-                                 betas=tuple(self.hparams.betas))
+        return ensure_flow_warm_start(self.policy)
 
     # ---- evaluation -------------------------------------------------------------------
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:

@@ -87,7 +87,6 @@ class FlowGRPO(FlowPolicyModule):
         **kwargs,
     ):
         super().__init__(policy, **kwargs)
-        self.save_hyperparameters(ignore=["policy", "detector", "rewards"])
         if regularizer not in REGULARIZERS:
             raise ValueError(f"model.regularizer must be one of {REGULARIZERS}, got {regularizer!r}")
         if regularizer == "exact_kl" and kind != "sde":

@@ -7,7 +7,6 @@ A share `cfg_dropout` of prompts is dropped (unconditional rows) so CFG works af
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -35,8 +34,6 @@ class FlowWarmStart(FlowPolicyModule):
         cfg_dropout: probability of dropping a prompt (teaches the unconditional velocity for CFG).
         t_sampling: "logit_normal" (SD3) or "uniform" noise levels.
         warmup_steps / max_steps: linear warm-up then cosine decay to 10% of `lr`.
-        save_to: folder to `save_pretrained` into at the end of fit; an existing non-empty
-            folder is refused unless overwrite=True.
         Other arguments as in `FlowPolicyModule` (warm_start defaults to None here).
     """
 
@@ -45,8 +42,6 @@ class FlowWarmStart(FlowPolicyModule):
         policy: FlowPolicy,
         cfg_dropout: float = 0.1,
         t_sampling: Literal["logit_normal", "uniform"] = "logit_normal",
-        save_to: str | None = None,
-        overwrite: bool = False,
         warm_start: str | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.01,
@@ -55,9 +50,6 @@ class FlowWarmStart(FlowPolicyModule):
         **kwargs,
     ):
         super().__init__(policy, warm_start=warm_start, lr=lr, weight_decay=weight_decay, **kwargs)
-        self.save_hyperparameters(ignore=["policy", "detector"])
-        if save_to and Path(save_to).is_dir() and any(Path(save_to).iterdir()) and not overwrite:
-            raise FileExistsError(f"model.save_to: {save_to} exists and is not empty; pick another folder or set overwrite: true")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         policy = self.policy
@@ -76,10 +68,6 @@ class FlowWarmStart(FlowPolicyModule):
     def configure_optimizers(self):
         opt = super().configure_optimizers()
         return {"optimizer": opt, "lr_scheduler": warmup_cosine(opt, self.hparams.warmup_steps, self.hparams.max_steps)}
-
-    def on_train_end(self) -> None:
-        if self.hparams.save_to and self.trainer.is_global_zero:
-            self.policy.save_pretrained(self.hparams.save_to)
 
 
 class FlowSceneDataModule(RenderedSceneDataModule):

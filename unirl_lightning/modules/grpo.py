@@ -61,7 +61,6 @@ class DiscreteGRPO(PolicyModule):
         **kwargs,
     ):
         super().__init__(policy, **kwargs)
-        self.save_hyperparameters(ignore=["policy", "detector", "rewards"])
         if image_weight <= 0 and answer_weight <= 0:
             raise ValueError("model.image_weight and model.answer_weight are both 0: nothing would train")
         if num_iterations < 1 or micro_batch_size < 1:

@@ -35,7 +35,6 @@ class WarmStartPretrain(PolicyModule):
         **kwargs,
     ):
         super().__init__(policy, warm_start=warm_start, lr=lr, weight_decay=weight_decay, **kwargs)
-        self.save_hyperparameters(ignore=["policy", "detector"])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         policy = self.policy

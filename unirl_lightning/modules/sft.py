@@ -36,7 +36,6 @@ class UniRLSFT(PolicyModule):
         **kwargs,
     ):
         super().__init__(policy, **kwargs)
-        self.save_hyperparameters(ignore=["policy", "detector"])
 
     def make_rollouts(self, batch: PromptBatch):
         """Called by the DataModule on device: one image per spec from the current policy."""

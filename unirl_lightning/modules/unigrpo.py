@@ -17,7 +17,6 @@ feeds the raw riddle to the flow model, `"prompt"` the plain GenEval prompt (an 
 
 from __future__ import annotations
 
-import inspect
 import time
 from typing import Literal
 
@@ -67,6 +66,9 @@ class UniGRPO(FlowGRPO):
             CFG is off in rollouts, training and validation (UniGRPO).
     """
 
+    # the two policies are models, not hyper-parameters (they would be deep-copied into hparams)
+    hparams_ignore = FlowGRPO.hparams_ignore + ("text_policy", "flow_policy")
+
     def __init__(
         self,
         text_policy: TextPolicy,
@@ -98,13 +100,6 @@ class UniGRPO(FlowGRPO):
             text_policy.requires_grad_(False)
         self.text_reference = self._make_text_reference()
         self._text_warm_started = False
-
-    # Lightning walks every __init__ frame up the class chain: keep the two policies out of the
-    # hyper-parameters (they would be deep-copied into `hparams_initial`).
-    def save_hyperparameters(self, *args, ignore=None, frame=None, logger: bool = True) -> None:
-        ignore = [ignore] if isinstance(ignore, str) else list(ignore or [])
-        super().save_hyperparameters(*args, ignore=ignore + ["text_policy", "flow_policy"],
-                                     frame=frame or inspect.currentframe().f_back, logger=logger)
 
     @property
     def trains_text(self) -> bool:

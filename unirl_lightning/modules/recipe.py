@@ -1,0 +1,123 @@
+"""The base of every recipe: a policy with its warm start, AdamW, FSDP2 sharding, the GenEval judge,
+and saving the trained policy.
+
+`PolicyModule` (unified models) and `FlowPolicyModule` (flow models) add their validation loops;
+the recipes add their training steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+
+from unirl_lightning.evaluation.detection import Detector
+from unirl_lightning.evaluation.judge import GenEvalJudge
+from unirl_lightning.evaluation.metrics import GenEvalScore
+
+
+class RecipeModule(L.LightningModule):
+    """Policy, warm start, optimiser, sharding and saving shared by the recipes.
+
+    Args:
+        policy: the model being trained (a `UnifiedPolicy` or a `FlowPolicy`).
+        warm_start: "auto" (a built-in model: its cached warm start, trained on first use; a no-op
+            for pretrained policies), a folder written by `save_pretrained`, or None (keep the
+            initial weights).
+        lr, weight_decay, betas: AdamW settings.
+        detector: GenEval detector (default: the synthetic world's exact detector).
+        grid_size: images in the logged validation grid.
+        save_to: folder to `save_pretrained` the policy into at the end of fit; an existing
+            non-empty folder is refused (before any compute) unless overwrite=True.
+    """
+
+    #: init arguments kept out of `hparams` (models and callables: not hyper-parameters)
+    hparams_ignore: tuple[str, ...] = ("policy", "detector", "rewards")
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        warm_start: str | None = "auto",
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        detector: Detector | None = None,
+        grid_size: int = 16,
+        save_to: str | None = None,
+        overwrite: bool = False,
+    ):
+        super().__init__()
+        # Called here, while every subclass's __init__ frame is on the stack, so `hparams` holds the
+        # arguments of the whole chain, defaults included.
+        self.save_hyperparameters(ignore=list(self.hparams_ignore))
+        if save_to and Path(save_to).is_dir() and any(Path(save_to).iterdir()) and not overwrite:
+            raise FileExistsError(f"model.save_to: {save_to} exists and is not empty; pick another folder or set overwrite: true")
+        self.policy = policy
+        self.judge = GenEvalJudge(detector)
+        self.val_geneval = GenEvalScore()
+        self._warm_started = False
+
+    # ---- warm start -------------------------------------------------------------------
+    def auto_warm_start(self) -> Path | None:
+        """Folder of the policy's cached warm start for warm_start="auto" (None: nothing to load)."""
+        return None
+
+    def setup(self, stage: str) -> None:
+        if self._warm_started or self.hparams.warm_start is None:
+            return
+        self._warm_started = True
+        source = self.hparams.warm_start
+        if source == "auto":
+            source = self.auto_warm_start()
+            if source is None:
+                return
+        if not Path(source).is_dir():
+            raise FileNotFoundError(f"model.warm_start: {source!r} is not a folder written by save_pretrained")
+        loaded = type(self.policy).from_pretrained(source)
+        self.policy.load_state_dict(loaded.state_dict())
+        self.on_warm_started()
+
+    def on_warm_started(self) -> None:
+        """Hook: runs after the warm-start weights are loaded (e.g. to copy the reference)."""
+
+    # ---- saving -----------------------------------------------------------------------
+    def on_train_end(self) -> None:
+        if not self.hparams.save_to:
+            return
+        full = None
+        if getattr(self.policy, "_fsdp_sharded", False):  # every rank joins the gather; rank 0 writes
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.trainer.is_global_zero:
+            if full is None:
+                self.policy.save_pretrained(self.hparams.save_to)
+            else:
+                self.policy.save_pretrained(self.hparams.save_to, state_dict=full)
+
+    # ---- sharding and optimiser -------------------------------------------------------
+    def configure_model(self) -> None:
+        """FSDP2 under Lightning's ModelParallelStrategy: shard the policy's units, then the policy
+        (and the frozen reference, when there is one) over the data-parallel mesh."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        dp = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+        for policy in (self.policy, getattr(self, "reference", None)):
+            if policy is None or hasattr(policy, "_fsdp_sharded"):
+                continue
+            for unit in getattr(policy, "fsdp_units", list)():
+                fully_shard(unit, mesh=dp)
+            fully_shard(policy, mesh=dp)
+            for name in getattr(policy, "fsdp_entry_points", ()):
+                register_fsdp_forward_method(policy, name)
+            policy._fsdp_sharded = True
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+                                 betas=tuple(self.hparams.betas))
