@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -10,8 +12,14 @@ class TestTinyAutoregressive(PolicyTesterMixin):
         return TinyUnifiedModel(TinyConfig(d_model=32, n_layers=2, n_heads=2))
 
     def generation_parameters(self, policy):
-        # the image-code rows of the output head are read only by the generation logits
-        return [policy.head.weight]
+        # the image-code rows of the output head (and the codebook MLP scoring image codes) are
+        # read only by the generation logits
+        return [policy.head.weight, *getattr(policy, "code_out", torch.nn.Identity()).parameters()]
+
+
+class TestTinyTableEmbedding(TestTinyAutoregressive):
+    def make_policy(self):
+        return TinyUnifiedModel(TinyConfig(d_model=32, n_layers=2, n_heads=2, image_embedding="table"))
 
 
 class TestTinyMasked(TestTinyAutoregressive):
@@ -71,3 +79,31 @@ def test_warm_start_losses_decrease():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_codebook_embedding_shares_what_codes_look_like(tmp_path):
+    """Codes are embedded and scored from their pixels too: codes with equal pixels get equal
+    content vectors, the relaxed path uses the same table, and folders saved before the option
+    (no `image_embedding` key) load as the table model they were."""
+    policy = TinyUnifiedModel(TinyConfig(d_model=32, n_layers=1, n_heads=2))
+    with torch.no_grad():
+        policy.tok_emb.weight.zero_()
+        policy.head.weight.zero_()
+    pix = policy.code_pixels
+    content_in, content_out = policy.image_input_embeddings(), policy.image_output_embeddings()
+    assert torch.allclose(content_in, policy.code_in(pix)) and torch.allclose(content_out, policy.code_out(pix))
+    assert not torch.allclose(content_in[1], content_in[2])  # different codes, different vectors
+    tokens = torch.tensor([[1, 2, 3, 0] * (policy.tokens_per_image // 4)])
+    one_hot = torch.nn.functional.one_hot(tokens, policy.image_vocab_size).float()
+    _, relaxed = policy._understanding_prefix(one_hot, ["what is this"])
+    assert torch.allclose(relaxed[0], content_in[tokens[0]])
+
+    table = TinyUnifiedModel(TinyConfig(d_model=32, n_layers=1, n_heads=2, image_embedding="table"))
+    table.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["image_embedding"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded = TinyUnifiedModel.from_pretrained(tmp_path)
+    assert loaded.config.image_embedding == "table" and not hasattr(loaded, "code_in")
+    with pytest.raises(ValueError, match="image_embedding"):
+        TinyConfig(image_embedding="pixels")

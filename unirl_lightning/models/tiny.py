@@ -47,9 +47,16 @@ class TinyConfig:
     #: Placement grid and patch size of the world, in px. 8 = one whole object per patch: 16
     #: tokens an image, so a 2-core CPU learns coherent shapes in minutes (4 -> 64 tokens of quarters).
     grid: int = 8
+    #: How image tokens are embedded and scored. "table": one free vector per code (input and
+    #: output). "codebook": that vector plus an MLP of the code's pixels (Janus embeds its image
+    #: tokens through the VQ codebook the same way), so codes share what they look like: a colour
+    #: word learnt on squares transfers to circles, and codes rare in training are still drawn right.
+    image_embedding: str = "codebook"
     words: list[str] = field(default_factory=world_words)
 
     def __post_init__(self) -> None:
+        if self.image_embedding not in ("table", "codebook"):
+            raise ValueError(f"image_embedding must be 'table' or 'codebook', got {self.image_embedding!r}")
         if self.image_order not in ("autoregressive", "masked"):
             raise ValueError(f"image_order must be 'autoregressive' or 'masked', got {self.image_order!r}")
         if self.d_model % self.n_heads:
@@ -108,7 +115,16 @@ class TinyUnifiedModel(UnifiedPolicy):
         self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, self.vocab_size, bias=False)
+        if cfg.image_embedding == "codebook":
+            pixels = self.image_tokenizer.codes - 0.5  # [K, 3*p*p], centred
+            self.register_buffer("code_pixels", pixels, persistent=False)
+            self.code_in = self._code_mlp(pixels.shape[1], cfg.d_model)
+            self.code_out = self._code_mlp(pixels.shape[1], cfg.d_model)
         self.apply(self._init)
+
+    @staticmethod
+    def _code_mlp(n_pixels: int, d: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(n_pixels, d), nn.GELU(), nn.Linear(d, d))
 
     @property
     def world_config(self) -> WorldConfig:
@@ -199,6 +215,10 @@ class TinyUnifiedModel(UnifiedPolicy):
         """
         b, s = tokens.shape
         x = self.tok_emb(tokens)
+        if self.config.image_embedding == "codebook":
+            code = tokens - self.image_offset
+            is_img = (code >= 0).unsqueeze(-1)
+            x = x + torch.where(is_img, self.code_in(self.code_pixels)[code.clamp(min=0)], 0.0)
         if image_embeds is not None:
             img = self._image_slice
             x = torch.cat([x[:, : img.start - past], image_embeds.to(x.dtype), x[:, img.stop - past :]], 1)
@@ -210,7 +230,19 @@ class TinyUnifiedModel(UnifiedPolicy):
 
     def _logits(self, h: Tensor, span: slice) -> Tensor:
         """Logits restricted to a vocabulary range (image codes or answer words + [EOS])."""
+        if span == self._img_vocab:
+            return F.linear(h, self.image_output_embeddings())
         return F.linear(h, self.head.weight[span])
+
+    def image_input_embeddings(self) -> Tensor:
+        """`[K, D]`: what each image code feeds the transformer."""
+        table = self.tok_emb.weight[self._img_vocab]
+        return table + self.code_in(self.code_pixels) if self.config.image_embedding == "codebook" else table
+
+    def image_output_embeddings(self) -> Tensor:
+        """`[K, D]`: the output vectors that score each image code."""
+        table = self.head.weight[self._img_vocab]
+        return table + self.code_out(self.code_pixels) if self.config.image_embedding == "codebook" else table
 
     @property
     def _img_vocab(self) -> slice:
@@ -346,7 +378,7 @@ class TinyUnifiedModel(UnifiedPolicy):
             return torch.cat([head, images + self.image_offset, torch.full_like(head[:, :1], EOI)], 1), None
         if images.shape[-1] != self.image_vocab_size:
             raise ValueError(f"relaxed images must be [B, L, {self.image_vocab_size}], got {tuple(images.shape)}")
-        embeds = images.to(self.tok_emb.weight.dtype) @ self.tok_emb.weight[self._img_vocab]
+        embeds = images.to(self.tok_emb.weight.dtype) @ self.image_input_embeddings()
         placeholder = images.argmax(-1) + self.image_offset
         return torch.cat([head, placeholder, torch.full_like(head[:, :1], EOI)], 1), embeds
 
@@ -431,7 +463,9 @@ class TinyUnifiedModel(UnifiedPolicy):
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} holds no config.json: not a TinyUnifiedModel folder (see save_pretrained)")
-        cfg = TinyConfig(**{**json.loads((path / "config.json").read_text()), **overrides})
+        saved = json.loads((path / "config.json").read_text())
+        saved.setdefault("image_embedding", "table")  # folders saved before the option existed
+        cfg = TinyConfig(**{**saved, **overrides})
         model = cls(cfg)
         model.load_state_dict(load_file(str(path / "model.safetensors")))
         return model
