@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unirl_lightning.models.text import WordTokenizer, split_words, world_words
+from unirl_lightning.models.tiny import CachedBlock
 
 
 @dataclass
@@ -323,31 +323,6 @@ class TinyTextConfig:
             raise ValueError(f"output_words must be a subset of words; missing {missing[:5]}")
 
 
-class _Block(nn.Module):
-    """Pre-norm causal block with an optional KV cache (`[k, v]`, extended in place)."""
-
-    def __init__(self, cfg: TinyTextConfig):
-        super().__init__()
-        self.n_heads = cfg.n_heads
-        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
-        hidden = cfg.mlp_ratio * cfg.d_model
-        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, hidden), nn.GELU(), nn.Linear(hidden, cfg.d_model))
-
-    def forward(self, x: Tensor, allowed: Tensor, cache: list[Tensor] | None) -> Tensor:
-        """x `[B, S, D]`; allowed bool `[B, 1, S, S_total]`."""
-        b, s, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, s, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        if cache is not None:
-            if cache:
-                k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
-            cache[:] = [k, v]
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        x = x + self.proj(att.transpose(1, 2).reshape(b, s, d))
-        return x + self.mlp(self.ln2(x))
-
-
 class TinyTextPolicy(TextPolicy):
     """The built-in text policy: a tiny word-level causal transformer.
 
@@ -364,7 +339,7 @@ class TinyTextPolicy(TextPolicy):
         vocab = len(SPECIALS) + len(self.words)
         self.tok_emb = nn.Embedding(vocab, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
-        self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(CachedBlock(cfg.d_model, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, vocab, bias=False)
         for m in self.modules():

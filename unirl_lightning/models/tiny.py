@@ -64,22 +64,19 @@ class TinyConfig:
         self.sizes = tuple(self.sizes)
 
 
-class _Block(nn.Module):
-    """Pre-norm transformer block whose attention can extend a KV cache."""
+class CachedBlock(nn.Module):
+    """Pre-norm transformer block whose attention can extend a KV cache (shared by the built-in
+    unified model and the built-in text policy)."""
 
-    def __init__(self, cfg: TinyConfig):
+    def __init__(self, d_model: int, n_heads: int, mlp_ratio: int = 4, dropout: float = 0.0):
         super().__init__()
-        self.n_heads = cfg.n_heads
-        self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = nn.Sequential(
-            nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model),
-            nn.GELU(),
-            nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model),
-        )
-        self.drop = nn.Dropout(cfg.dropout)
+        self.n_heads = n_heads
+        self.ln1 = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(), nn.Linear(mlp_ratio * d_model, d_model))
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, allowed: Tensor, cache: list[Tensor] | None = None) -> Tensor:
         """x `[B, S, D]`; allowed bool `[B, 1, S, S_total]`; cache `[k, v]` of past keys, extended in place."""
@@ -112,7 +109,7 @@ class TinyUnifiedModel(UnifiedPolicy):
         self.max_len = self.soi_pos + 1 + L + 1 + cfg.max_answer_len + 1
         self.tok_emb = nn.Embedding(self.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(self.max_len, cfg.d_model)
-        self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(CachedBlock(cfg.d_model, cfg.n_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, self.vocab_size, bias=False)
         if cfg.image_embedding == "codebook":
@@ -277,7 +274,7 @@ class TinyUnifiedModel(UnifiedPolicy):
         prompts = list(prompts)
         if self.image_order == "masked":
             return self._generate_masked(prompts, cfg_scale, temperature, generator, return_gumbel)
-        B, L, K = len(prompts), self.tokens_per_image, self.image_vocab_size
+        B, L = len(prompts), self.tokens_per_image
         prefix = self._prefix(prompts, cfg_scale)
         cache: list[list[Tensor]] = [[] for _ in self.blocks]
         h = self._forward(prefix, cache=cache)[:, -1:]
