@@ -68,6 +68,22 @@ def test_grpo_changes_parameters(tmp_path, order):
         assert key in trainer.logged_metrics
 
 
+def test_grpo_answer_sft_trains_understanding_only(tmp_path):
+    """answer_sft_weight alone: UniRL's answer NLL on the step's own images moves understanding,
+    never the generation-only weights (image-code rows of the head, the code-scoring MLP)."""
+    policy = _tiny()
+    before = _snapshot(policy)
+    module = DiscreteGRPO(policy, warm_start=None, image_weight=0.0, answer_weight=0.0, answer_sft_weight=1.0, lr=1e-3)
+    trainer = _fit(module, tmp_path, steps=2)
+    changed = _changed(before, policy)
+    rows = slice(policy.image_offset, policy.vocab_size)
+    assert torch.equal(before["head.weight"][rows], policy.head.weight[rows])
+    assert not any(k.startswith("code_out") for k in changed) and "tok_emb.weight" in changed
+    assert float(trainer.logged_metrics["answer_sft/loss"]) > 0
+    with pytest.raises(ValueError, match="nothing would train"):
+        DiscreteGRPO(_tiny(), warm_start=None, image_weight=0.0, answer_weight=0.0)
+
+
 def test_grpo_on_policy_ratio_is_one_and_kl_zero(tmp_path):
     policy = _tiny()
     module = DiscreteGRPO(policy, warm_start=None, beta=0.1, num_iterations=1, lr=0.0)

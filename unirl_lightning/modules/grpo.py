@@ -37,6 +37,9 @@ class DiscreteGRPO(PolicyModule):
         filter_zero_std: drop groups whose rewards are all equal (they carry no signal).
         cfg_scale / temperature: rollout sampling; training log-probs use exactly the same.
         answer_temperature: sampling temperature of the answers.
+        answer_sft_weight: weight of UniRL's supervised answer loss on the step's own images (NLL of
+            the ground-truth answer, image detached), trained beside the GRPO streams so that
+            understanding keeps pace with generation (lowers the imbalance metric); 0 = off.
     """
 
     def __init__(
@@ -57,12 +60,13 @@ class DiscreteGRPO(PolicyModule):
         cfg_scale: float = 1.0,
         temperature: float = 1.0,
         answer_temperature: float = 1.0,
+        answer_sft_weight: float = 0.0,
         gradient_clip_val: float | None = 1.0,
         **kwargs,
     ):
         super().__init__(policy, **kwargs)
-        if image_weight <= 0 and answer_weight <= 0:
-            raise ValueError("model.image_weight and model.answer_weight are both 0: nothing would train")
+        if image_weight <= 0 and answer_weight <= 0 and answer_sft_weight <= 0:
+            raise ValueError("model.image_weight, answer_weight and answer_sft_weight are all 0: nothing would train")
         if num_iterations < 1 or micro_batch_size < 1:
             raise ValueError("model.num_iterations and model.micro_batch_size must be >= 1")
         if rewards is None:
@@ -117,6 +121,10 @@ class DiscreteGRPO(PolicyModule):
                     self.manual_backward(weight * loss * share)
                     for k, v in stats.items():
                         stats_acc.setdefault(f"{name}/{k}", []).append(float(v))
+            if hp.answer_sft_weight > 0:
+                sft = self._answer_sft_loss(ctx)
+                self.manual_backward(hp.answer_sft_weight * sft)
+                stats_acc.setdefault("answer_sft/loss", []).append(float(sft))
             if hp.gradient_clip_val:
                 self.clip_gradients(opt, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
             opt.step()
@@ -126,6 +134,12 @@ class DiscreteGRPO(PolicyModule):
                      "train/zero_std_frac": zero_frac})
         self.log_dict(logs, prog_bar=False, batch_size=len(batch))
         self.log("reward", rewards.mean().item(), prog_bar=True, batch_size=len(batch))
+
+    def _answer_sft_loss(self, ctx: RolloutContext) -> torch.Tensor:
+        """Mean NLL per answer token of the ground-truth answers about the rollout's own images."""
+        questions, answers = self.qa(ctx.specs)
+        logp, mask = self.policy.answer_logprobs(ctx.rollout.tokens, questions, answers)
+        return -(logp.sum() / mask.sum().clamp(min=1))
 
     @staticmethod
     def _nonzero_std_rows(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
