@@ -43,7 +43,7 @@ class FlowGRPO(FlowPolicyModule):
             step (Flow-GRPO-Fast); overrides `sde_window`.
         same_latent: one initial noise per prompt group (Flow-GRPO's `same_latent`), so reward
             differences inside a group come only from the trained SDE steps, not from the
-            untrained initial noise (less advantage noise; see benchmarks/flow_grpo.md).
+            untrained initial noise (less advantage noise; see benchmarks/learning.md).
         cfg_scale: CFG of rollouts and of the training log-probs (1 = none, UniGRPO).
         num_iterations: mu, update passes over each rollout (old log-probs from the rollout).
         rollouts_per_update: accumulate gradients over this many training steps (rollout
