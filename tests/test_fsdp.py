@@ -10,7 +10,8 @@ def test_sft_under_fsdp2_on_two_cpu_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=540,
                           env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # rank 0's own error comes first in stderr; the tail is often only rank 1's lost connection
+    assert proc.returncode == 0, proc.stderr[:3000] + "\n...\n" + proc.stderr[-3000:]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["sharded"].startswith("FSDP") for r in results), results
     # both ranks hold the same full parameters after sharded updates

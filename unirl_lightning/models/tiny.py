@@ -398,7 +398,9 @@ class TinyUnifiedModel(UnifiedPolicy):
             toks.append(torch.where(done, torch.full_like(tok, PAD), tok))
             logps.append(logp_all.gather(-1, pick[:, None]).squeeze(-1) * (~done))
             done = done | (tok == EOS)
-            if bool(done.all()) or t + 1 == max_new:
+            # Under FSDP every rank must run the same forwards (each gathers the shards), so a
+            # rank whose answers all ended keeps decoding padding until the others are done too.
+            if t + 1 == max_new or (bool(done.all()) and not getattr(self, "_fsdp_sharded", False)):
                 break
             h = self._forward(toks[-1][:, None], cache=cache, past=prefix.shape[1] + t)[:, -1]
         tokens = torch.stack(toks, 1)
