@@ -59,3 +59,25 @@ def test_prompt_files_with_coco_classes_load(tmp_path):
     with pytest.raises(ValueError, match="vocabulary"):
         OnPolicyDataModule(train_prompts=str(tmp_path / "train.jsonl"), val_prompts=str(tmp_path / "val.jsonl"),
                            vocabulary="shapes").setup("fit")
+
+
+def test_train_task_weights_reshape_training_prompts_only():
+    plain = OnPolicyDataModule(num_train=600, num_val=60, seed=3)
+    plain.setup("fit")
+    dm = OnPolicyDataModule(num_train=600, num_val=60, seed=3, train_task_weights={"position": 3.0, "color_attr": 1.0})
+    dm.setup("fit")
+    assert [s["prompt"] for s in dm.val_specs] == [s["prompt"] for s in plain.val_specs]
+    tags = [s["tag"] for s in dm.train_specs]
+    assert set(tags) == {"position", "color_attr"} and len(tags) == len(plain.train_specs)
+    assert tags.count("position") == 3 * tags.count("color_attr")
+    train_prompts = {s["prompt"] for s in plain.train_specs}
+    assert all(s["prompt"] in train_prompts for s in dm.train_specs)
+
+
+def test_bad_train_task_weights_fail_at_construction():
+    import pytest
+
+    with pytest.raises(ValueError, match="train_task_weights: unknown task.*'posiiton'"):
+        OnPolicyDataModule(train_task_weights={"posiiton": 1.0})
+    with pytest.raises(ValueError, match="at least one > 0"):
+        OnPolicyDataModule(train_task_weights={"position": 0.0})

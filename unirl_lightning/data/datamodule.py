@@ -39,6 +39,34 @@ class PromptBatch:
         return len(self.specs)
 
 
+def check_task_weights(weights: dict[str, float], field: str) -> None:
+    """Fails early on unknown tasks, negative weights or an all-zero mapping (`field` names the config key)."""
+    unknown = sorted(set(weights) - set(TASKS))
+    if unknown:
+        raise ValueError(f"{field}: unknown task(s) {unknown}; GenEval's tasks are {list(TASKS)}")
+    if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+        raise ValueError(f"{field}: weights must be >= 0 with at least one > 0, got {weights}")
+
+
+def reweight_by_task(specs: list[dict], weights: dict[str, float], seed: int) -> list[dict]:
+    """A list as long as `specs` whose task shares follow `weights` (sampled with replacement per task, seeded)."""
+    by_task: dict[str, list[dict]] = {}
+    for s in specs:
+        by_task.setdefault(s.get("tag", ""), []).append(s)
+    missing = sorted(t for t, w in weights.items() if w > 0 and t not in by_task)
+    if missing:
+        raise ValueError(f"data.train_task_weights: no training prompts for task(s) {missing}")
+    total = sum(weights.values())
+    gen = torch.Generator().manual_seed(seed)
+    out: list[dict] = []
+    for task in TASKS:
+        n = round(len(specs) * weights.get(task, 0.0) / total)
+        if n:
+            pool = by_task[task]
+            out += [pool[i] for i in torch.randint(len(pool), (n,), generator=gen).tolist()]
+    return out
+
+
 def _collate(batch: list[PromptBatch]) -> PromptBatch:
     return batch[0]  # the dataset already yields whole batches
 
@@ -76,6 +104,9 @@ class OnPolicyDataModule(L.LightningDataModule):
             Generated prompts use it (None: shapes); prompt files are checked against it (None: not checked).
         prompts_per_step: P distinct prompts per step and rank; group_size: G samples per prompt.
         val_batch_size: prompts per validation batch (one sample each).
+        train_task_weights: optional {task: weight} share of training prompts per GenEval task
+            (validation is untouched), e.g. to spend rollouts on the tasks with room to learn
+            rather than on ones the policy already solves; tasks left out get weight 0.
     """
 
     def __init__(
@@ -90,9 +121,12 @@ class OnPolicyDataModule(L.LightningDataModule):
         group_size: int = 8,
         val_batch_size: int = 60,
         seed: int = 0,
+        train_task_weights: dict[str, float] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
+        if train_task_weights is not None:
+            check_task_weights(train_task_weights, "data.train_task_weights")
         if prompts_per_step < 1 or group_size < 1:
             raise ValueError(f"prompts_per_step and group_size must be >= 1, got {prompts_per_step} and {group_size}")
         for name, path in (("train_prompts", train_prompts), ("val_prompts", val_prompts)):
@@ -119,6 +153,8 @@ class OnPolicyDataModule(L.LightningDataModule):
                                      task_weights={t: 1.0 for t in TASKS}, allow_repeats=True)
             self.train_specs = load_specs(hp.train_prompts, vocabulary=checked) if hp.train_prompts else train
             self.val_specs = load_specs(hp.val_prompts, vocabulary=checked) if hp.val_prompts else val
+        if hp.train_task_weights is not None:
+            self.train_specs = reweight_by_task(self.train_specs, hp.train_task_weights, hp.seed)
         overlap = {s["prompt"] for s in self.val_specs} & {s["prompt"] for s in self.train_specs}
         if overlap:
             raise ValueError(f"{len(overlap)} prompts are in both train and validation sets, e.g. {sorted(overlap)[0]!r}")

@@ -44,7 +44,9 @@ class RewardFunction(ABC):
 
 
 def combine_rewards(rewards: list[RewardFunction], ctx: RolloutContext) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted sum `[N]` of the terms, and each term's mean for logging (`reward/<name>`)."""
+    """Weighted sum `[N]` of the terms, each term's mean for logging (`reward/<name>`), and the sum's
+    mean per GenEval task (`reward_by_task/<tag>`, for specs that carry a tag): the overall mean hides
+    which tasks learn."""
     if not rewards:
         raise ValueError("no reward functions configured: give model.rewards at least one entry")
     total = torch.zeros(len(ctx.specs))
@@ -55,4 +57,7 @@ def combine_rewards(rewards: list[RewardFunction], ctx: RolloutContext) -> tuple
             raise ValueError(f"reward {fn.name} returned shape {tuple(r.shape)}, expected ({len(ctx.specs)},)")
         total += fn.weight * r
         logs[f"reward/{fn.name}"] = r.mean().item()
+    tags = [s.get("tag") for s in ctx.specs]
+    for tag in sorted({t for t in tags if t}):
+        logs[f"reward_by_task/{tag}"] = total[torch.tensor([t == tag for t in tags])].mean().item()
     return total, logs
