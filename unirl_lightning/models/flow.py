@@ -24,13 +24,14 @@ from __future__ import annotations
 import copy
 import json
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from unirl_lightning.models.folder import load_weights, read_config, save_folder
 from unirl_lightning.models.text import WordTokenizer, world_words
 from unirl_lightning.objectives.flow_sde import SDE_KINDS, sde_step
 from unirl_lightning.worlds.render import WorldConfig
@@ -530,20 +531,8 @@ class TinyFlowModel(SD3FlowPolicy):
         return self.codec.decode(latents)
 
     def save_pretrained(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=1))
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(path / "model.safetensors"))
+        save_folder(path, self.config, self.state_dict())
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides) -> "TinyFlowModel":
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} holds no config.json: not a TinyFlowModel folder (see save_pretrained)")
-        model = cls(TinyFlowConfig(**{**json.loads((path / "config.json").read_text()), **overrides}))
-        model.load_state_dict(load_file(str(path / "model.safetensors")))
-        return model
+        return load_weights(cls(TinyFlowConfig(**{**read_config(path, cls.__name__), **overrides})), path)

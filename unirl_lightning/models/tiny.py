@@ -10,9 +10,8 @@ decoding. Every sequence has one fixed layout, so positions mean the same thing 
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unirl_lightning.models.folder import load_weights, read_config, save_folder
 from unirl_lightning.models.base import AnswerRollout, ImageInput, ImageOrder, ImageRollout, UnifiedPolicy
 from unirl_lightning.models.text import WordTokenizer, world_words
 from unirl_lightning.worlds.render import WorldConfig
@@ -447,24 +447,10 @@ class TinyUnifiedModel(UnifiedPolicy):
 
     # ---- persistence ------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(asdict(self.config), indent=1))
-        weights = state_dict if state_dict is not None else self.state_dict()
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(path / "model.safetensors"))
+        save_folder(path, self.config, state_dict if state_dict is not None else self.state_dict())
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides) -> "TinyUnifiedModel":
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} holds no config.json: not a TinyUnifiedModel folder (see save_pretrained)")
-        saved = json.loads((path / "config.json").read_text())
+        saved = read_config(path, cls.__name__)
         saved.setdefault("image_embedding", "table")  # folders saved before the option existed
-        cfg = TinyConfig(**{**saved, **overrides})
-        model = cls(cfg)
-        model.load_state_dict(load_file(str(path / "model.safetensors")))
-        return model
+        return load_weights(cls(TinyConfig(**{**saved, **overrides})), path)
