@@ -51,6 +51,20 @@ def test_codec_round_trips_rendered_scenes_exactly():
     assert torch.equal(policy.decode(latents + 0.3 * torch.randn_like(latents)), images)  # snaps to codes
 
 
+def test_off_manifold_proxy_is_zero_on_codes_and_grows_with_drift():
+    policy = _tiny()
+    specs = generate_specs(8, ["square", "circle", "triangle", "cross"], seed=1)
+    latents = policy.encode_images(render_batch(specs, list(range(8)), policy.world)[0])
+    assert torch.allclose(policy.off_manifold(latents), torch.zeros(8), atol=1e-6)
+    # half way between two codes that differ in one attribute (one-hot swap in two channels): 0.5
+    codes = policy.codec.codes
+    a, b = codes[1], next(c for c in codes[2:] if (c != codes[1]).sum() == 2)
+    mid = ((a + b) / 2).view(1, -1, 1, 1).expand(1, -1, *latents.shape[-2:])
+    assert torch.allclose(policy.off_manifold(mid), torch.tensor([0.5]), atol=1e-5)
+    noisy = [policy.off_manifold(latents + s * torch.randn_like(latents)).mean() for s in (0.1, 0.3)]
+    assert 0 < noisy[0] < noisy[1]
+
+
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
 @pytest.mark.parametrize("kind", ["sde", "cps"])
 def test_rollout_logprobs_equal_recomputed(cfg_scale, kind):

@@ -159,6 +159,12 @@ class FlowPolicy(nn.Module, ABC):
         """uint8 images `[B, 3, H', W']` -> clean latents `[B, C, H, W]` (for flow-matching pretraining)."""
         raise NotImplementedError(f"{type(self).__name__} has no image encoder")
 
+    def off_manifold(self, latents: Tensor) -> Tensor | None:
+        """An image-quality proxy, `[B]`: how far final latents lie from what the decoder was
+        built for (0 = clean); rising under RL flags reward hacking the judge does not see.
+        None when the model has no such measure."""
+        return None
+
     @property
     def text_trainable(self) -> bool:
         """Whether `encode_text` has trainable parameters (then recipes re-encode per backward)."""
@@ -489,6 +495,13 @@ class CellCodec(nn.Module):
     def decode(self, latents: Tensor) -> Tensor:
         return self.tokenizer.decode(self.latents_to_tokens(latents).cpu())
 
+    def snap_distance(self, latents: Tensor) -> Tensor:
+        """`[B, C, side, side]` -> `[B]` mean L2 distance of each cell to its nearest code, in units of
+        the distance between two codes that differ in one attribute (so 0.5 = half way to a wrong cell)."""
+        flat = latents.float().flatten(2).transpose(1, 2)  # [B, L, C]
+        dist = torch.cdist(flat, self.codes.unsqueeze(0).expand(flat.shape[0], -1, -1)).amin(-1)
+        return dist.mean(-1) / (2 * self.codes.abs().max() * 2**0.5)
+
 
 class TinyFlowModel(SD3FlowPolicy):
     """The built-in flow policy: a tiny `SD3Transformer2DModel` (patch 1) over cell latents.
@@ -529,6 +542,10 @@ class TinyFlowModel(SD3FlowPolicy):
 
     def decode(self, latents: Tensor) -> Tensor:
         return self.codec.decode(latents)
+
+    def off_manifold(self, latents: Tensor) -> Tensor:
+        """Mean distance of the latent cells to the nearest code (`CellCodec.snap_distance`)."""
+        return self.codec.snap_distance(latents)
 
     def save_pretrained(self, path: str | Path) -> None:
         save_folder(path, self.config, self.state_dict())

@@ -1,7 +1,8 @@
 """What the flow recipes share: the flow policy and its warm start, AdamW, and GenEval validation.
 
 Validation draws one image per held-out prompt by the deterministic ODE sampler (noise 0),
-scores it with the GenEval judge, and logs the GenEval scores, the partial-credit mean and an
+scores it with the GenEval judge, and logs the GenEval scores, the partial-credit mean, the
+policy's image-quality proxy (`off_manifold`, when it has one) and an
 image grid. The discrete recipes' `PolicyModule` also measures understanding, which a flow
 policy does not have.
 """
@@ -61,6 +62,9 @@ class FlowPolicyModule(RecipeModule):
         self.val_geneval.update([s["tag"] for s in specs], correct.to(self.device))
         partial = torch.tensor([float(r.partial) for r in results]).mean()
         self.log("val/geneval_partial", partial, batch_size=len(results), sync_dist=True)
+        off = self.policy.off_manifold(rollout.latents[:, -1])
+        if off is not None:  # image-quality proxy: drift the judge cannot see
+            self.log("val/off_manifold", off.mean(), batch_size=len(results), sync_dist=True)
         if batch_idx == 0:
             from unirl_lightning.callbacks.image_grid import log_image_grid
 

@@ -284,6 +284,9 @@ class UniGRPO(FlowGRPO):
         exact = torch.tensor([text_matches(t, s["prompt"]) for t, s in zip(texts, batch.specs)]).float().mean()
         self.log("val/geneval_partial", partial, batch_size=size, sync_dist=True)
         self.log("val/text_exact", exact, batch_size=size, sync_dist=True)
+        off = self.policy.off_manifold(rollout.latents[:, -1])
+        if off is not None:
+            self.log("val/off_manifold", off.mean(), batch_size=size, sync_dist=True)
         if batch_idx == 0:
             from unirl_lightning.callbacks.image_grid import log_image_grid
 
