@@ -109,3 +109,36 @@ def test_policy_geneval_callback_logs_scalars_and_grid(tmp_path):
     scalars = read_scalars(tmp_path)
     assert "geneval/overall" in scalars and "imbalance/overall" in scalars
     assert len(cb.last_results) == 24  # 12 prompts x 2 samples
+
+
+def test_grpo_answer_stream_credited_by_its_own_reward_terms(tmp_path, monkeypatch):
+    """answer_reward_terms: the answer stream's advantages are the group-relative advantages of the
+    named terms alone; the image stream keeps the total reward's."""
+    import unirl_lightning.modules.grpo as grpo
+    from unirl_lightning.objectives import group_advantages
+    from unirl_lightning.rewards import RewardFunction, SelfUnderstandingReward
+
+    class Noise(RewardFunction):
+        def __call__(self, ctx):
+            return torch.rand(len(ctx.specs), generator=torch.Generator().manual_seed(7))
+
+    seen, real_loss = [], grpo.policy_loss
+    monkeypatch.setattr(grpo, "policy_loss", lambda logp, old, adv, mask, **kw: (seen.append(adv.clone()), real_loss(logp, old, adv, mask, **kw))[1])
+    captured = {}
+    real_combine = grpo.combine_rewards
+
+    def combine(rewards, ctx):
+        total, logs = real_combine(rewards, ctx)
+        captured.update(total=total, und=ctx.cache["reward_terms"]["self_understanding"])
+        return total, logs
+
+    monkeypatch.setattr(grpo, "combine_rewards", combine)
+    module = DiscreteGRPO(_tiny(), warm_start=None, rewards=[Noise(name="noise"), SelfUnderstandingReward(0.8)],
+                          answer_weight=1.0, answer_reward_terms=["self_understanding"], micro_batch_size=64, lr=1e-3)
+    _fit(module, tmp_path, steps=1, P=2, G=4)
+    ids = torch.arange(2).repeat_interleave(4)
+    image_adv, answer_adv = seen[0], seen[1]
+    torch.testing.assert_close(image_adv, group_advantages(captured["total"], ids))
+    torch.testing.assert_close(answer_adv, group_advantages(captured["und"], ids))
+    with pytest.raises(ValueError, match="answer_reward_terms.*'geneval'"):
+        DiscreteGRPO(_tiny(), warm_start=None, answer_weight=1.0, answer_reward_terms=["geneval"])

@@ -37,6 +37,10 @@ class DiscreteGRPO(PolicyModule):
         filter_zero_std: drop groups whose rewards are all equal (they carry no signal).
         cfg_scale / temperature: rollout sampling; training log-probs use exactly the same.
         answer_temperature: sampling temperature of the answers.
+        answer_reward_terms: names of the reward terms (e.g. ["self_understanding"]) whose weighted
+            sum alone credits the answer stream, with its own group-relative advantages; None: one
+            shared advantage from the total reward. An answer cannot change the image, so generation
+            rewards only add noise to the answer tokens' credit.
         answer_sft_weight: weight of UniRL's supervised answer loss on the step's own images (NLL of
             the ground-truth answer, image detached), trained beside the GRPO streams so that
             understanding keeps pace with generation (lowers the imbalance metric); 0 = off.
@@ -60,6 +64,7 @@ class DiscreteGRPO(PolicyModule):
         cfg_scale: float = 1.0,
         temperature: float = 1.0,
         answer_temperature: float = 1.0,
+        answer_reward_terms: list[str] | None = None,
         answer_sft_weight: float = 0.0,
         gradient_clip_val: float | None = 1.0,
         **kwargs,
@@ -74,6 +79,12 @@ class DiscreteGRPO(PolicyModule):
 
             rewards = [GenEvalReward("binary")]
         self.rewards = rewards
+        if answer_reward_terms is not None:
+            names = [fn.name for fn in rewards]
+            unknown = sorted(set(answer_reward_terms) - set(names))
+            if unknown or not answer_reward_terms:
+                raise ValueError(f"model.answer_reward_terms: {unknown or 'empty list'} not among the configured "
+                                 f"reward names {names}; give some of those names, or null for the total reward")
         self.automatic_optimization = False  # mu passes and micro-batches per rollout
         self.reference = policy.make_reference() if beta > 0 else None
 
@@ -101,7 +112,12 @@ class DiscreteGRPO(PolicyModule):
         hp = self.hparams
         ctx = batch.rollout if batch.rollout is not None else self.make_rollouts(batch)
         rewards, logs = combine_rewards(self.rewards, ctx)
-        adv, zero_frac = rank_advantages(self, rewards, batch.group_ids, scale=self.hparams.scale, clip=self.hparams.adv_clip)
+        adv, zero_frac = rank_advantages(self, rewards, batch.group_ids, scale=hp.scale, clip=hp.adv_clip)
+        advantages = {"image": adv, "answer": adv}
+        if hp.answer_weight > 0 and hp.answer_reward_terms:
+            terms = ctx.cache["reward_terms"]
+            answer_rewards = sum(terms[name] for name in hp.answer_reward_terms)
+            advantages["answer"] = rank_advantages(self, answer_rewards, batch.group_ids, scale=hp.scale, clip=hp.adv_clip)[0]
         keep = torch.arange(len(adv), device=self.device)
         if hp.filter_zero_std:
             keep = keep[self._nonzero_std_rows(rewards, batch.group_ids)]
@@ -113,7 +129,7 @@ class DiscreteGRPO(PolicyModule):
                 for rows, old, ref, mask in fns["chunks"]:
                     logp = fns["logp"](rows)
                     loss, stats = policy_loss(
-                        logp, old if old is not None else logp.detach(), adv[rows], mask, loss_type=hp.loss_type,
+                        logp, old if old is not None else logp.detach(), advantages[name][rows], mask, loss_type=hp.loss_type,
                         epsilon_low=hp.epsilon_low, epsilon_high=hp.epsilon_high, beta=hp.beta, ref_logp=ref,
                         num_items_in_batch=fns["num_items"])
                     # dapo already divides by the global token count; the others are means over chunk rows

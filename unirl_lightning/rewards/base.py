@@ -46,7 +46,7 @@ class RewardFunction(ABC):
 def combine_rewards(rewards: list[RewardFunction], ctx: RolloutContext) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted sum `[N]` of the terms, each term's mean for logging (`reward/<name>`), and the sum's
     mean per GenEval task (`reward_by_task/<tag>`, for specs that carry a tag): the overall mean hides
-    which tasks learn."""
+    which tasks learn. Each weighted term is also kept in `ctx.cache["reward_terms"]`."""
     if not rewards:
         raise ValueError("no reward functions configured: give model.rewards at least one entry")
     total = torch.zeros(len(ctx.specs))
@@ -56,6 +56,7 @@ def combine_rewards(rewards: list[RewardFunction], ctx: RolloutContext) -> tuple
         if r.shape != total.shape:
             raise ValueError(f"reward {fn.name} returned shape {tuple(r.shape)}, expected ({len(ctx.specs)},)")
         total += fn.weight * r
+        ctx.cache.setdefault("reward_terms", {})[fn.name] = fn.weight * r  # weighted, for per-stream credit
         logs[f"reward/{fn.name}"] = r.mean().item()
     tags = [s.get("tag") for s in ctx.specs]
     for tag in sorted({t for t in tags if t}):
