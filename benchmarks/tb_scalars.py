@@ -1,8 +1,12 @@
-"""Print a TensorBoard run's scalars as a table: python benchmarks/tb_scalars.py LOGDIR [TAG ...]"""
+"""Print a TensorBoard run's scalars.
+
+    python benchmarks/tb_scalars.py LOGDIR [TAG ...]              # the last 12 values of each tag
+    python benchmarks/tb_scalars.py LOGDIR [TAG ...] --window 25  # means over windows of 25 steps
+"""
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -19,12 +23,29 @@ def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float, float]]
     return out
 
 
+def window_means(rows: list[tuple[int, float, float]], window: int) -> list[tuple[int, float]]:
+    """(first step of the window, mean value) per window of `window` steps."""
+    groups: dict[int, list[float]] = {}
+    for step, value, _ in rows:
+        groups.setdefault(step // window * window, []).append(value)
+    return [(s, sum(v) / len(v)) for s, v in sorted(groups.items())]
+
+
 if __name__ == "__main__":
-    scalars = read_scalars(sys.argv[1])
-    tags = sys.argv[2:] or sorted(scalars)
-    for tag in tags:
-        rows = scalars.get(tag, [])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("logdir")
+    parser.add_argument("tags", nargs="*")
+    parser.add_argument("--window", type=int, default=0, help="print means over windows of this many steps")
+    args = parser.parse_args()
+    scalars = read_scalars(args.logdir)
+    if not scalars:
+        raise SystemExit(f"no TensorBoard scalars under {args.logdir!r}")
+    t0 = min(r[2] for v in scalars.values() for r in v)
+    for tag in args.tags or sorted(scalars):
+        rows = sorted(scalars.get(tag, []))
         if not rows:
-            continue
-        t0 = min(r[2] for v in scalars.values() for r in v)
-        print(f"{tag}: " + ", ".join(f"{s}:{v:.3f}@{w - t0:.0f}s" for s, v, w in rows[-12:]))
+            print(f"{tag}: (not logged)")
+        elif args.window > 0:
+            print(f"{tag}: " + ", ".join(f"{s}:{v:.3f}" for s, v in window_means(rows, args.window)))
+        else:
+            print(f"{tag}: " + ", ".join(f"{s}:{v:.3f}@{w - t0:.0f}s" for s, v, w in rows[-12:]))

@@ -217,6 +217,18 @@ def test_train_text_false_leaves_the_text_policy_unchanged():
     assert "text/exact_prompt" in record.rows[-1]
 
 
+def test_validation_scores_eval_repeats_images_per_greedy_text():
+    module = _module(eval_repeats=3)
+    judged, judge = [], module.judge
+    module.judge = lambda images, specs: (judged.append([s["prompt"] for s in specs]), judge(images, specs))[1]
+    trainer = _trainer(1)
+    trainer.validate(module, datamodule=_data())
+    prompts = judged[0]
+    assert len(prompts) == 36 and all(len(set(prompts[i : i + 3])) == 1 for i in range(0, 36, 3))
+    m = trainer.callback_metrics
+    assert 0.0 <= float(m["val/text_exact"]) <= 1.0 and "val/off_manifold" in m
+
+
 def test_oracle_condition_and_checks():
     module = _module(image_condition="prompt")
     batch = _data()

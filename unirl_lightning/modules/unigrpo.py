@@ -271,17 +271,20 @@ class UniGRPO(FlowGRPO):
 
     # ---- evaluation ---------------------------------------------------------------------------
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        """Greedy text, ODE image (noise 0, no CFG), GenEval judge against the spec."""
+        """Greedy text, `eval_repeats` ODE images per text (noise 0, no CFG), GenEval judge against the spec."""
         hp = self.hparams
         gen = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
         texts, _ = self.write(batch.specs, greedy=True)
-        rollout = self.policy.sample(texts, num_steps=hp.eval_num_steps, noise_level=0.0, generator=gen)
-        results = self.judge(rollout.images, batch.specs)
+        exact = torch.tensor([text_matches(t, s["prompt"]) for t, s in zip(texts, batch.specs)]).float().mean()
+        k = hp.eval_repeats  # greedy text is deterministic: one text, k images from different noise
+        specs = [s for s in batch.specs for _ in range(k)]
+        rollout = self.policy.sample([t for t in texts for _ in range(k)], num_steps=hp.eval_num_steps,
+                                     noise_level=0.0, generator=gen)
+        results = self.judge(rollout.images, specs)
         correct = torch.tensor([r.correct for r in results], dtype=torch.bool)
-        self.val_geneval.update([s["tag"] for s in batch.specs], correct.to(self.device))
+        self.val_geneval.update([s["tag"] for s in specs], correct.to(self.device))
         size = len(results)
         partial = torch.tensor([float(r.partial) for r in results]).mean()
-        exact = torch.tensor([text_matches(t, s["prompt"]) for t, s in zip(texts, batch.specs)]).float().mean()
         self.log("val/geneval_partial", partial, batch_size=size, sync_dist=True)
         self.log("val/text_exact", exact, batch_size=size, sync_dist=True)
         off = self.policy.off_manifold(rollout.latents[:, -1])
@@ -292,7 +295,7 @@ class UniGRPO(FlowGRPO):
 
             n = hp.grid_size
             captions = [f"{r} -> {t}" for r, t in zip(_riddles(batch.specs[:n]), texts[:n])]
-            log_image_grid(self.logger, "val/images", rollout.images[:n], captions, self.global_step, correct[:n])
+            log_image_grid(self.logger, "val/images", rollout.images[::k][:n], captions, self.global_step, correct[::k][:n])
 
     test_step = validation_step
 
