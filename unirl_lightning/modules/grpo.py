@@ -140,7 +140,7 @@ class DiscreteGRPO(PolicyModule):
             if hp.answer_sft_weight > 0:
                 sft = self._answer_sft_loss(ctx)
                 self.manual_backward(hp.answer_sft_weight * sft)
-                stats_acc.setdefault("answer_sft/loss", []).append(float(sft))
+                stats_acc.setdefault("answer_sft/loss", []).append(float(sft.detach()))
             if hp.gradient_clip_val:
                 self.clip_gradients(opt, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
             opt.step()
