@@ -142,3 +142,26 @@ def test_grpo_answer_stream_credited_by_its_own_reward_terms(tmp_path, monkeypat
     torch.testing.assert_close(answer_adv, group_advantages(captured["und"], ids))
     with pytest.raises(ValueError, match="answer_reward_terms.*'geneval'"):
         DiscreteGRPO(_tiny(), warm_start=None, answer_weight=1.0, answer_reward_terms=["geneval"])
+
+
+def test_grpo_answer_sft_on_correct_uses_only_judged_correct_images(tmp_path):
+    from unirl_lightning.evaluation.geneval import GenEvalResult
+    from unirl_lightning.evaluation.judge import GenEvalJudge
+    from unirl_lightning.rewards import RewardFunction
+
+    class Noise(RewardFunction):
+        def __call__(self, ctx):
+            return torch.rand(len(ctx.specs))
+
+    policy = _tiny()
+    module = DiscreteGRPO(policy, warm_start=None, rewards=[Noise()], answer_sft_weight=1.0, answer_sft_on="correct", lr=1e-3)
+    class EveryThird(GenEvalJudge):
+        def __call__(self, images, specs):
+            return [GenEvalResult(i % 3 == 0, "", False, 0.0) for i in range(len(specs))]
+
+    module.judge = EveryThird()
+    sizes, real = [], policy.answer_logprobs
+    policy.answer_logprobs = lambda tokens, questions, answers: (sizes.append(len(questions)), real(tokens, questions, answers))[1]
+    trainer = _fit(module, tmp_path, steps=1, P=2, G=3)
+    assert sizes[0] == 2  # rows 0 and 3 of 6 (validation's answers come after)
+    assert float(trainer.logged_metrics["answer_sft/loss"]) > 0

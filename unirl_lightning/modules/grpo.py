@@ -44,6 +44,8 @@ class DiscreteGRPO(PolicyModule):
         answer_sft_weight: weight of UniRL's supervised answer loss on the step's own images (NLL of
             the ground-truth answer, image detached), trained beside the GRPO streams so that
             understanding keeps pace with generation (lowers the imbalance metric); 0 = off.
+        answer_sft_on: "all" images, or only those the GenEval judge passes ("correct"): the
+            ground-truth answer describes the prompt, so on a wrong image it is a wrong label.
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class DiscreteGRPO(PolicyModule):
         answer_temperature: float = 1.0,
         answer_reward_terms: list[str] | None = None,
         answer_sft_weight: float = 0.0,
+        answer_sft_on: Literal["all", "correct"] = "all",
         gradient_clip_val: float | None = 1.0,
         **kwargs,
     ):
@@ -152,10 +155,19 @@ class DiscreteGRPO(PolicyModule):
         self.log("reward", rewards.mean().item(), prog_bar=True, batch_size=len(batch))
 
     def _answer_sft_loss(self, ctx: RolloutContext) -> torch.Tensor:
-        """Mean NLL per answer token of the ground-truth answers about the rollout's own images."""
-        questions, answers = self.qa(ctx.specs)
-        logp, mask = self.policy.answer_logprobs(ctx.rollout.tokens, questions, answers)
-        return -(logp.sum() / mask.sum().clamp(min=1))
+        """Mean NLL per answer token of the ground-truth answers about the rollout's own images
+        (with `answer_sft_on="correct"`, only those the judge passes; zero when none passes)."""
+        rows, scale = list(range(len(ctx.specs))), 1.0
+        if self.hparams.answer_sft_on == "correct":
+            if "geneval" not in ctx.cache:  # a GenEval reward already judged them otherwise
+                ctx.cache["geneval"] = self.judge(ctx.images, ctx.specs)
+            rows = [i for i, r in enumerate(ctx.cache["geneval"]) if r.correct]
+            if not rows:  # keep the same backward on every rank (sharded training): one row, weight 0
+                rows, scale = [0], 0.0
+        questions, answers = self.qa([ctx.specs[i] for i in rows])
+        tokens = ctx.rollout.tokens[torch.tensor(rows, device=ctx.rollout.tokens.device)]
+        logp, mask = self.policy.answer_logprobs(tokens, questions, answers)
+        return -scale * logp.sum() / mask.sum().clamp(min=1)
 
     @staticmethod
     def _nonzero_std_rows(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
