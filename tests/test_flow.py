@@ -285,3 +285,10 @@ def test_auto_warm_start_is_trained_once_cached_and_loaded(tmp_path, monkeypatch
     assert torch.equal(cached.transformer.proj_out.weight, module.policy.transformer.proj_out.weight)
     assert torch.equal(module.reference.transformer.proj_out.weight, module.policy.transformer.proj_out.weight)
     assert flow_warm_start.ensure_flow_warm_start(module.policy) == folder  # cached: no retraining
+
+
+def test_flow_recipes_refuse_sharded_training_before_compute(monkeypatch):
+    module = FlowGRPO(_tiny(), warm_start=None)
+    monkeypatch.setattr(type(module), "device_mesh", property(lambda self: object()))
+    with pytest.raises(NotImplementedError, match="trainer.devices: 1"):
+        module.configure_model()

@@ -371,7 +371,8 @@ class JanusPolicy(UnifiedPolicy):
             toks.append(torch.where(done, torch.full_like(pick, self.pad_id), pick))
             logps.append(torch.log_softmax(logits, -1).gather(-1, pick[:, None]).squeeze(-1) * (~done))
             done = done | (pick == self.eos_id)
-            if bool(done.all()) or t + 1 == max_new_tokens:
+            # sharded (FSDP) ranks must run the same forwards (each gathers parameters): no early stop there
+            if t + 1 == max_new_tokens or (bool(done.all()) and not getattr(self, "_fsdp_sharded", False)):
                 break
             h = self._step(self._embed(toks[-1][:, None]), full[:, : S + t + 1], cache)
         tokens, mask_out = torch.stack(toks, 1), torch.stack(masks, 1)
