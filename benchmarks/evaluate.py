@@ -44,15 +44,20 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4, help="images per held-out prompt")
     ap.add_argument("--cfg", type=float, default=1.0)
     args = ap.parse_args()
+    print_table(args.runs, list(TASKS) + ["overall", "imbalance"],
+                lambda folder, specs: evaluate_policy(TinyUnifiedModel.from_pretrained(folder).eval(), specs,
+                                                      args.samples, args.cfg))
+
+
+def print_table(runs: list[str], cols: list[str], score) -> None:
+    """One markdown row per `NAME=FOLDER` in `runs`: `score(folder, held-out specs) -> {col: value}`."""
     data = OnPolicyDataModule()
     data.setup("validate")
-    cols = list(TASKS) + ["overall", "imbalance"]
     print(f"| policy | {' | '.join(cols)} |")
     print("|---" * (len(cols) + 1) + "|")
-    for run in args.runs:
+    for run in runs:
         name, folder = run.split("=", 1)
-        policy = TinyUnifiedModel.from_pretrained(folder).eval()
-        res = evaluate_policy(policy, data.val_specs, args.samples, args.cfg)
+        res = score(folder, data.val_specs)
         print(f"| {name} | " + " | ".join(f"{res.get(c, float('nan')):.3f}" for c in cols) + " |", flush=True)
 
 

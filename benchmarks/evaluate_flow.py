@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from unirl_lightning.data import OnPolicyDataModule
+from evaluate import print_table  # the sibling script: run this file as `python benchmarks/evaluate_flow.py`
 from unirl_lightning.evaluation import GenEvalScore
 from unirl_lightning.evaluation.judge import GenEvalJudge
 from unirl_lightning.models.flow import TinyFlowModel
@@ -47,17 +47,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4, help="images per held-out prompt")
     ap.add_argument("--steps", type=int, default=20, help="ODE steps")
     args = ap.parse_args()
-    data = OnPolicyDataModule()
-    data.setup("validate")
-    cols = list(TASKS) + ["overall", "partial", "off_manifold"]
-    print(f"| policy | {' | '.join(cols)} |")
-    print("|---" * (len(cols) + 1) + "|")
-    for run in args.runs:
-        name, folder = run.split("=", 1)
-        policy = TinyFlowModel.from_pretrained(folder).eval()
-        res = evaluate_flow(policy, data.val_specs, args.samples, args.steps)
-        print(f"| {name} | " + " | ".join(f"{res.get(c, float('nan')):.3f}" for c in cols) + " |", flush=True)
-
+    print_table(args.runs, list(TASKS) + ["overall", "partial", "off_manifold"],
+                lambda folder, specs: evaluate_flow(TinyFlowModel.from_pretrained(folder).eval(), specs,
+                                                    args.samples, args.steps))
 
 if __name__ == "__main__":
     main()

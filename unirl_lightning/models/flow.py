@@ -484,10 +484,14 @@ class CellCodec(nn.Module):
         lat = self.codes[tokens.to(self.codes.device)]  # [B, L, C]
         return lat.transpose(1, 2).reshape(tokens.shape[0], self.channels, self.side, self.side)
 
+    def code_distances(self, latents: Tensor) -> Tensor:
+        """`[B, C, side, side]` -> `[B, L, K]` L2 distance of each cell's vector to each code."""
+        flat = latents.float().flatten(2).transpose(1, 2)  # [B, L, C]
+        return torch.cdist(flat, self.codes.unsqueeze(0).expand(flat.shape[0], -1, -1))
+
     def latents_to_tokens(self, latents: Tensor) -> Tensor:
         """`[B, C, side, side]` -> nearest code ids long `[B, L]`."""
-        flat = latents.float().flatten(2).transpose(1, 2)  # [B, L, C]
-        return torch.cdist(flat, self.codes.unsqueeze(0).expand(flat.shape[0], -1, -1)).argmin(-1)
+        return self.code_distances(latents).argmin(-1)
 
     def encode(self, images: Tensor) -> Tensor:
         return self.tokens_to_latents(self.tokenizer.encode(images.cpu()))
@@ -498,9 +502,7 @@ class CellCodec(nn.Module):
     def snap_distance(self, latents: Tensor) -> Tensor:
         """`[B, C, side, side]` -> `[B]` mean L2 distance of each cell to its nearest code, in units of
         the distance between two codes that differ in one attribute (so 0.5 = half way to a wrong cell)."""
-        flat = latents.float().flatten(2).transpose(1, 2)  # [B, L, C]
-        dist = torch.cdist(flat, self.codes.unsqueeze(0).expand(flat.shape[0], -1, -1)).amin(-1)
-        return dist.mean(-1) / (2 * self.codes.abs().max() * 2**0.5)
+        return self.code_distances(latents).amin(-1).mean(-1) / (2 * self.codes.abs().max() * 2**0.5)
 
 
 class TinyFlowModel(SD3FlowPolicy):

@@ -70,14 +70,18 @@ class FlowPolicyModule(RecipeModule):
         self.val_geneval.update([s["tag"] for s in specs], correct.to(self.device))
         partial = torch.tensor([float(r.partial) for r in results]).mean()
         self.log("val/geneval_partial", partial, batch_size=len(results), sync_dist=True)
-        off = self.policy.off_manifold(rollout.latents[:, -1])
-        if off is not None:  # image-quality proxy: drift the judge cannot see
-            self.log("val/off_manifold", off.mean(), batch_size=len(results), sync_dist=True)
+        self.log_off_manifold(rollout, len(results))
         if batch_idx == 0:
             from unirl_lightning.callbacks.image_grid import log_image_grid
 
             n = hp.grid_size
             log_image_grid(self.logger, "val/images", rollout.images[:n], prompts[:n], self.global_step, correct[:n])
+
+    def log_off_manifold(self, rollout, batch_size: int) -> None:
+        """Logs the policy's image-quality proxy of the final latents (drift the judge cannot see), if it has one."""
+        off = self.policy.off_manifold(rollout.latents[:, -1])
+        if off is not None:
+            self.log("val/off_manifold", off.mean(), batch_size=batch_size, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict({f"val/{k}": v for k, v in self.val_geneval.compute().items()}, sync_dist=False)

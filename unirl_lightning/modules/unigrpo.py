@@ -287,9 +287,7 @@ class UniGRPO(FlowGRPO):
         partial = torch.tensor([float(r.partial) for r in results]).mean()
         self.log("val/geneval_partial", partial, batch_size=size, sync_dist=True)
         self.log("val/text_exact", exact, batch_size=size, sync_dist=True)
-        off = self.policy.off_manifold(rollout.latents[:, -1])
-        if off is not None:
-            self.log("val/off_manifold", off.mean(), batch_size=size, sync_dist=True)
+        self.log_off_manifold(rollout, size)
         if batch_idx == 0:
             from unirl_lightning.callbacks.image_grid import log_image_grid
 
