@@ -269,6 +269,16 @@ def test_diffusers_flow_policy_on_a_tiny_local_sd3_pipeline(tmp_path):
     policy.save_pretrained(tmp_path / "saved")
     loaded = DiffusersFlowPolicy.from_pretrained(tmp_path / "saved")
     assert torch.equal(loaded.transformer.proj_out.weight, policy.transformer.proj_out.weight)
+    # FSDP: gathered full weights (this module's keys) are written in place of the live ones
+    full = {k: v + 1 if k == "transformer.proj_out.weight" else v for k, v in policy.state_dict().items()}
+    policy.save_pretrained(tmp_path / "gathered", state_dict=full)
+    loaded = DiffusersFlowPolicy.from_pretrained(tmp_path / "gathered")
+    assert torch.equal(loaded.transformer.proj_out.weight, policy.transformer.proj_out.weight + 1)
+    # the frozen encoders and VAE (shared with the reference) stay whole; the transformer shards by blocks
+    ignored = policy.fsdp_ignored_params()
+    assert set(policy.vae.parameters()) <= ignored and set(policy.text_encoder.parameters()) <= ignored
+    assert not ignored & set(policy.transformer.parameters())
+    assert policy.fsdp_units()[-1] is policy.transformer
 
 
 def test_auto_warm_start_is_trained_once_cached_and_loaded(tmp_path, monkeypatch):
@@ -285,10 +295,3 @@ def test_auto_warm_start_is_trained_once_cached_and_loaded(tmp_path, monkeypatch
     assert torch.equal(cached.transformer.proj_out.weight, module.policy.transformer.proj_out.weight)
     assert torch.equal(module.reference.transformer.proj_out.weight, module.policy.transformer.proj_out.weight)
     assert flow_warm_start.ensure_flow_warm_start(module.policy) == folder  # cached: no retraining
-
-
-def test_flow_recipes_refuse_sharded_training_before_compute(monkeypatch):
-    module = FlowGRPO(_tiny(), warm_start=None)
-    monkeypatch.setattr(type(module), "device_mesh", property(lambda self: object()))
-    with pytest.raises(NotImplementedError, match="trainer.devices: 1"):
-        module.configure_model()

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def test_sft_under_fsdp2_on_two_cpu_processes(tmp_path):
     script = Path(__file__).with_name("fsdp_sft_script.py")
@@ -18,3 +20,21 @@ def test_sft_under_fsdp2_on_two_cpu_processes(tmp_path):
     assert abs(results[0]["checksum"] - results[1]["checksum"]) < 1e-6 * results[0]["checksum"]
     assert all(r["loss"] == r["loss"] for r in results)  # finite (not NaN)
     assert abs(results[0]["saved_checksum"] - results[0]["checksum"]) < 1e-6 * results[0]["checksum"]
+
+
+@pytest.mark.parametrize("recipe", ["flow_grpo", "unigrpo"])
+def test_flow_recipes_under_fsdp2_on_two_cpu_processes(tmp_path, recipe):
+    script = Path(__file__).with_name("fsdp_flow_script.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), recipe], capture_output=True, text=True,
+                          timeout=540, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[:3000] + "\n...\n" + proc.stderr[-3000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["sharded"].startswith("FSDP") for r in results), results  # the transformer blocks are FSDP units
+    first, second = results
+    assert first["checksum"] == pytest.approx(second["checksum"], rel=1e-9)
+    # the policy moved, its frozen (sharded) reference did not move with it
+    assert abs(first["checksum"] - first["reference_checksum"]) > 1e-4
+    assert first["saved_checksum"] == pytest.approx(first["checksum"], rel=1e-6)
+    if recipe == "unigrpo":  # the trained text policy is saved next to the flow policy
+        assert first["saved_text_checksum"] == pytest.approx(first["text_checksum"], rel=1e-6)

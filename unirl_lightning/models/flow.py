@@ -131,6 +131,15 @@ class FlowPolicy(nn.Module, ABC):
     #: diffusers' timestep scale: the transformer reads `t = sigma * num_train_timesteps`.
     num_train_timesteps: int = 1000
 
+    #: Methods that read parameters outside `forward`; under FSDP2 they are registered as forward
+    #: methods so the sharded parameters are gathered for them (nested calls are fine: the root
+    #: keeps its parameters gathered until the outermost call ends).
+    fsdp_entry_points: tuple[str, ...] = ("sample", "step_log_prob", "velocity", "encode_text")
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """Sub-modules to shard one by one under FSDP (e.g. transformer blocks); the rest shard as the root."""
+        return []
+
     def __init__(self, shift: float = 1.0):
         super().__init__()
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -264,7 +273,9 @@ class FlowPolicy(nn.Module, ABC):
         ref.requires_grad_(False)
         return ref.eval()
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
+        """Save in the family's format; `state_dict` (this module's keys) replaces the live weights,
+        e.g. the full weights gathered from FSDP shards."""
         raise NotImplementedError(f"{type(self).__name__} cannot save itself")
 
     @classmethod
@@ -276,6 +287,10 @@ class SD3FlowPolicy(FlowPolicy):
     """A flow policy whose velocity is a diffusers `SD3Transformer2DModel` (set `self.transformer`)."""
 
     transformer: nn.Module
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """Each transformer block, then the transformer (its embedders and output layers)."""
+        return [*self.transformer.transformer_blocks, self.transformer]
 
     def forward_velocity(self, x: Tensor, sigma: Tensor, cond: TextCondition) -> Tensor:
         dtype = next(self.transformer.parameters()).dtype
@@ -326,6 +341,11 @@ class DiffusersFlowPolicy(SD3FlowPolicy):
     def text_trainable(self) -> bool:
         return False
 
+    def fsdp_ignored_params(self) -> set[nn.Parameter]:
+        """The frozen text encoders and VAE stay whole on every rank under FSDP: the pipeline calls
+        them directly, and the reference shares them."""
+        return {p for name, m in self.named_children() if name != "transformer" for p in m.parameters()}
+
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         side = self.resolution // self._pipe.vae_scale_factor
@@ -361,10 +381,20 @@ class DiffusersFlowPolicy(SD3FlowPolicy):
         ref.transformer = copy.deepcopy(self.transformer).requires_grad_(False).eval()
         return ref
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Writes the transformer (diffusers format) and the source pipeline's id."""
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
+        """Writes the transformer (diffusers format) and the source pipeline's id; `state_dict`
+        (this module's keys, e.g. gathered from FSDP shards) replaces the live transformer weights."""
         path = Path(path)
-        self.transformer.save_pretrained(path / "transformer")
+        if state_dict is None:
+            self.transformer.save_pretrained(path / "transformer")
+        else:
+            from safetensors.torch import save_file
+
+            (path / "transformer").mkdir(parents=True, exist_ok=True)
+            self.transformer.save_config(path / "transformer")
+            weights = {k.removeprefix("transformer."): v.detach().cpu().contiguous()
+                       for k, v in state_dict.items() if k.startswith("transformer.")}
+            save_file(weights, str(path / "transformer" / "diffusion_pytorch_model.safetensors"))
         (path / "flow_policy.json").write_text(json.dumps(
             {"pretrained": self.pretrained, "resolution": self.resolution, "torch_dtype": self.torch_dtype,
              "max_sequence_length": self.max_sequence_length, "shift": self.scheduler.config.shift,
@@ -549,8 +579,8 @@ class TinyFlowModel(SD3FlowPolicy):
         """Mean distance of the latent cells to the nearest code (`CellCodec.snap_distance`)."""
         return self.codec.snap_distance(latents)
 
-    def save_pretrained(self, path: str | Path) -> None:
-        save_folder(path, self.config, self.state_dict())
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
+        save_folder(path, self.config, state_dict if state_dict is not None else self.state_dict())
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides) -> "TinyFlowModel":

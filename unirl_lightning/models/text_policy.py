@@ -84,6 +84,13 @@ class TextPolicy(nn.Module, ABC):
     pad_id: int
     output_mask: Tensor | None
 
+    #: Methods that read parameters outside `forward`, registered under FSDP2 so they gather them.
+    fsdp_entry_points: tuple[str, ...] = ("generate", "logprobs")
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """Sub-modules to shard one by one under FSDP (the decoder layers); the rest shard as the root."""
+        return []
+
     # -- to implement
     @abstractmethod
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
@@ -138,7 +145,8 @@ class TextPolicy(nn.Module, ABC):
             tokens.append(tok)
             masks.append(live)
             done = done | (tok == self.eos_id)
-            if bool(done.all()):
+            # sharded (FSDP) ranks must run the same forwards (each gathers parameters): no early stop there
+            if bool(done.all()) and not getattr(self, "_fsdp_sharded", False):
                 break
             # Finished rows keep feeding pad (attended, like teacher forcing does; never scored).
             am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
@@ -178,7 +186,9 @@ class TextPolicy(nn.Module, ABC):
         """The words this policy may write (None: unrestricted), to check against an image model's vocabulary."""
         return None
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
+        """Save in the family's format; `state_dict` (this module's keys) replaces the live weights,
+        e.g. the full weights gathered from FSDP shards."""
         raise NotImplementedError(f"{type(self).__name__} cannot save itself")
 
     @classmethod
@@ -272,10 +282,16 @@ class HFTextPolicy(TextPolicy):
                          past_key_values=cache, use_cache=use_cache)
         return out.logits, (out.past_key_values if use_cache else None)
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def fsdp_units(self) -> list[nn.Module]:
+        layers = getattr(getattr(self.model, "model", None), "layers", None)
+        return list(layers) if layers is not None else []
+
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
         """Model and tokenizer (transformers format) plus this wrapper's options."""
         path = Path(path)
-        self.model.save_pretrained(path)
+        if state_dict is not None:
+            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+        self.model.save_pretrained(path, state_dict=state_dict)
         self.tokenizer.save_pretrained(path)
         (path / "text_policy.json").write_text(json.dumps({
             "allowed_words": self._allowed_words, "prompt_template": self.prompt_template,
@@ -389,8 +405,11 @@ class TinyTextPolicy(TextPolicy):
             x = block(x, allowed[:, None], cache[i] if use_cache else None)
         return self.head(self.ln_f(x)), (cache if use_cache else None)
 
-    def save_pretrained(self, path: str | Path) -> None:
-        save_folder(path, self.config, self.state_dict())
+    def fsdp_units(self) -> list[nn.Module]:
+        return list(self.blocks)
+
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
+        save_folder(path, self.config, state_dict if state_dict is not None else self.state_dict())
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides) -> "TinyTextPolicy":

@@ -49,14 +49,6 @@ class FlowPolicyModule(RecipeModule):
 
         return ensure_flow_warm_start(self.policy)
 
-    def configure_model(self) -> None:
-        """Flow policies have no FSDP entry points yet (sampling calls the transformer outside the
-        root `forward`), so sharded training fails here, before any compute, instead of later."""
-        if self.device_mesh is not None:
-            raise NotImplementedError(
-                f"{type(self).__name__} does not support sharded (FSDP / ModelParallelStrategy) training yet; "
-                "train the flow recipes on one device (trainer.devices: 1, strategy auto)")
-
     # ---- evaluation -------------------------------------------------------------------
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         hp = self.hparams

@@ -84,38 +84,49 @@ class RecipeModule(L.LightningModule):
 
     # ---- saving -----------------------------------------------------------------------
     def on_train_end(self) -> None:
-        if not self.hparams.save_to:
-            return
+        if self.hparams.save_to:
+            self.save_model(self.policy, self.hparams.save_to)
+
+    def save_model(self, model: nn.Module, path: str | Path) -> None:
+        """`model.save_pretrained(path)` on rank 0; a sharded model's full weights are gathered
+        first (every rank must call this)."""
         full = None
-        if getattr(self.policy, "_fsdp_sharded", False):  # every rank joins the gather; rank 0 writes
+        if getattr(model, "_fsdp_sharded", False):  # every rank joins the gather; rank 0 writes
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.trainer.is_global_zero:
             if full is None:
-                self.policy.save_pretrained(self.hparams.save_to)
+                model.save_pretrained(path)
             else:
-                self.policy.save_pretrained(self.hparams.save_to, state_dict=full)
+                model.save_pretrained(path, state_dict=full)
 
     # ---- sharding and optimiser -------------------------------------------------------
+    def sharded_modules(self) -> list[nn.Module]:
+        """The models FSDP shards: the policy and its frozen reference (recipes with more add them)."""
+        return [m for m in (self.policy, getattr(self, "reference", None)) if m is not None]
+
     def configure_model(self) -> None:
-        """FSDP2 under Lightning's ModelParallelStrategy: shard the policy's units, then the policy
-        (and the frozen reference, when there is one) over the data-parallel mesh."""
+        """FSDP2 under Lightning's ModelParallelStrategy: shard each model's units, then the model
+        over the data-parallel mesh, and register the methods that read parameters outside
+        `forward` (`fsdp_entry_points`) so they gather them. `fsdp_ignored_params` (e.g. frozen
+        encoders shared with the reference) stay whole on every rank."""
         mesh = self.device_mesh
         if mesh is None:
             return
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         dp = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
-        for policy in (self.policy, getattr(self, "reference", None)):
-            if policy is None or hasattr(policy, "_fsdp_sharded"):
+        for model in self.sharded_modules():
+            if hasattr(model, "_fsdp_sharded"):
                 continue
-            for unit in getattr(policy, "fsdp_units", list)():
+            ignored = getattr(model, "fsdp_ignored_params", set)()
+            for unit in getattr(model, "fsdp_units", list)():
                 fully_shard(unit, mesh=dp)
-            fully_shard(policy, mesh=dp)
-            for name in getattr(policy, "fsdp_entry_points", ()):
-                register_fsdp_forward_method(policy, name)
-            policy._fsdp_sharded = True
+            fully_shard(model, mesh=dp, **({"ignored_params": ignored} if ignored else {}))
+            for name in getattr(model, "fsdp_entry_points", ()):
+                register_fsdp_forward_method(model, name)
+            model._fsdp_sharded = True
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]

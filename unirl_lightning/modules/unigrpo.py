@@ -18,6 +18,7 @@ feeds the raw riddle to the flow model, `"prompt"` the plain GenEval prompt (an 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -60,6 +61,8 @@ class UniGRPO(FlowGRPO):
         beta_text: weight of the k3 KL to the frozen text reference (its value is logged anyway
             when `track_reference`).
         text_lr: text policy learning rate (None: `lr`).
+        save_to: the flow policy is saved there and, when the text policy trains, the text policy
+            in its `text_policy/` sub-folder.
         beta: weight of the velocity MSE (beta_v); clip_range: image ratio clip. Other arguments
             (num_steps, noise_level, kind, sde_window(_size), num_iterations, micro_batch_size,
             scale, adv_clip, regularizer, track_reference, lr, warm_start, ...) as in `FlowGRPO`.
@@ -126,6 +129,15 @@ class UniGRPO(FlowGRPO):
         loaded = type(self.text_policy).from_pretrained(source)
         self.text_policy.load_state_dict(loaded.state_dict())
         self.text_reference = self._make_text_reference()
+
+    # ---- sharding and saving -----------------------------------------------------------------
+    def sharded_modules(self) -> list[torch.nn.Module]:
+        return super().sharded_modules() + [m for m in (self.text_policy, self.text_reference) if m is not None]
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self.hparams.save_to and self.trains_text:
+            self.save_model(self.text_policy, Path(self.hparams.save_to) / "text_policy")
 
     def configure_optimizers(self):
         hp = self.hparams

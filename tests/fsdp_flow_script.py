@@ -1,0 +1,64 @@
+"""FlowGRPO / UniGRPO under FSDP2 (Lightning's ModelParallelStrategy) on 2 CPU processes (gloo).
+
+Run by tests/test_fsdp.py as `python fsdp_flow_script.py OUT_DIR RECIPE` (RECIPE: flow_grpo or
+unigrpo): Lightning re-launches it once per rank. Writes each rank's result (full parameters'
+checksums, reward, saved checksums) to OUT_DIR.
+"""
+
+import json
+import os
+import sys
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from unirl_lightning.data import OnPolicyDataModule
+from unirl_lightning.data.reasoning import ReasoningDataModule
+from unirl_lightning.models.flow import TinyFlowConfig, TinyFlowModel
+from unirl_lightning.models.text_policy import TinyTextConfig, TinyTextPolicy
+from unirl_lightning.modules.flow_grpo import FlowGRPO
+from unirl_lightning.modules.unigrpo import UniGRPO
+
+
+def checksum(module: torch.nn.Module) -> float:
+    full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in module.state_dict().items()}
+    return float(sum(v.double().abs().sum() for v in full.values()))
+
+
+def main(out_dir: str, recipe: str) -> None:
+    torch.manual_seed(0)
+    flow = TinyFlowModel(TinyFlowConfig(num_layers=2, num_heads=2, head_dim=8, text_dim=16))
+    save_to = os.path.join(out_dir, "saved")
+    common = dict(warm_start=None, num_steps=3, lr=1e-3, beta=0.01, micro_batch_size=2, save_to=save_to)
+    if recipe == "unigrpo":
+        text = TinyTextPolicy(TinyTextConfig(d_model=32, n_layers=2, n_heads=2))
+        module = UniGRPO(text, flow, text_warm_start=None, max_new_tokens=4, **common)
+        data = ReasoningDataModule(num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6)
+    else:
+        module = FlowGRPO(flow, **common)
+        data = OnPolicyDataModule(num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                        max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=1, val_check_interval=2, check_val_every_n_epoch=None)
+    trainer.fit(module, datamodule=data)
+    result = {
+        "rank": trainer.global_rank,
+        "sharded": type(module.policy.transformer.transformer_blocks[0]).__name__,
+        "checksum": checksum(module.policy),
+        "reference_checksum": checksum(module.reference),
+        "reward": float(trainer.logged_metrics["reward"]),
+        "geneval": float(trainer.logged_metrics["val/geneval/overall"]),
+    }
+    if recipe == "unigrpo":
+        result["text_checksum"] = checksum(module.text_policy)
+    if trainer.is_global_zero:  # the saved full weights equal the gathered ones
+        result["saved_checksum"] = checksum(TinyFlowModel.from_pretrained(save_to))
+        if recipe == "unigrpo":
+            result["saved_text_checksum"] = checksum(TinyTextPolicy.from_pretrained(os.path.join(save_to, "text_policy")))
+    with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
