@@ -1,7 +1,7 @@
 """FlowGRPO / UniGRPO under FSDP2 (Lightning's ModelParallelStrategy) on 2 CPU processes (gloo).
 
-Run by tests/test_fsdp.py as `python fsdp_flow_script.py OUT_DIR RECIPE` (RECIPE: flow_grpo or
-unigrpo): Lightning re-launches it once per rank. Writes each rank's result (full parameters'
+Run by tests/test_fsdp.py as `python fsdp_flow_script.py OUT_DIR RECIPE` (RECIPE: flow_grpo,
+flow_grpo_lora or unigrpo): Lightning re-launches it once per rank. Writes each rank's result (full parameters'
 checksums, reward, saved checksums) to OUT_DIR.
 """
 
@@ -16,37 +16,49 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from unirl_lightning.data import OnPolicyDataModule
 from unirl_lightning.data.reasoning import ReasoningDataModule
 from unirl_lightning.models.flow import TinyFlowConfig, TinyFlowModel
+from unirl_lightning.models.lora import merge_lora
 from unirl_lightning.models.text_policy import TinyTextConfig, TinyTextPolicy
 from unirl_lightning.modules.flow_grpo import FlowGRPO
 from unirl_lightning.modules.unigrpo import UniGRPO
 
 
-def checksum(module: torch.nn.Module) -> float:
-    full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in module.state_dict().items()}
-    return float(sum(v.double().abs().sum() for v in full.values()))
+def full_state(module: torch.nn.Module) -> dict:
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in module.state_dict().items()}
+
+
+def checksum(module_or_state) -> float:
+    state = full_state(module_or_state) if isinstance(module_or_state, torch.nn.Module) else module_or_state
+    return float(sum(v.double().abs().sum() for v in state.values()))
 
 
 def main(out_dir: str, recipe: str) -> None:
     torch.manual_seed(0)
     flow = TinyFlowModel(TinyFlowConfig(num_layers=2, num_heads=2, head_dim=8, text_dim=16))
+    initial = checksum(flow)
     save_to = os.path.join(out_dir, "saved")
     common = dict(warm_start=None, num_steps=3, lr=1e-3, beta=0.01, micro_batch_size=2, save_to=save_to)
     if recipe == "unigrpo":
         text = TinyTextPolicy(TinyTextConfig(d_model=32, n_layers=2, n_heads=2))
         module = UniGRPO(text, flow, text_warm_start=None, max_new_tokens=4, **common)
         data = ReasoningDataModule(num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6)
-    else:
-        module = FlowGRPO(flow, **common)
+    else:  # flow_grpo, or flow_grpo_lora: LoRA adapters (mixed frozen / trainable parameters per unit)
+        module = FlowGRPO(flow, lora_rank=4 if recipe.endswith("lora") else 0, **common)
         data = OnPolicyDataModule(num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
                         max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=1, val_check_interval=2, check_val_every_n_epoch=None)
     trainer.fit(module, datamodule=data)
+    state = full_state(module.policy)
     result = {
         "rank": trainer.global_rank,
         "sharded": type(module.policy.transformer.transformer_blocks[0]).__name__,
-        "checksum": checksum(module.policy),
-        "reference_checksum": checksum(module.reference),
+        "initial": initial,
+        "checksum": checksum(state),
+        # the frozen weights: the reference copy, or the base model under the LoRA adapters
+        "frozen_checksum": checksum(module.reference) if module.reference is not None else checksum(
+            {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}),
+        "lora_b": float(sum(v.abs().sum() for k, v in state.items() if ".lora_B." in k)),
+        "merged_checksum": checksum(merge_lora(state, module.policy.lora_scaling or 1.0)),
         "reward": float(trainer.logged_metrics["reward"]),
         "geneval": float(trainer.logged_metrics["val/geneval/overall"]),
     }

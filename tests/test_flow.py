@@ -163,6 +163,56 @@ def test_flow_grpo_velocity_mse_zero_at_start_then_positive(tmp_path):
     assert all(torch.equal(before[k], ref[k]) for k in before)
 
 
+def test_lora_flow_grpo_trains_adapters_against_the_base_model(tmp_path):
+    """LoRA: only adapters train, the base (adapters off) is the reference, saving merges them."""
+    policy = _tiny()
+    base = TinyFlowModel(policy.config)
+    base.load_state_dict(policy.state_dict())
+    record = _Record()
+    module = FlowGRPO(policy, warm_start=None, num_steps=4, beta=0.1, lr=3e-2, lora_rank=4, lora_alpha=8,
+                      save_to=str(tmp_path / "merged"))
+    assert module.reference is None  # no copy: the base model is the reference
+    trainer = _trainer(tmp_path, 3, [record])
+    trainer.fit(module, datamodule=_data())
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable) and not policy.text_trainable
+    assert policy.lora_scaling == 2.0
+    assert record.rows[0]["policy/velocity_mse"] == 0.0  # B starts at 0: the adapted model is the base
+    assert record.rows[-1]["policy/velocity_mse"] > 0.0
+    x = torch.randn(3, *policy.latent_shape)
+    sigma = torch.full((3,), 0.6)
+    with torch.no_grad():
+        v_base = base.velocity(x, sigma, base.encode_text(PROMPTS))
+        v_policy = policy.velocity(x, sigma, policy.encode_text(PROMPTS))
+        with policy.adapters_disabled():
+            v_off = policy.velocity(x, sigma, policy.encode_text(PROMPTS))
+        merged = TinyFlowModel.from_pretrained(tmp_path / "merged")  # plain weights, no peft needed
+        v_merged = merged.velocity(x, sigma, merged.encode_text(PROMPTS))
+    torch.testing.assert_close(v_off, v_base)
+    assert not torch.allclose(v_policy, v_base, atol=1e-4)
+    torch.testing.assert_close(v_merged, v_policy, rtol=1e-4, atol=1e-5)
+
+
+def test_merge_lora_is_base_plus_scaled_product():
+    from unirl_lightning.models.lora import merge_lora
+
+    torch.manual_seed(0)
+    w, b, lora_a, lora_b = torch.randn(6, 5), torch.randn(6), torch.randn(2, 5), torch.randn(6, 2)
+    state = {"blk.q.base_layer.weight": w, "blk.q.base_layer.bias": b, "blk.q.lora_A.default.weight": lora_a,
+             "blk.q.lora_B.default.weight": lora_b, "norm.weight": torch.ones(5)}
+    merged = merge_lora(state, 0.5)
+    assert set(merged) == {"blk.q.weight", "blk.q.bias", "norm.weight"}
+    torch.testing.assert_close(merged["blk.q.weight"], w + 0.5 * lora_b @ lora_a)
+    assert merged["blk.q.bias"] is b and merge_lora({"norm.weight": b}, 0.5) == {"norm.weight": b}
+
+
+def test_lora_arguments_are_checked():
+    with pytest.raises(ValueError, match="lora_rank"):
+        FlowGRPO(_tiny(), warm_start=None, lora_rank=-1)
+    with pytest.raises(ValueError, match=r"lora_target_modules: \['no_such_layer'\]"):
+        FlowGRPO(_tiny(), warm_start=None, lora_rank=2, lora_target_modules=["attn.to_q", "no_such_layer"])
+
+
 @pytest.mark.parametrize("regularizer,kind", [("latent_kl", "sde"), ("exact_kl", "sde"), ("none", "cps")])
 def test_flow_grpo_regularizers_and_kinds_run(tmp_path, regularizer, kind):
     policy = _tiny()
@@ -279,6 +329,24 @@ def test_diffusers_flow_policy_on_a_tiny_local_sd3_pipeline(tmp_path):
     assert set(policy.vae.parameters()) <= ignored and set(policy.text_encoder.parameters()) <= ignored
     assert not ignored & set(policy.transformer.parameters())
     assert policy.fsdp_units()[-1] is policy.transformer
+    # LoRA on the real SD3 transformer: adapters train, the saved folder holds merged plain weights
+    policy.add_lora(4, 8.0)
+    assert all(".lora_" in n for n, p in policy.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        for name, p in policy.transformer.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(std=0.1)  # a trained adapter
+    x, sigma = torch.randn(2, *policy.latent_shape), torch.full((2,), 0.5)
+    cond = policy.encode_text(["a red square", "two circles"])
+    with torch.no_grad():
+        v_lora = policy.velocity(x, sigma, cond)
+        with policy.adapters_disabled():
+            v_base = policy.velocity(x, sigma, cond)
+    assert not torch.allclose(v_lora, v_base, atol=1e-4)
+    policy.save_pretrained(tmp_path / "lora")
+    with torch.no_grad():
+        v_loaded = DiffusersFlowPolicy.from_pretrained(tmp_path / "lora").velocity(x, sigma, cond)
+    torch.testing.assert_close(v_loaded, v_lora, rtol=1e-4, atol=1e-5)
 
 
 def test_auto_warm_start_is_trained_once_cached_and_loaded(tmp_path, monkeypatch):

@@ -7,7 +7,8 @@ convention, ``s`` from 1 to 0). Sampling runs the schedule of diffusers'
 FlowGRPO trains; ``noise_level=0`` is diffusers' Euler loop exactly.
 
 - :class:`FlowPolicy`: the interface the recipes use (``encode_text``, ``velocity`` with CFG,
-  ``decode``, ``sample`` -> :class:`FlowRollout`, ``step_log_prob``, ``make_reference``).
+  ``decode``, ``sample`` -> :class:`FlowRollout`, ``step_log_prob``, ``make_reference``, and
+  ``add_lora`` / ``adapters_disabled`` for LoRA training against the base model).
 - :class:`SD3FlowPolicy`: velocity from a diffusers ``SD3Transformer2DModel`` (MMDiT).
 - :class:`DiffusersFlowPolicy`: a real SD3 / SD3.5 pipeline folder or Hub id (transformer trained;
   CLIP/T5 text encoders and the VAE frozen).
@@ -26,12 +27,13 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import ContextManager, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from unirl_lightning.models.folder import load_weights, read_config, save_folder
+from unirl_lightning.models.lora import add_lora, adapters_disabled, merge_lora
 from unirl_lightning.models.text import WordTokenizer, world_words
 from unirl_lightning.objectives.flow_sde import SDE_KINDS, sde_step
 from unirl_lightning.worlds.render import WorldConfig
@@ -267,6 +269,22 @@ class FlowPolicy(nn.Module, ABC):
                                       kind=rollout.kind, prev_sample=x_next)
         return StepOutput(logp, v, mean, std)
 
+    # -- LoRA: recipes add adapters after the warm start; the base model is then the reference
+    #: alpha / r of the LoRA adapter, None without one
+    lora_scaling: float | None = None
+
+    def add_lora(self, rank: int, alpha: float | None = None, targets: Sequence[str] | None = None) -> None:
+        """Freeze the policy and add a trainable LoRA adapter (rank `rank`, scale alpha / rank) on `targets`."""
+        raise NotImplementedError(f"{type(self).__name__} does not support LoRA")
+
+    @property
+    def has_lora(self) -> bool:
+        return self.lora_scaling is not None
+
+    def adapters_disabled(self) -> ContextManager[None]:
+        """Context in which the policy computes as its base model (the LoRA reference)."""
+        raise NotImplementedError(f"{type(self).__name__} has no LoRA adapter")
+
     def make_reference(self) -> "FlowPolicy":
         """A frozen copy (the regulariser's anchor)."""
         ref = copy.deepcopy(self)
@@ -291,6 +309,15 @@ class SD3FlowPolicy(FlowPolicy):
     def fsdp_units(self) -> list[nn.Module]:
         """Each transformer block, then the transformer (its embedders and output layers)."""
         return [*self.transformer.transformer_blocks, self.transformer]
+
+    def add_lora(self, rank: int, alpha: float | None = None, targets: Sequence[str] | None = None) -> None:
+        """LoRA on the transformer's attention projections (default `SD3_LORA_TARGETS`); everything
+        else, text encoder included, freezes."""
+        self.requires_grad_(False)
+        self.lora_scaling = add_lora(self.transformer, rank, alpha, targets)
+
+    def adapters_disabled(self) -> ContextManager[None]:
+        return adapters_disabled(self.transformer)
 
     def forward_velocity(self, x: Tensor, sigma: Tensor, cond: TextCondition) -> Tensor:
         dtype = next(self.transformer.parameters()).dtype
@@ -385,9 +412,11 @@ class DiffusersFlowPolicy(SD3FlowPolicy):
         """Writes the transformer (diffusers format) and the source pipeline's id; `state_dict`
         (this module's keys, e.g. gathered from FSDP shards) replaces the live transformer weights."""
         path = Path(path)
-        if state_dict is None:
+        if state_dict is None and not self.has_lora:
             self.transformer.save_pretrained(path / "transformer")
         else:
+            state_dict = state_dict if state_dict is not None else self.state_dict()
+            state_dict = merge_lora(state_dict, self.lora_scaling or 1.0)  # plain weights: loads without peft
             from safetensors.torch import save_file
 
             (path / "transformer").mkdir(parents=True, exist_ok=True)
@@ -579,8 +608,14 @@ class TinyFlowModel(SD3FlowPolicy):
         """Mean distance of the latent cells to the nearest code (`CellCodec.snap_distance`)."""
         return self.codec.snap_distance(latents)
 
+    @property
+    def text_trainable(self) -> bool:
+        return any(p.requires_grad for p in self.text_encoder.parameters())
+
     def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
-        save_folder(path, self.config, state_dict if state_dict is not None else self.state_dict())
+        """config.json + model.safetensors; LoRA adapters are merged into plain weights."""
+        state_dict = state_dict if state_dict is not None else self.state_dict()
+        save_folder(path, self.config, merge_lora(state_dict, self.lora_scaling or 1.0))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides) -> "TinyFlowModel":

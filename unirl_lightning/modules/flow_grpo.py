@@ -18,6 +18,7 @@ import torch
 
 from unirl_lightning.data.datamodule import PromptBatch
 from unirl_lightning.models.flow import FlowPolicy, FlowRollout, StepOutput
+from unirl_lightning.models.lora import check_lora_targets
 from unirl_lightning.modules.flow_common import FlowPolicyModule
 from unirl_lightning.objectives import (
     exact_latent_kl,
@@ -56,6 +57,11 @@ class FlowGRPO(FlowPolicyModule):
         regularizer / beta: penalty to the frozen reference, times beta (0 or "none": no penalty).
         track_reference: keep the frozen reference even without a penalty, to log the velocity
             MSE to it (one no-grad forward per trained step).
+        lora_rank: 0 trains every weight (the reference is a frozen copy); r > 0 freezes the
+            policy and trains a rank-r LoRA adapter on its transformer (peft), whose base model,
+            adapters disabled, is the reference (no copy held). Saved policies have it merged.
+        lora_alpha / lora_target_modules: LoRA scale alpha (None: = rank; scaling alpha / r) and
+            modules (None: the policy's default, SD3's attention projections).
         gradient_clip_val: max gradient norm per optimiser step (None: no clipping).
         warmup_steps: linear learning-rate warm-up (Adam's first, bias-corrected updates move
             every parameter by ~lr along a mostly-noise gradient; warming up avoids that shock).
@@ -82,6 +88,9 @@ class FlowGRPO(FlowPolicyModule):
         regularizer: Literal["velocity_mse", "latent_kl", "exact_kl", "none"] = "velocity_mse",
         beta: float = 0.1,
         track_reference: bool = True,
+        lora_rank: int = 0,
+        lora_alpha: float | None = None,
+        lora_target_modules: list[str] | None = None,
         gradient_clip_val: float | None = 1.0,
         warmup_steps: int = 0,
         **kwargs,
@@ -103,7 +112,12 @@ class FlowGRPO(FlowPolicyModule):
             rewards = [GenEvalReward("partial")]
         self.rewards = rewards
         self.automatic_optimization = False  # mu passes, micro-batches and one backward per step
-        self.reference = policy.make_reference() if self.uses_reference else None
+        if lora_rank < 0:
+            raise ValueError(f"model.lora_rank must be >= 0 (0 = full fine-tuning), got {lora_rank}")
+        if lora_rank and lora_target_modules and getattr(policy, "transformer", None) is not None:
+            check_lora_targets(policy.transformer, lora_target_modules)  # before any warm start or rollout
+        # with LoRA the base model (adapters disabled) is the reference: no copy
+        self.reference = policy.make_reference() if self.uses_reference and not lora_rank else None
 
     @property
     def penalised(self) -> bool:
@@ -113,9 +127,19 @@ class FlowGRPO(FlowPolicyModule):
     def uses_reference(self) -> bool:
         return self.penalised or self.hparams.track_reference
 
+    @property
+    def has_reference(self) -> bool:
+        return self.uses_reference and (self.reference is not None or self.policy.has_lora)
+
     def on_warm_started(self) -> None:
-        if self.uses_reference:
+        if self.uses_reference and not self.hparams.lora_rank:
             self.reference = self.policy.make_reference().to(self.device)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)  # the warm start first: adapters go on the warm-started weights
+        hp = self.hparams
+        if hp.lora_rank and not self.policy.has_lora:
+            self.policy.add_lora(hp.lora_rank, hp.lora_alpha, hp.lora_target_modules)
 
     def configure_optimizers(self):
         opt = super().configure_optimizers()
@@ -149,7 +173,10 @@ class FlowGRPO(FlowPolicyModule):
     # ---- training -------------------------------------------------------------------------
     @torch.no_grad()
     def _reference_step(self, rollout: FlowRollout, step: int) -> StepOutput:
-        return self.reference.step_log_prob(rollout, step)
+        if self.reference is not None:
+            return self.reference.step_log_prob(rollout, step)
+        with self.policy.adapters_disabled():
+            return self.policy.step_log_prob(rollout, step)
 
     def _penalty(self, out: StepOutput, ref: StepOutput, rollout: FlowRollout, step: int) -> torch.Tensor:
         """`[B]` regulariser of one step against the reference's output at the same states."""
@@ -191,7 +218,7 @@ class FlowGRPO(FlowPolicyModule):
                                               torch.ones_like(old, dtype=torch.bool)[:, None],
                                               epsilon_low=hp.clip_range)
                     stats["approx_kl"] = 0.5 * (out.log_prob.detach() - old).square().mean()
-                    if self.reference is not None:
+                    if self.has_reference:
                         if (c, j) not in ref_cache:
                             ref_cache[(c, j)] = self._reference_step(sub, j)
                         ref = ref_cache[(c, j)]

@@ -199,7 +199,7 @@ class UniGRPO(FlowGRPO):
         stats["approx_kl"] = 0.5 * (out.log_prob.detach() - old).square().mean()
         stats["loss"] = loss.detach()
         total = hp.lambda_img * loss
-        if self.reference is not None:
+        if self.has_reference:
             if key not in ref_cache:
                 ref_cache[key] = self._reference_step(sub, step)
             ref = ref_cache[key]
