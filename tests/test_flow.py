@@ -10,6 +10,7 @@ from unirl_lightning.models.flow import TinyFlowConfig, TinyFlowModel
 from unirl_lightning.modules.flow_grpo import FlowGRPO
 from unirl_lightning.modules.flow_pretrain import FlowSceneDataModule, FlowWarmStart
 from unirl_lightning.worlds import render_batch
+from tiny_pipelines import tiny_sd3_pipeline
 
 PROMPTS = ["a photo of a red square", "a photo of two circles", "a photo of a cross left of a triangle"]
 
@@ -271,38 +272,10 @@ def test_flow_warm_start_trains_and_saves(tmp_path):
 
 
 # ---- the real-model adapter on a tiny local SD3 pipeline (no downloads) --------------------------
-def _tiny_sd3_pipeline(folder):
-    """A random SD3 pipeline: char-level CLIP tokenizers, two 2-layer CLIP encoders, no T5, tiny VAE."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    torch.manual_seed(0)
-
-    def clip():
-        return CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-            projection_dim=16, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"]))
-
-    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
-                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
-                                        caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=8)
-    vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                        block_out_channels=[8] * 4, latent_channels=4, norm_num_groups=4, shift_factor=0.06,
-                        scaling_factor=1.5)
-    StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-                             text_encoder=clip(), tokenizer=tok, text_encoder_2=clip(), tokenizer_2=tok,
-                             text_encoder_3=None, tokenizer_3=None).save_pretrained(folder)
-
-
 def test_diffusers_flow_policy_on_a_tiny_local_sd3_pipeline(tmp_path):
     from unirl_lightning.models.flow import DiffusersFlowPolicy
 
-    _tiny_sd3_pipeline(tmp_path / "pipe")
+    tiny_sd3_pipeline(tmp_path / "pipe")
     policy = DiffusersFlowPolicy(str(tmp_path / "pipe"), resolution=64, torch_dtype="float32", max_sequence_length=8,
                                  drop_t5=True)
     assert policy.latent_shape == (4, 8, 8) and not policy.text_trainable
@@ -379,7 +352,7 @@ def test_sd35_config_instantiates_through_the_cli_on_a_tiny_pipeline(tmp_path):
     config = Path(__file__).resolve().parents[1] / "configs" / "sd35_flow_grpo.yaml"
     cfg = yaml.safe_load(config.read_text())
     assert cfg["trainer"]["strategy"]["class_path"].endswith("ModelParallelStrategy")
-    _tiny_sd3_pipeline(tmp_path / "pipe")
+    tiny_sd3_pipeline(tmp_path / "pipe")
     for split in ("train", "val"):
         save_specs(generate_specs(6, world_vocabulary(), seed=len(split)), tmp_path / f"{split}.jsonl")
     cli = cli_main(["--config", str(config),

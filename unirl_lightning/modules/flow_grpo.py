@@ -36,7 +36,8 @@ class FlowGRPO(FlowPolicyModule):
     """GRPO over the SDE steps of a flow-matching policy.
 
     Args:
-        policy: a `FlowPolicy` (the built-in `TinyFlowModel`, or `DiffusersFlowPolicy`).
+        policy: a `FlowPolicy` (the built-in `TinyFlowModel`, `DiffusersFlowPolicy` for SD3 / SD3.5,
+            `models.flux.DiffusersFluxPolicy` for FLUX.1).
         rewards: reward terms (default: GenEval partial credit with the world's detector).
         num_steps / noise_level / kind: the rollout sampler (`objectives.sde_step` kinds).
         sde_window: fixed `[start, end)` steps sampled by SDE (trained); others are ODE steps.

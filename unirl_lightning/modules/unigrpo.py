@@ -45,7 +45,7 @@ class UniGRPO(FlowGRPO):
     Args:
         text_policy: a `TextPolicy` (`TinyTextPolicy`, or `HFTextPolicy` around any causal LM). Its
             output must be words the flow model's text encoder knows (checked for built-in models).
-        flow_policy: a `FlowPolicy` (`TinyFlowModel`, `DiffusersFlowPolicy`).
+        flow_policy: a `FlowPolicy` (`TinyFlowModel`, `DiffusersFlowPolicy`, `DiffusersFluxPolicy`).
         rewards: reward terms (default: GenEval partial credit).
         train_text: False freezes the text policy (image-only baseline; it still writes the prompt).
         image_condition: what the flow model reads: "text" (the text policy's output), "riddle"
