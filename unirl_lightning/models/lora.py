@@ -51,10 +51,6 @@ def check_lora_targets(transformer: nn.Module, targets: Sequence[str]) -> None:
                          f"(e.g. {SD3_LORA_TARGETS[:4]}); fix the names or leave it null for the default")
 
 
-def has_lora(module: nn.Module) -> bool:
-    return any(".lora_A." in name for name, _ in module.named_parameters())
-
-
 @contextmanager
 def adapters_disabled(transformer: nn.Module) -> Iterator[None]:
     """Runs the base model (the reference) inside the block."""
