@@ -489,6 +489,13 @@ class TinyFlowConfig:
     head_dim: int = 32
     text_dim: int = 64
     text_len: int = 12
+    #: init std of the text encoder's position embeddings; 1.0 matches the word embeddings' N(0, 1),
+    #: so word order (which colour / relation goes with which shape) is visible after the LayerNorm.
+    #: At 0.02 the encoder is a bag of words and bindings are guessed (benchmarks/learning.md).
+    text_position_std: float = 1.0
+    #: transformer layers in the text encoder (contextual token states and an order-aware pooled
+    #: vector); 0 = embeddings only, the pooled vector a bag of words
+    text_layers: int = 1
     shift: float = 1.0
     canvas: int = 32
     cell: int = 8
@@ -513,18 +520,23 @@ class WordTextEncoder(nn.Module):
     """Learned word + position embeddings over a closed vocabulary -> `TextCondition`.
 
     Prompts are right-padded / truncated to `text_len` words; the unconditional prompt is a
-    learned [NULL] sequence. The MMDiT's joint attention contextualises the tokens, so no
-    transformer layers are needed here. pooled = MLP(mean of the prompt's word embeddings).
+    learned [NULL] sequence. The MMDiT's joint attention contextualises the tokens (so no
+    transformer layers are needed here) provided the position embeddings are as large as the
+    word embeddings. pooled = MLP(mean of the prompt's word embeddings).
     """
 
     PAD, NULL, UNK = 0, 1, 2
 
-    def __init__(self, words: Sequence[str], dim: int, text_len: int):
+    def __init__(self, words: Sequence[str], dim: int, text_len: int, position_std: float = 1.0, layers: int = 0):
         super().__init__()
         self.tokenizer = WordTokenizer(words)
         self.text_len = text_len
-        self.embed = nn.Embedding(len(self.tokenizer) + 3, dim)
-        self.pos = nn.Parameter(torch.randn(text_len, dim) * 0.02)
+        self.embed = nn.Embedding(len(self.tokenizer) + 3, dim)  # N(0, 1) rows
+        # Joint attention has no text positions of its own: these are the only word-order signal.
+        self.pos = nn.Parameter(torch.randn(text_len, dim) * position_std)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(dim, max(dim // 32, 1), 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+            for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.pool = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
@@ -542,8 +554,14 @@ class WordTextEncoder(nn.Module):
         ids = self.ids(prompts)
         tok = self.embed(ids)
         real = (ids != self.PAD).unsqueeze(-1).to(tok.dtype)
-        pooled = self.pool((tok * real).sum(1) / real.sum(1).clamp(min=1))
-        return TextCondition(self.norm(tok + self.pos), pooled)
+        if not self.layers:
+            pooled = self.pool((tok * real).sum(1) / real.sum(1).clamp(min=1))
+            return TextCondition(self.norm(tok + self.pos), pooled)
+        h = tok + self.pos
+        for layer in self.layers:
+            h = layer(h, src_key_padding_mask=ids == self.PAD)
+        h = self.norm(h)
+        return TextCondition(h, self.pool((h * real).sum(1) / real.sum(1).clamp(min=1)))
 
 
 class CellCodec(nn.Module):
@@ -608,7 +626,8 @@ class TinyFlowModel(SD3FlowPolicy):
 
         self.config = cfg
         self.codec = CellCodec(cfg)
-        self.text_encoder = WordTextEncoder(cfg.words, cfg.text_dim, cfg.text_len)
+        self.text_encoder = WordTextEncoder(cfg.words, cfg.text_dim, cfg.text_len, cfg.text_position_std,
+                                            cfg.text_layers)
         side, inner = cfg.canvas // cfg.cell, cfg.num_heads * cfg.head_dim
         self.transformer = SD3Transformer2DModel(
             sample_size=side, patch_size=1, in_channels=self.codec.channels, out_channels=self.codec.channels,
