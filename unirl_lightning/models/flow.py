@@ -669,4 +669,6 @@ class TinyFlowModel(SD3FlowPolicy):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides) -> "TinyFlowModel":
-        return load_weights(cls(TinyFlowConfig(**{**read_config(path, cls.__name__), **overrides})), path)
+        saved = read_config(path, cls.__name__)
+        saved.setdefault("text_layers", 0)  # folders from before the field had no text layers
+        return load_weights(cls(TinyFlowConfig(**{**saved, **overrides})), path)
