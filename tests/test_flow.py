@@ -66,15 +66,15 @@ def test_off_manifold_proxy_is_zero_on_codes_and_grows_with_drift():
     assert 0 < noisy[0] < noisy[1]
 
 
-
-def test_text_encoder_reads_word_order_and_ignores_padding():
+def test_text_encoder_reads_word_order_and_encodes_rows_independently():
     """Which colour goes with which shape is word order: the default encoder (one transformer
     layer, position embeddings at the word embeddings' scale) tells the two prompts apart in
     both streams; the embeddings-only encoder's pooled vector is a bag of words."""
     a, b = "a photo of a red square and a blue circle", "a photo of a blue square and a red circle"
     enc = _tiny().text_encoder
     assert len(enc.layers) == 1 and enc.pos.std() > 0.5 * enc.embed.weight.std()
-    ca, cb = enc([a, b]).select(torch.tensor([0])), enc([a, b]).select(torch.tensor([1]))
+    both = enc([a, b])
+    ca, cb = both.select(torch.tensor([0])), both.select(torch.tensor([1]))
     assert not torch.allclose(ca.pooled, cb.pooled, atol=1e-4)
     # the colour words swap places, yet the state at each shape word changes (contextual)
     ids = enc.ids([a])[0].tolist()
@@ -86,6 +86,7 @@ def test_text_encoder_reads_word_order_and_ignores_padding():
     torch.testing.assert_close(alone.pooled[0], padded.pooled[0])
     bag = _tiny(text_layers=0).text_encoder([a, b]).pooled
     torch.testing.assert_close(bag[0], bag[1])
+
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
 @pytest.mark.parametrize("kind", ["sde", "cps"])

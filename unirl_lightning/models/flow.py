@@ -520,9 +520,11 @@ class WordTextEncoder(nn.Module):
     """Learned word + position embeddings over a closed vocabulary -> `TextCondition`.
 
     Prompts are right-padded / truncated to `text_len` words; the unconditional prompt is a
-    learned [NULL] sequence. The MMDiT's joint attention contextualises the tokens (so no
-    transformer layers are needed here) provided the position embeddings are as large as the
-    word embeddings. pooled = MLP(mean of the prompt's word embeddings).
+    learned [NULL] sequence. Token states: LayerNorm of word + position embeddings after `layers`
+    transformer layers (padding masked); pooled = MLP(masked mean of those states), or of the
+    word embeddings alone when `layers` is 0 (then a bag of words: it cannot bind a colour to
+    a shape, and the MMDiT's joint attention learnt no binding from the token states either,
+    benchmarks/learning.md).
     """
 
     PAD, NULL, UNK = 0, 1, 2
@@ -554,14 +556,13 @@ class WordTextEncoder(nn.Module):
         ids = self.ids(prompts)
         tok = self.embed(ids)
         real = (ids != self.PAD).unsqueeze(-1).to(tok.dtype)
-        if not self.layers:
-            pooled = self.pool((tok * real).sum(1) / real.sum(1).clamp(min=1))
-            return TextCondition(self.norm(tok + self.pos), pooled)
         h = tok + self.pos
         for layer in self.layers:
             h = layer(h, src_key_padding_mask=ids == self.PAD)
         h = self.norm(h)
-        return TextCondition(h, self.pool((h * real).sum(1) / real.sum(1).clamp(min=1)))
+        # without layers the pooled vector is the bag of word embeddings (how such folders were trained)
+        source = h if len(self.layers) else tok
+        return TextCondition(h, self.pool((source * real).sum(1) / real.sum(1).clamp(min=1)))
 
 
 class CellCodec(nn.Module):
