@@ -88,6 +88,40 @@ def test_text_encoder_reads_word_order_and_encodes_rows_independently():
     torch.testing.assert_close(bag[0], bag[1])
 
 
+def test_image_positions_are_spread_learned_and_old_folders_keep_sd3s(tmp_path):
+    """The default cell positions are SD3's sincos table at positions 0, 4, 8, 12 (neighbouring
+    cells far apart, relative offsets still a function of the distance), trained with the model;
+    a folder saved before the fields loads SD3's own fixed table (spread 1)."""
+    import json
+
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    policy = _tiny()
+    table = policy.transformer.pos_embed.pos_embed  # [1, 16, inner]
+    assert isinstance(table, torch.nn.Parameter) and table.shape == (1, 16, 16)
+    inner = table.shape[-1]
+    sd3 = get_2d_sincos_pos_embed(inner, 4, base_size=4, output_type="pt").float()
+    neighbours = lambda t: (t[0, 0] - t[0, 1]).norm() / t[0, 0].norm()  # noqa: E731
+    assert neighbours(table) > 1.5 * neighbours(sd3.unsqueeze(0))
+    torch.testing.assert_close(table.detach()[0], get_2d_sincos_pos_embed(
+        inner, 4, base_size=4, interpolation_scale=0.25, output_type="pt").float())
+    # it is trained: FlowWarmStart's loss reaches it
+    x = torch.randn(2, *policy.latent_shape)
+    policy.velocity(x, torch.tensor([0.5, 0.5]), policy.encode_text(PROMPTS[:2])).square().mean().backward()
+    assert table.grad is not None and table.grad.abs().sum() > 0
+    # an old folder: config.json without the fields -> SD3's fixed table, loaded as saved
+    old = _tiny(image_position_spread=1.0, image_position_learned=False)
+    torch.testing.assert_close(old.transformer.pos_embed.pos_embed[0], sd3)
+    old.save_pretrained(tmp_path / "old")
+    cfg = json.loads((tmp_path / "old" / "config.json").read_text())
+    del cfg["image_position_spread"], cfg["image_position_learned"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
+    loaded = TinyFlowModel.from_pretrained(tmp_path / "old")
+    assert loaded.config.image_position_spread == 1.0 and not loaded.config.image_position_learned
+    assert not isinstance(loaded.transformer.pos_embed.pos_embed, torch.nn.Parameter)
+    torch.testing.assert_close(loaded.transformer.pos_embed.pos_embed[0], sd3)
+
+
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
 @pytest.mark.parametrize("kind", ["sde", "cps"])
 def test_rollout_logprobs_equal_recomputed(cfg_scale, kind):

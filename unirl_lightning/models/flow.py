@@ -496,6 +496,12 @@ class TinyFlowConfig:
     #: transformer layers in the text encoder (contextual token states and an order-aware pooled
     #: vector); 0 = embeddings only, the pooled vector a bag of words
     text_layers: int = 1
+    #: spread of the image cells' 2-D sincos positions (SD3's table at positions 0, k, 2k, ...):
+    #: at 1 (SD3's own, made for 64+ patches) two neighbouring cells of the 4x4 grid differ by 1.5
+    #: of norm 8, too faint for the relations between cells (position, counting without touching)
+    image_position_spread: float = 4.0
+    #: the image position table is a parameter (starts at the sincos table) rather than a buffer
+    image_position_learned: bool = True
     shift: float = 1.0
     canvas: int = 32
     cell: int = 8
@@ -636,6 +642,21 @@ class TinyFlowModel(SD3FlowPolicy):
             joint_attention_dim=cfg.text_dim, caption_projection_dim=inner, pooled_projection_dim=cfg.text_dim,
             pos_embed_max_size=side,
         )
+        self._set_image_positions(cfg, inner, side)
+
+    def _set_image_positions(self, cfg: TinyFlowConfig, inner: int, side: int) -> None:
+        """Replace the PatchEmbed's sincos buffer by the spread (and optionally learned) table; the
+        state-dict key stays `transformer.pos_embed.pos_embed`, so folders load either way."""
+        from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+        patch = self.transformer.pos_embed
+        table = get_2d_sincos_pos_embed(inner, side, base_size=side, interpolation_scale=1.0 / cfg.image_position_spread,
+                                        output_type="pt").float().unsqueeze(0)  # [1, side*side, inner]
+        del patch.pos_embed
+        if cfg.image_position_learned:
+            patch.pos_embed = nn.Parameter(table)
+        else:
+            patch.register_buffer("pos_embed", table)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -671,5 +692,8 @@ class TinyFlowModel(SD3FlowPolicy):
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides) -> "TinyFlowModel":
         saved = read_config(path, cls.__name__)
-        saved.setdefault("text_layers", 0)  # folders from before the field had no text layers
+        # folders from before these fields: no text layers, SD3's own fixed image positions
+        saved.setdefault("text_layers", 0)
+        saved.setdefault("image_position_spread", 1.0)
+        saved.setdefault("image_position_learned", False)
         return load_weights(cls(TinyFlowConfig(**{**saved, **overrides})), path)
