@@ -19,8 +19,8 @@ import torch
 from unirl_lightning.data import OnPolicyDataModule
 from unirl_lightning.models.flow import TinyFlowModel
 from unirl_lightning.worlds.render import render_batch
+from unirl_lightning.worlds.vocab import OPPOSITE_POSITION
 
-MIRROR = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 LEVELS = (0.85, 0.7, 0.5, 0.3)
 
 
@@ -29,7 +29,7 @@ def swapped_prompt(spec: dict) -> str:
     a, b = spec["include"][0], spec["include"][1]
     if spec["tag"] == "position":
         rel = b["position"][0]
-        return spec["prompt"].replace(f" {rel} ", f" {MIRROR[rel]} ")
+        return spec["prompt"].replace(f" {rel} ", f" {OPPOSITE_POSITION[rel]} ")
     return spec["prompt"].replace(a["color"], "\0").replace(b["color"], a["color"]).replace("\0", b["color"])
 
 

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 from unirl_lightning.data.prompts import english_plural, geneval_plural, with_article
-from unirl_lightning.worlds.vocab import COLORS, NUMBERS, POSITIONS, SHAPES, TASKS, load_geneval_constants
+from unirl_lightning.worlds.vocab import (COLORS, NUMBERS, OPPOSITE_POSITION, POSITIONS, SHAPES, TASKS,
+                                         load_geneval_constants)
 
 __all__ = [
     "QUESTIONS",
@@ -43,7 +44,6 @@ _ARTICLES = frozenset({"a", "an", "the"})
 _DETERMINERS = _ARTICLES | {"this", "that", "one", "each", "every", "some"}
 _COPULAS = frozenset({"is", "are", "was", "were", "be", "looks", "look", "colored", "coloured", "in"})
 _NUMBER_WORDS = {w: i for i, w in enumerate(NUMBERS)}
-_INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 # Single words that name a relation (the "of" in "left of" is optional for the grader).
 _RELATION_WORDS = {
     "left": "left of",
@@ -294,7 +294,7 @@ def _relation_ok(mentions: list[_Mention], f: _Fields) -> bool:
     subject = next((m.value for m in reversed(mentions) if m.kind == "class" and m.end <= rel.start), None)
     reference = next((m.value for m in mentions if m.kind == "class" and m.start >= rel.end), None)
     # "A is left of B" and "B is right of A" say the same thing.
-    readings = [(a, b, f.relation), (b, a, _INVERSE[f.relation])]
+    readings = [(a, b, f.relation), (b, a, OPPOSITE_POSITION[f.relation])]
     for subj, ref, r in readings:
         if rel.value == r and subject in (subj, None) and reference in (ref, None):
             if subject is not None or reference is not None or r == f.relation:

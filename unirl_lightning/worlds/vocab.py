@@ -29,6 +29,8 @@ BACKGROUND: tuple[int, int, int] = (153, 153, 153)
 
 #: GenEval's relations, numbers and templates (the official constants, for the prompt generator).
 POSITIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+#: Each relation's mirror: "A left of B" says what "B right of A" says.
+OPPOSITE_POSITION: dict[str, str] = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 NUMBERS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
 #: GenEval's six tasks.
