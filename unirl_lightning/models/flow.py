@@ -522,6 +522,12 @@ class TinyFlowConfig:
         return (self.cell,)
 
 
+#: What a folder saved before a `TinyFlowConfig` field existed was trained with (not the field's
+#: default now): no text layers, SD3's own fixed image positions.
+FOLDER_DEFAULTS_BEFORE_FIELDS: dict[str, Any] = {
+    "text_layers": 0, "image_position_spread": 1.0, "image_position_learned": False}
+
+
 class WordTextEncoder(nn.Module):
     """Learned word + position embeddings over a closed vocabulary -> `TextCondition`.
 
@@ -691,9 +697,5 @@ class TinyFlowModel(SD3FlowPolicy):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides) -> "TinyFlowModel":
-        saved = read_config(path, cls.__name__)
-        # folders from before these fields: no text layers, SD3's own fixed image positions
-        saved.setdefault("text_layers", 0)
-        saved.setdefault("image_position_spread", 1.0)
-        saved.setdefault("image_position_learned", False)
-        return load_weights(cls(TinyFlowConfig(**{**saved, **overrides})), path)
+        saved = {**FOLDER_DEFAULTS_BEFORE_FIELDS, **read_config(path, cls.__name__), **overrides}
+        return load_weights(cls(TinyFlowConfig(**saved)), path)
