@@ -283,6 +283,17 @@ def test_flow_grpo_regularizers_and_kinds_run(tmp_path, regularizer, kind):
         assert f"policy/reg_{regularizer}" in trainer.logged_metrics
 
 
+def test_flow_grpo_noise_std_step_weighting_trains_and_is_checked(tmp_path):
+    policy = _tiny()
+    before = _snapshot(policy)
+    module = FlowGRPO(policy, warm_start=None, num_steps=4, step_weighting="noise_std", micro_batch_size=6, lr=1e-3)
+    trainer = _trainer(tmp_path, 2)
+    trainer.fit(module, datamodule=_data(P=2, G=3))
+    assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    with pytest.raises(ValueError, match="step_weighting must be one of"):
+        FlowGRPO(_tiny(), warm_start=None, step_weighting="linear")
+
+
 def test_flow_grpo_window_trains_only_window_steps(tmp_path):
     record = _Record()
     module = FlowGRPO(_tiny(), warm_start=None, num_steps=6, sde_window_size=2, lr=1e-3)

@@ -13,8 +13,10 @@ from unirl_lightning.objectives import (
     SDE_KINDS,
     exact_latent_kl,
     latent_kl,
+    noise_aware_step_weights,
     sde_sigma_t,
     sde_step,
+    transition_std,
     velocity_mse,
 )
 
@@ -205,6 +207,50 @@ def test_sde_step_errors():
         sde_step(v, x, 0.5, torch.tensor([0.4, 0.3]))
     with pytest.raises(ValueError, match="noise_level"):
         sde_step(v, x, 0.5, 0.4, kind="cps", noise_level=1.5)
+
+
+# ----------------------------------------------------------------------------- step weights
+
+
+@pytest.mark.parametrize("kind", SDE_KINDS)
+def test_transition_std_is_sde_steps_std(kind):
+    x, v = _inputs(13)
+    sigma, sigma_next = torch.tensor([1.0, 0.7, 0.4]), torch.tensor([0.9, 0.5, 0.1])
+    _, _, _, std = sde_step(v, x, sigma, sigma_next, noise_level=0.6, kind=kind)
+    assert_close(transition_std(sigma, sigma_next, 0.6, kind), std.reshape(-1))
+
+
+def test_noise_aware_step_weights_even_out_the_per_step_policy_gradient():
+    """Weights = std / mean std; weighted, every step's mean-log-prob gradient w.r.t. the velocity
+    has the size |dmean/dv| (1.5 |dt| for sde at a = 1, |dt| at the guarded s == 1 step), while
+    unweighted it grows ~sqrt((1-s)/s) toward the last steps."""
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    scheduler.set_timesteps(10)
+    sigmas, levels, steps = scheduler.sigmas, torch.ones(10), list(range(9))
+    weights = noise_aware_step_weights(sigmas, levels, steps)
+    s, sn = sigmas[:9], sigmas[1:10]
+    std = torch.sqrt(s / (1 - torch.where(s == 1, sn, s))) * torch.sqrt(s - sn)
+    assert_close(weights, std / std.mean())
+    assert_close(weights.mean(), torch.tensor(1.0))
+    x, v = _inputs(14)
+    eps = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    sizes, raw = [], []
+    for j, w in zip(steps, weights):
+        vj = v.clone().requires_grad_(True)
+        _, _, mean, std_j = sde_step(vj, x, sigmas[j], sigmas[j + 1], noise_level=1.0)
+        target = (mean + std_j * eps).detach()
+        _, log_prob, _, _ = sde_step(vj, x, sigmas[j], sigmas[j + 1], noise_level=1.0, prev_sample=target)
+        (grad,) = torch.autograd.grad(log_prob.sum(), vj)
+        raw.append(grad.norm())
+        dmean_dv = (sigmas[j] - sigmas[j + 1]) * (1.0 if j == 0 else 1.5)
+        sizes.append(w * grad.norm() / dmean_dv)
+    sizes = torch.stack(sizes)
+    assert_close(sizes, sizes[0].expand(9), rtol=1e-4, atol=0)  # even after weighting
+    assert raw[8] / raw[1] > 5  # uneven before: the last trained step dominates
+    ode_levels = levels.clone()
+    ode_levels[4] = 0.0
+    with pytest.raises(ValueError, match="deterministic step"):
+        noise_aware_step_weights(sigmas, ode_levels, steps)
 
 
 # ----------------------------------------------------------------------------- regularisers

@@ -23,6 +23,7 @@ from unirl_lightning.modules.flow_common import FlowPolicyModule
 from unirl_lightning.objectives import (
     exact_latent_kl,
     latent_kl,
+    noise_aware_step_weights,
     policy_loss,
     velocity_mse,
 )
@@ -30,6 +31,7 @@ from unirl_lightning.modules.shared import rank_advantages
 from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards
 
 REGULARIZERS = ("velocity_mse", "latent_kl", "exact_kl", "none")
+STEP_WEIGHTINGS = ("uniform", "noise_std")
 
 
 class FlowGRPO(FlowPolicyModule):
@@ -55,6 +57,10 @@ class FlowGRPO(FlowPolicyModule):
         clip_range: ratio clip epsilon; ~1e-4 for mean-over-dims log-probs (Flow-GRPO).
         scale / adv_clip: advantage normalisation ("batch" = Flow-GRPO's global std for SD3,
             "group", "none") and clip.
+        step_weighting: "uniform" (Flow-GRPO: every trained step's loss counts alike) or "noise_std"
+            (each step's policy loss times its transition std over the mean std: evens out the
+            per-step gradients, which otherwise shrink ~10x toward the first, layout-deciding
+            steps; `objectives.noise_aware_step_weights`). The regulariser is not reweighted.
         regularizer / beta: penalty to the frozen reference, times beta (0 or "none": no penalty).
         track_reference: keep the frozen reference even without a penalty, to log the velocity
             MSE to it (one no-grad forward per trained step).
@@ -86,6 +92,7 @@ class FlowGRPO(FlowPolicyModule):
         clip_range: float = 1e-4,
         scale: Literal["group", "batch", "none"] = "batch",
         adv_clip: float | None = 5.0,
+        step_weighting: Literal["uniform", "noise_std"] = "uniform",
         regularizer: Literal["velocity_mse", "latent_kl", "exact_kl", "none"] = "velocity_mse",
         beta: float = 0.1,
         track_reference: bool = True,
@@ -99,6 +106,8 @@ class FlowGRPO(FlowPolicyModule):
         super().__init__(policy, **kwargs)
         if regularizer not in REGULARIZERS:
             raise ValueError(f"model.regularizer must be one of {REGULARIZERS}, got {regularizer!r}")
+        if step_weighting not in STEP_WEIGHTINGS:
+            raise ValueError(f"model.step_weighting must be one of {STEP_WEIGHTINGS}, got {step_weighting!r}")
         if regularizer == "exact_kl" and kind != "sde":
             raise ValueError("model.regularizer 'exact_kl' is the closed form of kind 'sde'; use kind: sde")
         if min(num_iterations, micro_batch_size, rollouts_per_update) < 1 or num_steps < 2:
@@ -197,6 +206,9 @@ class FlowGRPO(FlowPolicyModule):
         rewards, logs = combine_rewards(self.rewards, ctx)
         adv, zero_frac = rank_advantages(self, rewards, batch.group_ids, scale=self.hparams.scale, clip=self.hparams.adv_clip)
         steps = rollout.trained_steps
+        weights = [1.0] * len(steps)
+        if hp.step_weighting == "noise_std" and steps:
+            weights = noise_aware_step_weights(rollout.sigmas, rollout.noise_levels, steps, rollout.kind).tolist()
         n = len(rollout)
         chunks = [torch.arange(i, min(i + hp.micro_batch_size, n), device=self.device)
                   for i in range(0, n, hp.micro_batch_size)]
@@ -212,12 +224,13 @@ class FlowGRPO(FlowPolicyModule):
                 if not self.policy.text_trainable:
                     with torch.no_grad():
                         frozen_cond = self.policy.encode_text(sub.prompts)
-                for j in steps:
+                for j, weight in zip(steps, weights):
                     out = self.policy.step_log_prob(sub, j, frozen_cond)
                     old = sub.log_probs[:, j]
                     loss, stats = policy_loss(out.log_prob[:, None], old[:, None], adv[rows],
                                               torch.ones_like(old, dtype=torch.bool)[:, None],
                                               epsilon_low=hp.clip_range)
+                    loss = weight * loss
                     stats["approx_kl"] = 0.5 * (out.log_prob.detach() - old).square().mean()
                     if self.has_reference:
                         if (c, j) not in ref_cache:

@@ -3,7 +3,14 @@ flow SDE steps with log-probs, flow regularisers, straight-through Gumbel. No Li
 """
 
 from unirl_lightning.objectives.advantages import SCALES, group_advantages, zero_std_fraction
-from unirl_lightning.objectives.flow_sde import REDUCTIONS, SDE_KINDS, sde_sigma_t, sde_step
+from unirl_lightning.objectives.flow_sde import (
+    REDUCTIONS,
+    SDE_KINDS,
+    noise_aware_step_weights,
+    sde_sigma_t,
+    sde_step,
+    transition_std,
+)
 from unirl_lightning.objectives.gumbel import straight_through_gumbel
 from unirl_lightning.objectives.kl import kl_k1, kl_k2, kl_k3
 from unirl_lightning.objectives.policy_loss import LOSS_TYPES, policy_loss
@@ -20,10 +27,12 @@ __all__ = [
     "kl_k2",
     "kl_k3",
     "latent_kl",
+    "noise_aware_step_weights",
     "policy_loss",
     "sde_sigma_t",
     "sde_step",
     "straight_through_gumbel",
+    "transition_std",
     "velocity_mse",
     "zero_std_fraction",
 ]

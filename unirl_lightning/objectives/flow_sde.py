@@ -66,6 +66,32 @@ def sde_sigma_t(sigma: Tensor, sigma_next: Tensor, noise_level: float) -> Tensor
     return noise_level * (sigma / denom).sqrt()
 
 
+def transition_std(sigma: Tensor, sigma_next: Tensor, noise_level: float, kind: str = "sde") -> Tensor:
+    """The std of one step's Gaussian transition (any broadcastable shape of sigmas)."""
+    if kind == "cps":
+        return sigma_next * math.sin(noise_level * math.pi / 2)
+    sigma_t = sde_sigma_t(sigma, sigma_next, noise_level) if kind == "sde" else torch.full_like(sigma, noise_level)
+    return sigma_t * (sigma - sigma_next).sqrt()
+
+
+def noise_aware_step_weights(sigmas: Tensor, noise_levels: Tensor, steps: list[int], kind: str = "sde") -> Tensor:
+    """`[len(steps)]` per-step loss weights proportional to each step's transition std, mean 1.
+
+    The policy gradient of one step's mean log-prob w.r.t. the velocity is ``eps * |dmean/dv| / std``,
+    and for "sde" ``|dmean/dv| / std`` grows as ``sqrt((1-s)/s)``: with uniform weights the last
+    (detail) steps' gradients are ~10x the first (layout) steps' on a 10-step schedule. Weighting by
+    the std evens them out (TempFlow-GRPO's noise-aware weighting prioritises the early steps).
+    """
+    if not steps:
+        raise ValueError("noise_aware_step_weights needs at least one step")
+    idx = torch.as_tensor(steps, device=sigmas.device)
+    s, s_next = sigmas[idx].float(), sigmas[idx + 1].float()
+    std = torch.stack([transition_std(s[i], s_next[i], float(noise_levels[j]), kind) for i, j in enumerate(steps)])
+    if not bool((std > 0).all()):
+        raise ValueError(f"noise_aware_step_weights: steps {steps} include a deterministic step (std 0)")
+    return std / std.mean()
+
+
 def sde_step(
     velocity: Tensor,
     sample: Tensor,
@@ -125,8 +151,8 @@ def sde_step(
     s_next = _per_sample(sigma_next, x, cd, "sigma_next")
     dt = s_next - s
 
+    std = transition_std(s, s_next, noise_level, kind)
     if kind == "cps":
-        std = s_next * math.sin(noise_level * math.pi / 2)
         x0_hat = x - s * v
         x1_hat = x + (1 - s) * v
         # clamp: s_next^2 - std^2 = (s_next*cos(a*pi/2))^2 can round below 0 at a = 1.
@@ -135,7 +161,6 @@ def sde_step(
         sigma_t = sde_sigma_t(s, s_next, noise_level) if kind == "sde" else torch.full_like(s, noise_level)
         # With a = 0 the correction is exactly 0, so mean == x + v*dt bit for bit (Euler).
         mean = x + (v + sigma_t.square() / (2 * s) * (x + (1 - s) * v)) * dt
-        std = sigma_t * (-dt).sqrt()
 
     if prev_sample is None:
         gen_device = generator.device if generator is not None else x.device
