@@ -10,6 +10,8 @@ from unirl_lightning.models.flow import TinyFlowConfig, TinyFlowModel
 from unirl_lightning.modules.flow_grpo import FlowGRPO
 from unirl_lightning.modules.flow_pretrain import FlowSceneDataModule, FlowWarmStart
 from unirl_lightning.worlds import render_batch
+from unirl_lightning.objectives import noise_aware_step_weights
+from grad_capture import LatentMeanReward, capture_backward_grads
 from tiny_pipelines import tiny_sd3_pipeline
 
 PROMPTS = ["a photo of a red square", "a photo of two circles", "a photo of a cross left of a triangle"]
@@ -283,13 +285,23 @@ def test_flow_grpo_regularizers_and_kinds_run(tmp_path, regularizer, kind):
         assert f"policy/reg_{regularizer}" in trainer.logged_metrics
 
 
-def test_flow_grpo_noise_std_step_weighting_trains_and_is_checked(tmp_path):
-    policy = _tiny()
-    before = _snapshot(policy)
-    module = FlowGRPO(policy, warm_start=None, num_steps=4, step_weighting="noise_std", micro_batch_size=6, lr=1e-3)
-    trainer = _trainer(tmp_path, 2)
-    trainer.fit(module, datamodule=_data(P=2, G=3))
-    assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+def test_flow_grpo_noise_std_step_weighting_scales_each_steps_gradient(tmp_path):
+    """Same rollout, same weights: each trained step's backward is the uniform one times its weight."""
+    runs = {}
+    for weighting in ("uniform", "noise_std"):
+        module = FlowGRPO(_tiny(), rewards=[LatentMeanReward()], warm_start=None, num_steps=4,
+                          step_weighting=weighting, regularizer="none", track_reference=False, noise_level=1.0,
+                          micro_batch_size=6, lr=1e-3)
+        grads = capture_backward_grads(module, module.policy.transformer.proj_out.weight)
+        torch.manual_seed(5)
+        _trainer(tmp_path, 1).fit(module, datamodule=_data(P=2, G=3))
+        runs[weighting] = grads
+    sigmas = _tiny().sigmas(4)
+    weights = noise_aware_step_weights(sigmas, torch.ones(4), [0, 1, 2])
+    assert len(runs["uniform"]) == len(runs["noise_std"]) == 3 and weights[0] > 1.5 * weights[2]
+    for w, g_uniform, g_weighted in zip(weights, runs["uniform"], runs["noise_std"]):
+        assert g_uniform.abs().sum() > 0
+        torch.testing.assert_close(g_weighted, w * g_uniform, rtol=1e-4, atol=1e-9)
     with pytest.raises(ValueError, match="step_weighting must be one of"):
         FlowGRPO(_tiny(), warm_start=None, step_weighting="linear")
 

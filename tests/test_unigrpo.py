@@ -207,6 +207,27 @@ def test_shared_advantage_reaches_both_policies_on_policy_ratio_one_velocity_mse
     assert "val/geneval/overall" in trainer.logged_metrics and "val/text_exact" in trainer.logged_metrics
 
 
+def test_image_steps_follow_step_weighting():
+    """UniGRPO's image loss takes FlowGRPO's `step_weighting`: per-step backward = uniform one x weight."""
+    from grad_capture import LatentMeanReward, capture_backward_grads
+
+    from unirl_lightning.objectives import noise_aware_step_weights
+
+    runs = {}
+    for weighting in ("uniform", "noise_std"):
+        module = _module(train_text=False, rewards=[LatentMeanReward()], step_weighting=weighting,
+                         regularizer="none", track_reference=False, noise_level=1.0, micro_batch_size=6)
+        grads = capture_backward_grads(module, module.policy.transformer.proj_out.weight)
+        torch.manual_seed(5)
+        _trainer(1).fit(module, datamodule=_data(P=2, G=3))
+        runs[weighting] = grads
+    weights = noise_aware_step_weights(_tiny_flow().sigmas(3), torch.ones(3), [0, 1])
+    assert len(runs["uniform"]) == len(runs["noise_std"]) == 2
+    for w, g_uniform, g_weighted in zip(weights, runs["uniform"], runs["noise_std"]):
+        assert g_uniform.abs().sum() > 0
+        torch.testing.assert_close(g_weighted, w * g_uniform, rtol=1e-4, atol=1e-9)
+
+
 def test_train_text_false_leaves_the_text_policy_unchanged():
     module = _module(train_text=False)
     text_before, flow_before = _snapshot(module.text_policy), _snapshot(module.policy)

@@ -198,6 +198,13 @@ class FlowGRPO(FlowPolicyModule):
             return latent_kl(out.mean, ref.mean, out.std.detach() / (s - s_next).sqrt())
         return exact_latent_kl(out.velocity, ref.velocity, s, s_next, float(rollout.noise_levels[step]))
 
+    def step_weights(self, rollout: FlowRollout) -> list[float]:
+        """One policy-loss weight per trained step of `rollout` (`step_weighting`)."""
+        steps = rollout.trained_steps
+        if self.hparams.step_weighting == "uniform" or not steps:
+            return [1.0] * len(steps)
+        return noise_aware_step_weights(rollout.sigmas, rollout.noise_levels, steps, rollout.kind).tolist()
+
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         hp = self.hparams
         ctx = batch.rollout if batch.rollout is not None else self.make_rollouts(batch)
@@ -206,9 +213,7 @@ class FlowGRPO(FlowPolicyModule):
         rewards, logs = combine_rewards(self.rewards, ctx)
         adv, zero_frac = rank_advantages(self, rewards, batch.group_ids, scale=self.hparams.scale, clip=self.hparams.adv_clip)
         steps = rollout.trained_steps
-        weights = [1.0] * len(steps)
-        if hp.step_weighting == "noise_std" and steps:
-            weights = noise_aware_step_weights(rollout.sigmas, rollout.noise_levels, steps, rollout.kind).tolist()
+        weights = self.step_weights(rollout)
         n = len(rollout)
         chunks = [torch.arange(i, min(i + hp.micro_batch_size, n), device=self.device)
                   for i in range(0, n, hp.micro_batch_size)]

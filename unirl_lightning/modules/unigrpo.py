@@ -64,7 +64,7 @@ class UniGRPO(FlowGRPO):
         save_to: the flow policy is saved there and, when the text policy trains, the text policy
             in its `text_policy/` sub-folder.
         beta: weight of the velocity MSE (beta_v); clip_range: image ratio clip. Other arguments
-            (num_steps, noise_level, kind, sde_window(_size), num_iterations, micro_batch_size,
+            (num_steps, noise_level, kind, sde_window(_size), step_weighting, num_iterations, micro_batch_size,
             scale, adv_clip, regularizer, track_reference, lr, warm_start, ...) as in `FlowGRPO`.
             CFG is off in rollouts, training and validation (UniGRPO).
     """
@@ -188,8 +188,10 @@ class UniGRPO(FlowGRPO):
         stats["loss"] = loss.detach()
         return total, stats
 
-    def _image_loss(self, sub: FlowRollout, step: int, adv: torch.Tensor, cond, ref_cache: dict, key):
-        """lambda_img * L_img + beta * L_reg of one trained step of one micro-batch, and its stats."""
+    def _image_loss(self, sub: FlowRollout, step: int, adv: torch.Tensor, cond, ref_cache: dict, key,
+                    weight: float = 1.0):
+        """lambda_img * weight * L_img + beta * L_reg of one trained step of one micro-batch, and its
+        stats (`weight`: the step's `step_weighting` weight)."""
         hp = self.hparams
         out = self.policy.step_log_prob(sub, step, cond)
         old = sub.log_probs[:, step]
@@ -198,7 +200,7 @@ class UniGRPO(FlowGRPO):
         stats.pop("kl")  # no text-style reference log-probs here; the regulariser is logged below
         stats["approx_kl"] = 0.5 * (out.log_prob.detach() - old).square().mean()
         stats["loss"] = loss.detach()
-        total = hp.lambda_img * loss
+        total = hp.lambda_img * weight * loss
         if self.has_reference:
             if key not in ref_cache:
                 ref_cache[key] = self._reference_step(sub, step)
@@ -220,6 +222,7 @@ class UniGRPO(FlowGRPO):
         rewards, logs = combine_rewards(self.rewards, ctx)
         adv, zero_frac = rank_advantages(self, rewards, batch.group_ids, scale=self.hparams.scale, clip=self.hparams.adv_clip)  # one A_i per trajectory, both streams
         steps, n = rollout.trained_steps, len(rollout)
+        weights = self.step_weights(rollout)
         chunks = [torch.arange(i, min(i + hp.micro_batch_size, n), device=self.device)
                   for i in range(0, n, hp.micro_batch_size)]
         subs = [rollout.select(rows) for rows in chunks]
@@ -245,8 +248,8 @@ class UniGRPO(FlowGRPO):
                 if not self.policy.text_trainable:
                     with torch.no_grad():
                         cond = self.policy.encode_text(sub.prompts)
-                for j in steps:
-                    loss, stats = self._image_loss(sub, j, adv[rows], cond, img_ref, (c, j))
+                for j, weight in zip(steps, weights):
+                    loss, stats = self._image_loss(sub, j, adv[rows], cond, img_ref, (c, j), weight)
                     self.manual_backward(loss * share / len(steps))
                     for k, v in stats.items():
                         acc.setdefault(f"image/{k}", []).append(float(v))
