@@ -285,21 +285,22 @@ def test_flow_grpo_regularizers_and_kinds_run(tmp_path, regularizer, kind):
         assert f"policy/reg_{regularizer}" in trainer.logged_metrics
 
 
-def test_flow_grpo_noise_std_step_weighting_scales_each_steps_gradient(tmp_path):
+@pytest.mark.parametrize("weighting,power", [("noise_std", 1.0), ("noise_var", 2.0)])
+def test_flow_grpo_step_weighting_scales_each_steps_gradient(tmp_path, weighting, power):
     """Same rollout, same weights: each trained step's backward is the uniform one times its weight."""
     runs = {}
-    for weighting in ("uniform", "noise_std"):
+    for name in ("uniform", weighting):
         module = FlowGRPO(_tiny(), rewards=[LatentMeanReward()], warm_start=None, num_steps=4,
-                          step_weighting=weighting, regularizer="none", track_reference=False, noise_level=1.0,
+                          step_weighting=name, regularizer="none", track_reference=False, noise_level=1.0,
                           micro_batch_size=6, lr=1e-3)
         grads = capture_backward_grads(module, module.policy.transformer.proj_out.weight)
         torch.manual_seed(5)
         _trainer(tmp_path, 1).fit(module, datamodule=_data(P=2, G=3))
-        runs[weighting] = grads
+        runs[name] = grads
     sigmas = _tiny().sigmas(4)
-    weights = noise_aware_step_weights(sigmas, torch.ones(4), [0, 1, 2])
-    assert len(runs["uniform"]) == len(runs["noise_std"]) == 3 and weights[0] > 1.5 * weights[2]
-    for w, g_uniform, g_weighted in zip(weights, runs["uniform"], runs["noise_std"]):
+    weights = noise_aware_step_weights(sigmas, torch.ones(4), [0, 1, 2], power=power)
+    assert len(runs["uniform"]) == len(runs[weighting]) == 3 and weights[0] > 1.5 * weights[2]
+    for w, g_uniform, g_weighted in zip(weights, runs["uniform"], runs[weighting]):
         assert g_uniform.abs().sum() > 0
         torch.testing.assert_close(g_weighted, w * g_uniform, rtol=1e-4, atol=1e-9)
     with pytest.raises(ValueError, match="step_weighting must be one of"):

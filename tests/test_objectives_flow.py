@@ -232,6 +232,7 @@ def test_noise_aware_step_weights_even_out_the_per_step_policy_gradient():
     std = torch.sqrt(s / (1 - torch.where(s == 1, sn, s))) * torch.sqrt(s - sn)
     assert_close(weights, std / std.mean())
     assert_close(weights.mean(), torch.tensor(1.0))
+    assert_close(noise_aware_step_weights(sigmas, levels, steps, power=2.0), std**2 / std.square().mean())
     x, v = _inputs(14)
     eps = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
     sizes, raw = [], []

@@ -31,7 +31,7 @@ from unirl_lightning.modules.shared import rank_advantages
 from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards
 
 REGULARIZERS = ("velocity_mse", "latent_kl", "exact_kl", "none")
-STEP_WEIGHTINGS = ("uniform", "noise_std")
+STEP_WEIGHTINGS = ("uniform", "noise_std", "noise_var")
 
 
 class FlowGRPO(FlowPolicyModule):
@@ -60,7 +60,9 @@ class FlowGRPO(FlowPolicyModule):
         step_weighting: "uniform" (Flow-GRPO: every trained step's loss counts alike) or "noise_std"
             (each step's policy loss times its transition std over the mean std: evens out the
             per-step gradients, which otherwise shrink ~10x toward the first, layout-deciding
-            steps; `objectives.noise_aware_step_weights`). The regulariser is not reweighted.
+            steps; `objectives.noise_aware_step_weights`), or "noise_var" (times the variance: each
+            step's Fisher information divided out, the early steps favoured further). The
+            regulariser is not reweighted.
         regularizer / beta: penalty to the frozen reference, times beta (0 or "none": no penalty).
         track_reference: keep the frozen reference even without a penalty, to log the velocity
             MSE to it (one no-grad forward per trained step).
@@ -92,7 +94,7 @@ class FlowGRPO(FlowPolicyModule):
         clip_range: float = 1e-4,
         scale: Literal["group", "batch", "none"] = "batch",
         adv_clip: float | None = 5.0,
-        step_weighting: Literal["uniform", "noise_std"] = "uniform",
+        step_weighting: Literal["uniform", "noise_std", "noise_var"] = "uniform",
         regularizer: Literal["velocity_mse", "latent_kl", "exact_kl", "none"] = "velocity_mse",
         beta: float = 0.1,
         track_reference: bool = True,
@@ -203,7 +205,8 @@ class FlowGRPO(FlowPolicyModule):
         steps = rollout.trained_steps
         if self.hparams.step_weighting == "uniform" or not steps:
             return [1.0] * len(steps)
-        return noise_aware_step_weights(rollout.sigmas, rollout.noise_levels, steps, rollout.kind).tolist()
+        power = 2.0 if self.hparams.step_weighting == "noise_var" else 1.0
+        return noise_aware_step_weights(rollout.sigmas, rollout.noise_levels, steps, rollout.kind, power).tolist()
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         hp = self.hparams

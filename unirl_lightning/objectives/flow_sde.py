@@ -74,13 +74,16 @@ def transition_std(sigma: Tensor, sigma_next: Tensor, noise_level: float, kind: 
     return sigma_t * (sigma - sigma_next).sqrt()
 
 
-def noise_aware_step_weights(sigmas: Tensor, noise_levels: Tensor, steps: list[int], kind: str = "sde") -> Tensor:
-    """`[len(steps)]` per-step loss weights proportional to each step's transition std, mean 1.
+def noise_aware_step_weights(sigmas: Tensor, noise_levels: Tensor, steps: list[int], kind: str = "sde",
+                             power: float = 1.0) -> Tensor:
+    """`[len(steps)]` per-step loss weights proportional to each step's transition std ** power, mean 1.
 
     The policy gradient of one step's mean log-prob w.r.t. the velocity is ``eps * |dmean/dv| / std``,
     and for "sde" ``|dmean/dv| / std`` grows as ``sqrt((1-s)/s)``: with uniform weights the last
     (detail) steps' gradients are ~10x the first (layout) steps' on a 10-step schedule. Weighting by
-    the std evens them out (TempFlow-GRPO's noise-aware weighting prioritises the early steps).
+    the std evens them out (TempFlow-GRPO's noise-aware weighting prioritises the early steps);
+    power 2 (the variance) also divides out each step's Fisher information ``(dmean/dv / std)^2``,
+    a per-step natural gradient, which favours the early steps further.
     """
     if not steps:
         raise ValueError("noise_aware_step_weights needs at least one step")
@@ -89,7 +92,8 @@ def noise_aware_step_weights(sigmas: Tensor, noise_levels: Tensor, steps: list[i
     std = torch.stack([transition_std(s[i], s_next[i], float(noise_levels[j]), kind) for i, j in enumerate(steps)])
     if not bool((std > 0).all()):
         raise ValueError(f"noise_aware_step_weights: steps {steps} include a deterministic step (std 0)")
-    return std / std.mean()
+    weight = std**power
+    return weight / weight.mean()
 
 
 def sde_step(
