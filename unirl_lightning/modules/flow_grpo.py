@@ -61,8 +61,9 @@ class FlowGRPO(FlowPolicyModule):
             (each step's policy loss times its transition std over the mean std: evens out the
             per-step gradients, which otherwise shrink ~10x toward the first, layout-deciding
             steps; `objectives.noise_aware_step_weights`), or "noise_var" (times the variance: each
-            step's Fisher information divided out, the early steps favoured further). The
-            regulariser is not reweighted.
+            step's Fisher information divided out, the early steps favoured further). Weights
+            average 1 over the rollout's trained steps (a random `sde_window_size` window is
+            reweighted within itself); the regulariser is not reweighted.
         regularizer / beta: penalty to the frozen reference, times beta (0 or "none": no penalty).
         track_reference: keep the frozen reference even without a penalty, to log the velocity
             MSE to it (one no-grad forward per trained step).
