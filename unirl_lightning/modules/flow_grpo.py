@@ -59,7 +59,7 @@ class FlowGRPO(FlowPolicyModule):
             "group", "none") and clip.
         step_weighting: "uniform" (Flow-GRPO: every trained step's loss counts alike) or "noise_std"
             (each step's policy loss times its transition std over the mean std: evens out the
-            per-step gradients, which otherwise shrink ~10x toward the first, layout-deciding
+            per-step gradients, which otherwise shrink ~8x toward the first, layout-deciding
             steps; `objectives.noise_aware_step_weights`), or "noise_var" (times the variance: each
             step's Fisher information divided out, the early steps favoured further). Weights
             average 1 over the rollout's trained steps (a random `sde_window_size` window is

@@ -80,7 +80,7 @@ def noise_aware_step_weights(sigmas: Tensor, noise_levels: Tensor, steps: list[i
 
     The policy gradient of one step's mean log-prob w.r.t. the velocity is ``eps * |dmean/dv| / std``,
     and for "sde" ``|dmean/dv| / std`` grows as ``sqrt((1-s)/s)``: with uniform weights the last
-    (detail) steps' gradients are ~10x the first (layout) steps' on a 10-step schedule. Weighting by
+    (detail) steps' gradients are ~8x the first (layout) steps' on a 10-step schedule. Weighting by
     the std evens them out (TempFlow-GRPO's noise-aware weighting prioritises the early steps);
     power 2 (the variance) also divides out each step's Fisher information ``(dmean/dv / std)^2``,
     a per-step natural gradient, which favours the early steps further.
