@@ -66,12 +66,16 @@ def sde_sigma_t(sigma: Tensor, sigma_next: Tensor, noise_level: float) -> Tensor
     return noise_level * (sigma / denom).sqrt()
 
 
+def _diffusion_coefficient(sigma: Tensor, sigma_next: Tensor, noise_level: float, kind: str) -> Tensor:
+    """sigma_t of the "sde" (Flow-GRPO) and "dance" (constant) kinds."""
+    return sde_sigma_t(sigma, sigma_next, noise_level) if kind == "sde" else torch.full_like(sigma, noise_level)
+
+
 def transition_std(sigma: Tensor, sigma_next: Tensor, noise_level: float, kind: str = "sde") -> Tensor:
     """The std of one step's Gaussian transition (any broadcastable shape of sigmas)."""
     if kind == "cps":
         return sigma_next * math.sin(noise_level * math.pi / 2)
-    sigma_t = sde_sigma_t(sigma, sigma_next, noise_level) if kind == "sde" else torch.full_like(sigma, noise_level)
-    return sigma_t * (sigma - sigma_next).sqrt()
+    return _diffusion_coefficient(sigma, sigma_next, noise_level, kind) * (sigma - sigma_next).sqrt()
 
 
 def noise_aware_step_weights(sigmas: Tensor, noise_levels: Tensor, steps: list[int], kind: str = "sde",
@@ -162,7 +166,7 @@ def sde_step(
         # clamp: s_next^2 - std^2 = (s_next*cos(a*pi/2))^2 can round below 0 at a = 1.
         mean = x0_hat * (1 - s_next) + x1_hat * (s_next.square() - std.square()).clamp(min=0).sqrt()
     else:
-        sigma_t = sde_sigma_t(s, s_next, noise_level) if kind == "sde" else torch.full_like(s, noise_level)
+        sigma_t = _diffusion_coefficient(s, s_next, noise_level, kind)
         # With a = 0 the correction is exactly 0, so mean == x + v*dt bit for bit (Euler).
         mean = x + (v + sigma_t.square() / (2 * s) * (x + (1 - s) * v)) * dt
 
