@@ -5,6 +5,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from unirl_lightning.callbacks import PolicyEMA
 from unirl_lightning.data import OnPolicyDataModule, generate_specs
 from unirl_lightning.models.flow import TinyFlowConfig, TinyFlowModel
 from unirl_lightning.modules.flow_grpo import FlowGRPO
@@ -327,6 +328,36 @@ def test_flow_grpo_accumulates_rollouts_per_update(tmp_path):
     assert len(record.rows) == 2 and trainer.global_step == 1
     assert record.rows[1]["policy/ratio_mean"] == 1.0  # no update between the two rollouts
     assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+
+
+class _LiveParams(L.Callback):
+    """The policy's trainable parameters after every optimiser step (placed before PolicyEMA)."""
+
+    def __init__(self):
+        self.states = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step > len(self.states):
+            self.states.append({k: p.detach().clone() for k, p in pl_module.policy.named_parameters() if p.requires_grad})
+
+
+def test_policy_ema_is_what_flow_grpo_saves(tmp_path):
+    """The average of the trainable weights (Flow-GRPO's EMA) is saved; rollouts used the live ones."""
+    policy = _tiny()
+    start = {k: p.detach().clone() for k, p in policy.named_parameters()}
+    live = _LiveParams()
+    module = FlowGRPO(policy, warm_start=None, num_steps=3, beta=0.1, lr=3e-3, save_to=str(tmp_path / "ema"))
+    trainer = _trainer(tmp_path, 3, [live, PolicyEMA(decay=0.5, warmup=False)])
+    trainer.fit(module, datamodule=_data())
+    saved = TinyFlowModel.from_pretrained(tmp_path / "ema").state_dict()
+    assert len(live.states) == 3
+    for name, value in start.items():
+        expected = value
+        for state in live.states:
+            expected = 0.5 * expected + 0.5 * state[name]
+        torch.testing.assert_close(saved[name], expected)
+    moved = [k for k in start if not torch.allclose(live.states[-1][k], start[k])]
+    assert moved and any(not torch.allclose(saved[k], live.states[-1][k]) for k in moved)
 
 
 def test_same_latent_shares_the_initial_noise_within_groups():
