@@ -318,6 +318,18 @@ def test_flow_grpo_window_trains_only_window_steps(tmp_path):
     assert fixed.policy.sample(PROMPTS, num_steps=6, sde_window=fixed.sde_window()).trained_steps == [3, 4]
 
 
+def test_random_window_weights_are_normalised_over_every_coverable_step():
+    """A random one-step window (TempFlow-GRPO's branching) weighs its step against all nine the
+    window can land on, so early windows outweigh late ones as in the full-trajectory weighting."""
+    module = FlowGRPO(_tiny(), warm_start=None, num_steps=10, sde_window_size=1, step_weighting="noise_std")
+    full = noise_aware_step_weights(module.policy.sigmas(10), torch.ones(10), list(range(9)))
+    for start in (0, 4, 8):
+        rollout = module.policy.sample(PROMPTS[:1], num_steps=10, sde_window=(start, start + 1))
+        assert rollout.trained_steps == [start]
+        torch.testing.assert_close(torch.tensor(module.step_weights(rollout)), full[start : start + 1])
+    assert full[0] > 8 * full[8]
+
+
 def test_flow_grpo_accumulates_rollouts_per_update(tmp_path):
     record = _Record()
     policy = _tiny()

@@ -62,8 +62,9 @@ class FlowGRPO(FlowPolicyModule):
             per-step gradients, which otherwise shrink ~8x toward the first, layout-deciding
             steps; `objectives.noise_aware_step_weights`), or "noise_var" (times the variance: each
             step's Fisher information divided out, the early steps favoured further). Weights
-            average 1 over the rollout's trained steps (a random `sde_window_size` window is
-            reweighted within itself); the regulariser is not reweighted.
+            average 1 over the rollout's trained steps, or for a random `sde_window_size` window
+            over every step a window can cover (so that its weights keep their size against
+            other windows'); the regulariser is not reweighted.
         regularizer / beta: penalty to the frozen reference, times beta (0 or "none": no penalty).
         track_reference: keep the frozen reference even without a penalty, to log the velocity
             MSE to it (one no-grad forward per trained step).
@@ -206,8 +207,15 @@ class FlowGRPO(FlowPolicyModule):
         steps = rollout.trained_steps
         if self.hparams.step_weighting == "uniform" or not steps:
             return [1.0] * len(steps)
-        power = 2.0 if self.hparams.step_weighting == "noise_var" else 1.0
-        return noise_aware_step_weights(rollout.sigmas, rollout.noise_levels, steps, rollout.kind, power).tolist()
+        hp = self.hparams
+        power = 2.0 if hp.step_weighting == "noise_var" else 1.0
+        if hp.sde_window_size is None:
+            return noise_aware_step_weights(rollout.sigmas, rollout.noise_levels, steps, rollout.kind, power).tolist()
+        # A random window is weighted against every step a window can cover: a one-step window
+        # (TempFlow-GRPO's branching) early in the schedule then outweighs one late in it.
+        candidates = list(range(hp.num_steps - 1))
+        levels = torch.full((hp.num_steps,), float(hp.noise_level))
+        return noise_aware_step_weights(rollout.sigmas, levels, steps, rollout.kind, power, normalize_over=candidates).tolist()
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         hp = self.hparams

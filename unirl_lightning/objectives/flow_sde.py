@@ -79,8 +79,11 @@ def transition_std(sigma: Tensor, sigma_next: Tensor, noise_level: float, kind: 
 
 
 def noise_aware_step_weights(sigmas: Tensor, noise_levels: Tensor, steps: list[int], kind: str = "sde",
-                             power: float = 1.0) -> Tensor:
-    """`[len(steps)]` per-step loss weights proportional to each step's transition std ** power, mean 1.
+                             power: float = 1.0, normalize_over: list[int] | None = None) -> Tensor:
+    """`[len(steps)]` per-step loss weights proportional to each step's transition std ** power, mean 1
+    over `steps`, or over `normalize_over` (e.g. every step a random window can cover, so that
+    a window's weights keep their size relative to the other windows'; `noise_levels` must then
+    give those steps' levels too).
 
     The policy gradient of one step's mean log-prob w.r.t. the velocity is ``eps * |dmean/dv| / std``,
     and for "sde" ``|dmean/dv| / std`` grows as ``sqrt((1-s)/s)``: with uniform weights the last
@@ -91,13 +94,16 @@ def noise_aware_step_weights(sigmas: Tensor, noise_levels: Tensor, steps: list[i
     """
     if not steps:
         raise ValueError("noise_aware_step_weights needs at least one step")
-    idx = torch.as_tensor(steps, device=sigmas.device)
-    s, s_next = sigmas[idx].float(), sigmas[idx + 1].float()
-    std = torch.stack([transition_std(s[i], s_next[i], float(noise_levels[j]), kind) for i, j in enumerate(steps)])
-    if not bool((std > 0).all()):
-        raise ValueError(f"noise_aware_step_weights: steps {steps} include a deterministic step (std 0)")
-    weight = std**power
-    return weight / weight.mean()
+
+    def weights(of: list[int]) -> Tensor:
+        s, s_next = sigmas.float()[of], sigmas.float()[[j + 1 for j in of]]
+        std = torch.stack([transition_std(s[i], s_next[i], float(noise_levels[j]), kind) for i, j in enumerate(of)])
+        if not bool((std > 0).all()):
+            raise ValueError(f"noise_aware_step_weights: steps {of} include a deterministic step (std 0)")
+        return std**power
+
+    weight = weights(list(steps))
+    return weight / (weight.mean() if normalize_over is None else weights(list(normalize_over)).mean())
 
 
 def sde_step(
