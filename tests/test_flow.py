@@ -91,6 +91,20 @@ def test_text_encoder_reads_word_order_and_encodes_rows_independently():
     torch.testing.assert_close(bag[0], bag[1])
 
 
+def test_empty_prompt_is_finite_and_the_same_on_the_fused_inference_path():
+    """A text policy can write an empty prompt. Eval mode without grad takes PyTorch's fused encoder
+    path (as the frozen reference does), where a row with every key masked used to come out NaN."""
+    torch.manual_seed(0)
+    enc = TinyFlowModel(TinyFlowConfig()).text_encoder  # the default size takes the fused path
+    prompts = ["", "a photo of a red square"]
+    with torch.no_grad():
+        train = enc.train()(prompts)
+        fused = enc.eval()(prompts)
+    for field in ("hidden", "pooled"):
+        assert torch.isfinite(getattr(fused, field)).all()
+        torch.testing.assert_close(getattr(fused, field), getattr(train, field), rtol=1e-4, atol=1e-5)
+
+
 def test_image_positions_are_spread_learned_and_old_folders_keep_sd3s(tmp_path):
     """The default cell positions are SD3's sincos table at positions 0, 4, 8, 12 (neighbouring
     cells far apart, relative offsets still a function of the distance), trained with the model;
@@ -221,6 +235,22 @@ def test_flow_grpo_velocity_mse_zero_at_start_then_positive(tmp_path):
     # the reference stays frozen at the initial weights
     ref = module.reference.state_dict()
     assert all(torch.equal(before[k], ref[k]) for k in before)
+
+
+def test_non_finite_gradients_skip_the_step_instead_of_writing_nan_into_the_policy(tmp_path):
+    """A NaN in the loss (here a reference that outputs NaN, as an empty prompt once made it) skips
+    the optimiser step with a warning and a logged count; the policy keeps its finite weights."""
+    policy = _tiny()
+    before = _snapshot(policy)
+    record = _Record()
+    module = FlowGRPO(policy, warm_start=None, num_steps=3, beta=0.1, lr=1e-2)
+    with torch.no_grad():
+        module.reference.transformer.proj_out.weight.fill_(float("nan"))
+    trainer = _trainer(tmp_path, 2, [record])
+    with pytest.warns(UserWarning, match="non-finite gradients"):
+        trainer.fit(module, datamodule=_data())
+    assert [r["train/skipped_steps"] for r in record.rows] == [1.0, 2.0]
+    assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
 
 
 def test_lora_flow_grpo_trains_adapters_against_the_base_model(tmp_path):

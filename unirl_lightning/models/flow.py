@@ -569,8 +569,13 @@ class WordTextEncoder(nn.Module):
         tok = self.embed(ids)
         real = (ids != self.PAD).unsqueeze(-1).to(tok.dtype)
         h = tok + self.pos
+        # An empty prompt (a text policy may write one) keeps its first slot unmasked: a row with
+        # every key masked is NaN on PyTorch's fused inference path (eval, no grad), e.g. in the
+        # frozen reference, and that NaN reached the velocity penalty and every weight.
+        pad = ids == self.PAD
+        pad[:, 0] &= ~pad.all(1)
         for layer in self.layers:
-            h = layer(h, src_key_padding_mask=ids == self.PAD)
+            h = layer(h, src_key_padding_mask=pad)
         h = self.norm(h)
         # without layers the pooled vector is the bag of word embeddings (how such folders were trained)
         source = h if len(self.layers) else tok

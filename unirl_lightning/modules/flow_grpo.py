@@ -27,7 +27,7 @@ from unirl_lightning.objectives import (
     policy_loss,
     velocity_mse,
 )
-from unirl_lightning.modules.shared import rank_advantages
+from unirl_lightning.modules.shared import guarded_step, rank_advantages
 from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards
 
 REGULARIZERS = ("velocity_mse", "latent_kl", "exact_kl", "none")
@@ -263,10 +263,7 @@ class FlowGRPO(FlowPolicyModule):
                         acc.setdefault(k, []).append(float(v))
             if not update:
                 continue
-            if hp.gradient_clip_val:
-                self.clip_gradients(opt, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            guarded_step(self, opt, hp.gradient_clip_val)
         if update:
             self.lr_schedulers().step()
         logs.update({f"policy/{k}": sum(v) / len(v) for k, v in acc.items()})
@@ -274,6 +271,7 @@ class FlowGRPO(FlowPolicyModule):
             "reward/total": rewards.mean().item(),
             "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
             "train/zero_std_frac": zero_frac,
+            "train/skipped_steps": float(self.skipped_steps),
             "train/adv_abs": adv.abs().mean().item(),
             "train/trained_steps": float(len(steps)),
             "train/lr": opt.param_groups[0]["lr"],

@@ -18,7 +18,7 @@ from unirl_lightning.data.datamodule import PromptBatch
 from unirl_lightning.models.base import UnifiedPolicy
 from unirl_lightning.modules.common import PolicyModule
 from unirl_lightning.objectives import policy_loss
-from unirl_lightning.modules.shared import rank_advantages
+from unirl_lightning.modules.shared import guarded_step, rank_advantages
 from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards
 
 
@@ -144,13 +144,10 @@ class DiscreteGRPO(PolicyModule):
                 sft = self._answer_sft_loss(ctx)
                 self.manual_backward(hp.answer_sft_weight * sft)
                 stats_acc.setdefault("answer_sft/loss", []).append(float(sft.detach()))
-            if hp.gradient_clip_val:
-                self.clip_gradients(opt, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            guarded_step(self, opt, hp.gradient_clip_val)
         logs.update({k: sum(v) / len(v) for k, v in stats_acc.items()})
         logs.update({"reward/total": rewards.mean().item(), "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
-                     "train/zero_std_frac": zero_frac})
+                     "train/zero_std_frac": zero_frac, "train/skipped_steps": float(self.skipped_steps)})
         self.log_dict(logs, prog_bar=False, batch_size=len(batch))
         self.log("reward", rewards.mean().item(), prog_bar=True, batch_size=len(batch))
 

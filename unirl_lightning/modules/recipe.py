@@ -58,6 +58,7 @@ class RecipeModule(L.LightningModule):
         self.judge = GenEvalJudge(detector)
         self.val_geneval = GenEvalScore()
         self._warm_started = False
+        self.skipped_steps = 0  # optimiser steps skipped for non-finite gradients (shared.guarded_step)
 
     # ---- warm start -------------------------------------------------------------------
     def auto_warm_start(self) -> Path | None:

@@ -1,4 +1,5 @@
-"""Pieces the discrete and flow recipes share: group advantages across ranks, the LR schedule."""
+"""Pieces the discrete and flow recipes share: group advantages across ranks, the LR schedule, and
+the guarded optimiser step."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 
 from unirl_lightning.objectives import group_advantages, zero_std_fraction
 
@@ -42,3 +44,34 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(progress * math.pi))
 
     return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"}
+
+
+def grads_finite(module: L.LightningModule, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient the optimiser would apply is finite, on every rank (one sync)."""
+    flags = [torch.isfinite(g.to_local() if hasattr(g, "to_local") else g).all()
+             for group in optimizer.param_groups for p in group["params"] if (g := p.grad) is not None]
+    ok = bool(torch.stack(flags).all()) if flags else True
+    return bool(module.trainer.strategy.reduce_boolean_decision(ok, all=True))
+
+
+def guarded_step(module: L.LightningModule, optimizer, gradient_clip_val: float | None) -> bool:
+    """Clip (if set), then step only if every gradient is finite; zero the gradients either way.
+
+    One non-finite loss (a NaN reward, an overflow) would otherwise write NaN into every weight
+    and silently end learning; the step is skipped with a warning instead and counted in
+    `module.skipped_steps` (recipes log it as `train/skipped_steps`). Returns whether it stepped.
+    """
+    finite = grads_finite(module, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
+    if finite:
+        if gradient_clip_val:
+            module.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm="norm")
+    else:
+        module.skipped_steps += 1
+        rank_zero_warn(f"{type(module).__name__}: non-finite gradients at step {module.global_step}; the optimiser "
+                       f"step is skipped ({module.skipped_steps} so far, logged as train/skipped_steps)")
+        # No gradients: the step below updates nothing (torch optimisers skip parameters without
+        # one), but still counts, so trainer.global_step and max_steps advance.
+        optimizer.zero_grad(set_to_none=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return finite

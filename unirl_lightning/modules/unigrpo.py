@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from unirl_lightning.data.datamodule import PromptBatch
-from unirl_lightning.modules.shared import rank_advantages
+from unirl_lightning.modules.shared import guarded_step, rank_advantages
 from unirl_lightning.models.flow import FlowPolicy, FlowRollout
 from unirl_lightning.models.text_policy import TextPolicy, TextRollout, text_matches
 from unirl_lightning.modules.flow_grpo import FlowGRPO
@@ -253,16 +253,14 @@ class UniGRPO(FlowGRPO):
                     self.manual_backward(loss * share / len(steps))
                     for k, v in stats.items():
                         acc.setdefault(f"image/{k}", []).append(float(v))
-            if hp.gradient_clip_val:
-                self.clip_gradients(opt, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            guarded_step(self, opt, hp.gradient_clip_val)
         logs.update({k: sum(v) / len(v) for k, v in acc.items()})
         logs.update(self._text_logs(batch.specs, ctx.cache["texts"], text, rewards))
         logs.update({
             "reward/total": rewards.mean().item(),
             "reward/std": rewards.std().item() if n > 1 else 0.0,
             "train/zero_std_frac": zero_frac,
+            "train/skipped_steps": float(self.skipped_steps),
             "train/adv_abs": adv.abs().mean().item(),
             "train/trained_steps": float(len(steps)),
             "time/text_s": ctx.cache.get("text_s", float("nan")),
