@@ -204,10 +204,9 @@ class FlowGRPO(FlowPolicyModule):
 
     def step_weights(self, rollout: FlowRollout) -> list[float]:
         """One policy-loss weight per trained step of `rollout` (`step_weighting`)."""
-        steps = rollout.trained_steps
-        if self.hparams.step_weighting == "uniform" or not steps:
+        hp, steps = self.hparams, rollout.trained_steps
+        if hp.step_weighting == "uniform" or not steps:
             return [1.0] * len(steps)
-        hp = self.hparams
         power = 2.0 if hp.step_weighting == "noise_var" else 1.0
         if hp.sde_window_size is None:
             return noise_aware_step_weights(rollout.sigmas, rollout.noise_levels, steps, rollout.kind, power).tolist()

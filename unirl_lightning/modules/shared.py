@@ -55,7 +55,7 @@ def grads_finite(module: L.LightningModule, optimizer: torch.optim.Optimizer) ->
 
 
 def guarded_step(module: L.LightningModule, optimizer, gradient_clip_val: float | None) -> bool:
-    """Clip (if set), then step only if every gradient is finite; zero the gradients either way.
+    """Step (clipping first, if set) only if every gradient is finite; zero the gradients either way.
 
     One non-finite loss (a NaN reward, an overflow) would otherwise write NaN into every weight
     and silently end learning; the step is skipped with a warning instead and counted in
