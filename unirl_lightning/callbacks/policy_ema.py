@@ -3,7 +3,8 @@
 Flow-GRPO keeps one (decay 0.9) and evaluates with it: RL updates from single rollouts are noisy,
 and the average of the last iterates scores above the last iterate. Rollouts and updates always
 use the live weights; validation swaps the average in and back out, and at the end of fit the
-average is copied into the policy, so the recipe's `save_to` writes it.
+average is copied into the policy, so the recipe's `save_to` writes it. (Evaluation that runs
+inside the training loop, such as `PolicyGenEvalCallback`, sees the live weights.)
 
 Unlike Lightning's `WeightAveraging`, which deep-copies the whole LightningModule when fit is set
 up (before the recipes load their warm start, create the frozen reference or add LoRA), this keeps
