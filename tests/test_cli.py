@@ -8,7 +8,7 @@ import yaml
 from unirl_lightning.cli import cli_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-BUILTIN = ["pretrain.yaml", "sft.yaml", "grpo.yaml"]
+BUILTIN = ["pretrain.yaml", "sft.yaml", "grpo.yaml", "grpo_corl.yaml", "pretrain_flow.yaml", "flow_grpo.yaml", "unigrpo.yaml"]
 
 
 def _print_config(args, capsys):
@@ -28,6 +28,18 @@ def test_print_config_reloads_to_the_same_config(name, tmp_path, capsys):
     cfg = yaml.safe_load(first)
     assert cfg["model"]["class_path"].startswith("unirl_lightning.modules.")
     assert cfg["trainer"]["log_every_n_steps"] <= 10
+
+
+def test_flow_grpo_config_instantiates_as_measured():
+    """The FlowGRPO config builds (its random 2-step window fits its 10-step schedule)."""
+    from unirl_lightning.modules.flow_grpo import FlowGRPO
+
+    cli = cli_main(["--config", str(CONFIGS / "flow_grpo.yaml"), "--model.init_args.warm_start", "null"], run=False)
+    assert isinstance(cli.model, FlowGRPO)
+    hp = cli.model.hparams
+    assert (hp.sde_window_size, hp.num_steps, hp.step_weighting, hp.regularizer) == (2, 10, "noise_std", "velocity_mse")
+    start, end = cli.model.sde_window()
+    assert end - start == 2 and 0 <= start and end <= 9  # the last step stays ODE
 
 
 def test_overrides_survive_print(capsys):
