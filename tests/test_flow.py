@@ -1,5 +1,7 @@
 """Flow policies and FlowGRPO on a tiny SD3 transformer: sampling, log-probs, CFG, windows, recipes."""
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -9,6 +11,7 @@ from unirl_lightning.callbacks import PolicyEMA
 from unirl_lightning.data import OnPolicyDataModule, generate_specs
 from unirl_lightning.models.flow import TinyFlowConfig, TinyFlowModel
 from unirl_lightning.modules.flow_grpo import FlowGRPO
+from unirl_lightning.modules.shared import warmup_then_decay
 from unirl_lightning.modules.flow_pretrain import FlowSceneDataModule, FlowWarmStart
 from unirl_lightning.worlds import render_batch
 from unirl_lightning.objectives import noise_aware_step_weights
@@ -370,6 +373,43 @@ def test_flow_grpo_accumulates_rollouts_per_update(tmp_path):
     assert len(record.rows) == 2 and trainer.global_step == 1
     assert record.rows[1]["policy/ratio_mean"] == 1.0  # no update between the two rollouts
     assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+
+
+@pytest.mark.parametrize("decay", ["constant", "linear", "cosine"])
+def test_lr_schedule_is_warmup_then_the_decay_to_its_floor(decay):
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
+    sched = warmup_then_decay(opt, 2, decay, total_steps=6, min_ratio=0.25)
+    lrs = []
+    for _ in range(9):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    progress = [min(max(step - 2, 0) / 4, 1.0) for step in range(9)]
+    shape = {"constant": lambda p: 1.0, "linear": lambda p: 1 - p, "cosine": lambda p: 0.5 * (1 + math.cos(math.pi * p))}[decay]
+    expected = [2.0 * (step + 1) / 2 if step < 2 else 2.0 * (1.0 if decay == "constant" else 0.25 + 0.75 * shape(p))
+                for step, p in enumerate(progress)]
+    assert lrs == pytest.approx(expected)
+    assert lrs[-1] == pytest.approx(2.0 if decay == "constant" else 0.5)  # held at the floor after the end
+
+
+def test_flow_grpo_decays_the_lr_per_optimiser_step_to_max_steps(tmp_path):
+    record = _Record()
+    module = FlowGRPO(_tiny(), warm_start=None, num_steps=3, num_iterations=2, lr=1e-3, lr_decay="linear")
+    trainer = _trainer(tmp_path, 4, [record])  # 2 rollouts x 2 passes = 4 optimiser steps
+    trainer.fit(module, datamodule=_data())
+    assert trainer.global_step == 4
+    assert [r["train/lr"] for r in record.rows] == pytest.approx([1e-3 * 2 / 4, 0.0])  # logged after each rollout's passes
+
+
+def test_lr_decay_without_max_steps_fails_before_any_rollout(tmp_path):
+    module = FlowGRPO(_tiny(), warm_start=None, num_steps=3, lr_decay="cosine")
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    module.make_rollouts = None  # any rollout would raise TypeError instead of the message below
+    with pytest.raises(ValueError, match="lr_decay 'cosine' decays to trainer.max_steps"):
+        trainer.fit(module, datamodule=_data())
+    with pytest.raises(ValueError, match="model.lr_decay must be one of"):
+        FlowGRPO(_tiny(), warm_start=None, lr_decay="step")
 
 
 class _LiveParams(L.Callback):

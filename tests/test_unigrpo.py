@@ -238,6 +238,15 @@ def test_train_text_false_leaves_the_text_policy_unchanged():
     assert "text/exact_prompt" in record.rows[-1]
 
 
+def test_warmup_and_lr_decay_drive_both_policies_learning_rates():
+    record = _Record()
+    module = _module(warmup_steps=1, lr_decay="linear", lr_min_ratio=0.5)
+    _trainer(3, [record]).fit(module, datamodule=_data())
+    opt = module.optimizers().optimizer
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([3e-3 * 0.5, 3e-3 * 0.5])  # at the floor
+    assert [r["train/lr"] for r in record.rows] == pytest.approx([3e-3, 3e-3 * 0.75, 3e-3 * 0.5])
+
+
 def test_validation_scores_eval_repeats_images_per_greedy_text():
     module = _module(eval_repeats=3)
     judged, judge = [], module.judge

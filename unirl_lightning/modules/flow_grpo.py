@@ -27,7 +27,7 @@ from unirl_lightning.objectives import (
     policy_loss,
     velocity_mse,
 )
-from unirl_lightning.modules.shared import guarded_step, rank_advantages
+from unirl_lightning.modules.shared import check_lr_decay, guarded_step, rank_advantages, warmup_then_decay
 from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards
 
 REGULARIZERS = ("velocity_mse", "latent_kl", "exact_kl", "none")
@@ -76,6 +76,9 @@ class FlowGRPO(FlowPolicyModule):
         gradient_clip_val: max gradient norm per optimiser step (None: no clipping).
         warmup_steps: linear learning-rate warm-up (Adam's first, bias-corrected updates move
             every parameter by ~lr along a mostly-noise gradient; warming up avoids that shock).
+        lr_decay / lr_min_ratio: after the warm-up, hold the LR ("constant") or decay it
+            ("linear", "cosine") to `lr_min_ratio` x lr at `trainer.max_steps` optimiser steps
+            (the last updates then average out the rollout noise instead of adding to it).
         Other arguments as in `FlowPolicyModule`.
     """
 
@@ -105,6 +108,8 @@ class FlowGRPO(FlowPolicyModule):
         lora_target_modules: list[str] | None = None,
         gradient_clip_val: float | None = 1.0,
         warmup_steps: int = 0,
+        lr_decay: Literal["constant", "linear", "cosine"] = "constant",
+        lr_min_ratio: float = 0.0,
         **kwargs,
     ):
         super().__init__(policy, **kwargs)
@@ -120,6 +125,9 @@ class FlowGRPO(FlowPolicyModule):
             raise ValueError("model.num_iterations > 1 needs rollouts_per_update == 1 (each pass steps the optimiser)")
         if sde_window_size is not None and not 1 <= sde_window_size <= num_steps - 1:
             raise ValueError(f"model.sde_window_size must be in 1..num_steps-1={num_steps - 1}, got {sde_window_size}")
+        check_lr_decay(lr_decay, warmup_steps, None if lr_decay == "constant" else math.inf)
+        if not 0 <= lr_min_ratio <= 1:
+            raise ValueError(f"model.lr_min_ratio must be in [0, 1], got {lr_min_ratio}")
         if rewards is None:
             from unirl_lightning.rewards.geneval import GenEvalReward
 
@@ -150,6 +158,8 @@ class FlowGRPO(FlowPolicyModule):
             self.reference = self.policy.make_reference().to(self.device)
 
     def setup(self, stage: str) -> None:
+        if stage == "fit":  # before the warm start and any rollout
+            check_lr_decay(self.hparams.lr_decay, max(self.hparams.warmup_steps, 0), self._decay_end())
         super().setup(stage)  # the warm start first: adapters go on the warm-started weights
         hp = self.hparams
         if hp.lora_rank and not self.policy.has_lora:
@@ -157,9 +167,13 @@ class FlowGRPO(FlowPolicyModule):
 
     def configure_optimizers(self):
         opt = super().configure_optimizers()
-        warm = max(self.hparams.warmup_steps, 0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min((step + 1) / warm, 1.0) if warm else 1.0)
+        hp = self.hparams
+        sched = warmup_then_decay(opt, max(hp.warmup_steps, 0), hp.lr_decay, self._decay_end(), hp.lr_min_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _decay_end(self) -> int | None:
+        """Optimiser steps of the fit (`trainer.max_steps`; None when unset)."""
+        return self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
 
     # ---- rollout (called by the DataModule on device) ---------------------------------------
     def sde_window(self) -> tuple[int, int] | None:
@@ -263,8 +277,7 @@ class FlowGRPO(FlowPolicyModule):
             if not update:
                 continue
             guarded_step(self, opt, hp.gradient_clip_val)
-        if update:
-            self.lr_schedulers().step()
+            self.lr_schedulers().step()  # per optimiser step, as trainer.max_steps counts
         logs.update({f"policy/{k}": sum(v) / len(v) for k, v in acc.items()})
         logs.update({
             "reward/total": rewards.mean().item(),

@@ -46,6 +46,36 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps
     return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"}
 
 
+LR_DECAYS = ("constant", "linear", "cosine")
+
+
+def check_lr_decay(decay: str, warmup_steps: int, total_steps: int | None) -> None:
+    """Raise if the decay is unknown, or needs an end (`total_steps`) it does not have."""
+    if decay not in LR_DECAYS:
+        raise ValueError(f"model.lr_decay must be one of {LR_DECAYS}, got {decay!r}")
+    if decay != "constant" and (total_steps is None or total_steps <= warmup_steps):
+        raise ValueError(f"model.lr_decay {decay!r} decays to trainer.max_steps, which must exceed warmup_steps "
+                         f"({warmup_steps}); got max_steps {total_steps}. Set trainer.max_steps or use lr_decay: constant")
+
+
+def warmup_then_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, decay: str, total_steps: int | None,
+                      min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup_steps`, then the LR held ("constant") or decayed ("linear",
+    "cosine") to `min_ratio` x LR at `total_steps` (optimiser steps) and held there."""
+    check_lr_decay(decay, warmup_steps, total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if decay == "constant":
+            return 1.0
+        progress = min((step - warmup_steps) / (total_steps - warmup_steps), 1.0)
+        shape = 1 - progress if decay == "linear" else 0.5 * (1 + math.cos(progress * math.pi))
+        return min_ratio + (1 - min_ratio) * shape
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def grads_finite(module: L.LightningModule, optimizer: torch.optim.Optimizer) -> bool:
     """Whether every gradient the optimiser would apply is finite, on every rank (one sync)."""
     flags = [torch.isfinite(g.to_local() if hasattr(g, "to_local") else g).all()

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from unirl_lightning.data.datamodule import PromptBatch
-from unirl_lightning.modules.shared import guarded_step, rank_advantages
+from unirl_lightning.modules.shared import guarded_step, rank_advantages, warmup_then_decay
 from unirl_lightning.models.flow import FlowPolicy, FlowRollout
 from unirl_lightning.models.text_policy import TextPolicy, TextRollout, text_matches
 from unirl_lightning.modules.flow_grpo import FlowGRPO
@@ -145,7 +145,9 @@ class UniGRPO(FlowGRPO):
         if self.trains_text:
             groups.append({"params": [p for p in self.text_policy.parameters() if p.requires_grad],
                            "lr": hp.text_lr if hp.text_lr is not None else hp.lr})
-        return torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        sched = warmup_then_decay(opt, max(hp.warmup_steps, 0), hp.lr_decay, self._decay_end(), hp.lr_min_ratio)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---- rollout ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -254,6 +256,7 @@ class UniGRPO(FlowGRPO):
                     for k, v in stats.items():
                         acc.setdefault(f"image/{k}", []).append(float(v))
             guarded_step(self, opt, hp.gradient_clip_val)
+            self.lr_schedulers().step()
         logs.update({k: sum(v) / len(v) for k, v in acc.items()})
         logs.update(self._text_logs(batch.specs, ctx.cache["texts"], text, rewards))
         logs.update({
@@ -263,6 +266,7 @@ class UniGRPO(FlowGRPO):
             "train/skipped_steps": float(self.skipped_steps),
             "train/adv_abs": adv.abs().mean().item(),
             "train/trained_steps": float(len(steps)),
+            "train/lr": opt.param_groups[0]["lr"],
             "time/text_s": ctx.cache.get("text_s", float("nan")),
             "time/rollout_s": ctx.cache.get("rollout_s", float("nan")),
             "time/train_s": time.perf_counter() - t0,
