@@ -363,6 +363,23 @@ def test_random_window_weights_are_normalised_over_every_coverable_step():
     assert full[0] > 8 * full[8]
 
 
+def test_random_windows_stay_inside_sde_window_and_weigh_against_its_steps():
+    """Flow-GRPO-Fast's `sde_window_range`: with a size, `sde_window` bounds where windows land."""
+    module = FlowGRPO(_tiny(), warm_start=None, num_steps=10, sde_window=(1, 6), sde_window_size=2,
+                      step_weighting="noise_std", noise_level=1.0)
+    torch.manual_seed(0)
+    assert {module.sde_window() for _ in range(200)} == {(1, 3), (2, 4), (3, 5), (4, 6)}
+    in_range = noise_aware_step_weights(module.policy.sigmas(10), torch.ones(10), [1, 2, 3, 4, 5])
+    rollout = module.policy.sample(PROMPTS[:1], num_steps=10, noise_level=1.0, sde_window=(4, 6))
+    torch.testing.assert_close(torch.tensor(module.step_weights(rollout)), in_range[3:5])
+    default = FlowGRPO(_tiny(), warm_start=None, num_steps=10, sde_window_size=3)
+    assert {default.sde_window() for _ in range(300)} == {(i, i + 3) for i in range(7)}  # never the last step
+    with pytest.raises(ValueError, match=r"sde_window_size must be in 1..3 .*\[6, 9\)"):
+        FlowGRPO(_tiny(), warm_start=None, num_steps=10, sde_window=(6, 10), sde_window_size=4)
+    with pytest.raises(ValueError, match="sde_window must satisfy"):
+        FlowGRPO(_tiny(), warm_start=None, num_steps=10, sde_window=(5, 12), sde_window_size=2)
+
+
 def test_flow_grpo_accumulates_rollouts_per_update(tmp_path):
     record = _Record()
     policy = _tiny()

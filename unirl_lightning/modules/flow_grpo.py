@@ -34,6 +34,14 @@ REGULARIZERS = ("velocity_mse", "latent_kl", "exact_kl", "none")
 STEP_WEIGHTINGS = ("uniform", "noise_std", "noise_var")
 
 
+def _window_range(window: tuple[int, int] | None, num_steps: int) -> tuple[int, int]:
+    """`[lo, hi)`: the steps of `window` a random window may cover (never the last, ODE step)."""
+    lo, hi = (0, num_steps) if window is None else (int(window[0]), int(window[1]))
+    if not 0 <= lo < hi <= num_steps:
+        raise ValueError(f"model.sde_window must satisfy 0 <= start < end <= num_steps={num_steps}, got {window}")
+    return lo, min(hi, num_steps - 1)
+
+
 class FlowGRPO(FlowPolicyModule):
     """GRPO over the SDE steps of a flow-matching policy.
 
@@ -44,7 +52,8 @@ class FlowGRPO(FlowPolicyModule):
         num_steps / noise_level / kind: the rollout sampler (`objectives.sde_step` kinds).
         sde_window: fixed `[start, end)` steps sampled by SDE (trained); others are ODE steps.
         sde_window_size: if set, a window of this many steps at a random start each training
-            step (Flow-GRPO-Fast); overrides `sde_window`.
+            step (Flow-GRPO-Fast), inside `sde_window` (then the range the windows may cover, as
+            Flow-GRPO-Fast's `sde_window_range`; default every step but the last).
         same_latent: one initial noise per prompt group (Flow-GRPO's `same_latent`), so reward
             differences inside a group come only from the trained SDE steps, not from the
             untrained initial noise (less advantage noise; see benchmarks/learning.md).
@@ -123,8 +132,11 @@ class FlowGRPO(FlowPolicyModule):
             raise ValueError("model.num_iterations, rollouts_per_update and micro_batch_size must be >= 1, num_steps >= 2")
         if num_iterations > 1 and rollouts_per_update > 1:
             raise ValueError("model.num_iterations > 1 needs rollouts_per_update == 1 (each pass steps the optimiser)")
-        if sde_window_size is not None and not 1 <= sde_window_size <= num_steps - 1:
-            raise ValueError(f"model.sde_window_size must be in 1..num_steps-1={num_steps - 1}, got {sde_window_size}")
+        if sde_window_size is not None:
+            lo, hi = _window_range(sde_window, num_steps)
+            if not 1 <= sde_window_size <= hi - lo:
+                raise ValueError(f"model.sde_window_size must be in 1..{hi - lo} (the trainable steps of sde_window "
+                                 f"[{lo}, {hi}) with num_steps {num_steps}), got {sde_window_size}")
         check_lr_decay(lr_decay, warmup_steps, None if lr_decay == "constant" else math.inf)
         if not 0 <= lr_min_ratio <= 1:
             raise ValueError(f"model.lr_min_ratio must be in [0, 1], got {lr_min_ratio}")
@@ -181,7 +193,8 @@ class FlowGRPO(FlowPolicyModule):
         hp = self.hparams
         if hp.sde_window_size is None:
             return None if hp.sde_window is None else tuple(hp.sde_window)
-        start = int(torch.randint(hp.num_steps - hp.sde_window_size, (1,)))  # the last step stays ODE
+        lo, hi = _window_range(hp.sde_window, hp.num_steps)
+        start = lo + int(torch.randint(hi - lo - hp.sde_window_size + 1, (1,)))
         return (start, start + hp.sde_window_size)
 
     @torch.no_grad()
@@ -226,7 +239,7 @@ class FlowGRPO(FlowPolicyModule):
             return noise_aware_step_weights(rollout.sigmas, rollout.noise_levels, steps, rollout.kind, power).tolist()
         # A random window is weighted against every step a window can cover: a one-step window
         # (TempFlow-GRPO's branching) early in the schedule then outweighs one late in it.
-        candidates = list(range(hp.num_steps - 1))
+        candidates = list(range(*_window_range(hp.sde_window, hp.num_steps)))
         levels = torch.full((hp.num_steps,), float(hp.noise_level))
         return noise_aware_step_weights(rollout.sigmas, levels, steps, rollout.kind, power, normalize_over=candidates).tolist()
 
