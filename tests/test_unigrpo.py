@@ -238,6 +238,18 @@ def test_train_text_false_leaves_the_text_policy_unchanged():
     assert "text/exact_prompt" in record.rows[-1]
 
 
+def test_rollouts_per_update_accumulates_both_streams_before_one_step():
+    record = _Record()
+    module = _module(rollouts_per_update=2)
+    text_before, flow_before = _snapshot(module.text_policy), _snapshot(module.policy)
+    trainer = _trainer(1, [record])  # max_steps counts optimiser steps: 2 rollouts, 1 update
+    trainer.fit(module, datamodule=_data())
+    assert len(record.rows) == 2 and trainer.global_step == 1
+    second = record.rows[1]
+    assert abs(second["image/ratio_mean"] - 1.0) < 1e-6 and abs(second["text/ratio_mean"] - 1.0) < 1e-5  # no step yet
+    assert _changed(text_before, module.text_policy) and _changed(flow_before, module.policy)
+
+
 def test_warmup_and_lr_decay_drive_both_policies_learning_rates():
     record = _Record()
     module = _module(warmup_steps=1, lr_decay="linear", lr_min_ratio=0.5)

@@ -64,7 +64,7 @@ class UniGRPO(FlowGRPO):
         save_to: the flow policy is saved there and, when the text policy trains, the text policy
             in its `text_policy/` sub-folder.
         beta: weight of the velocity MSE (beta_v); clip_range: image ratio clip. Other arguments
-            (num_steps, noise_level, kind, sde_window(_size), step_weighting, num_iterations, micro_batch_size,
+            (num_steps, noise_level, kind, sde_window(_size), step_weighting, num_iterations, rollouts_per_update, micro_batch_size,
             scale, adv_clip, regularizer, track_reference, lr, warm_start, ...) as in `FlowGRPO`.
             CFG is off in rollouts, training and validation (UniGRPO).
     """
@@ -233,9 +233,11 @@ class UniGRPO(FlowGRPO):
         text_ref: dict[int, torch.Tensor | None] = {}
         img_ref: dict = {}
         acc: dict[str, list[float]] = {}
+        accumulate = hp.rollouts_per_update
+        update = (batch_idx + 1) % accumulate == 0  # gradients accumulate over this many rollouts
         for _ in range(hp.num_iterations):
             for c, (rows, sub) in enumerate(zip(chunks, subs)):
-                share = len(rows) / n
+                share = len(rows) / n / accumulate
                 if train_text:
                     sub_text, sub_riddles = text.select(rows), [riddles[i] for i in rows.tolist()]
                     if c not in text_ref:
@@ -255,6 +257,8 @@ class UniGRPO(FlowGRPO):
                     self.manual_backward(loss * share / len(steps))
                     for k, v in stats.items():
                         acc.setdefault(f"image/{k}", []).append(float(v))
+            if not update:
+                continue
             guarded_step(self, opt, hp.gradient_clip_val)
             self.lr_schedulers().step()
         logs.update({k: sum(v) / len(v) for k, v in acc.items()})
