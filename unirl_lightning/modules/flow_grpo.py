@@ -138,7 +138,7 @@ class FlowGRPO(FlowPolicyModule):
             if not 1 <= sde_window_size <= hi - lo:
                 raise ValueError(f"model.sde_window_size must be in 1..{hi - lo} (the trainable steps of sde_window "
                                  f"[{lo}, {hi}) with num_steps {num_steps}), got {sde_window_size}")
-        check_lr_decay(lr_decay, warmup_steps, None if lr_decay == "constant" else math.inf)
+        check_lr_decay(lr_decay, warmup_steps, None if lr_decay == "constant" else math.inf)  # the name; max_steps at setup
         if not 0 <= lr_min_ratio <= 1:
             raise ValueError(f"model.lr_min_ratio must be in [0, 1], got {lr_min_ratio}")
         if rewards is None:
@@ -179,7 +179,10 @@ class FlowGRPO(FlowPolicyModule):
             self.policy.add_lora(hp.lora_rank, hp.lora_alpha, hp.lora_target_modules)
 
     def configure_optimizers(self):
-        opt = super().configure_optimizers()
+        return self.scheduled(super().configure_optimizers())
+
+    def scheduled(self, opt: torch.optim.Optimizer) -> dict:
+        """Lightning's optimiser config: `opt` with the warm-up and `lr_decay` schedule, per optimiser step."""
         hp = self.hparams
         sched = warmup_then_decay(opt, max(hp.warmup_steps, 0), hp.lr_decay, self._decay_end(), hp.lr_min_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

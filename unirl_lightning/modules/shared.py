@@ -34,16 +34,10 @@ def rank_advantages(module: L.LightningModule, rewards: torch.Tensor, group_ids:
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int) -> dict:
-    """Lightning scheduler config: linear warm-up, then cosine decay to 10% of the LR, per step."""
-    total = max(max_steps, 1)
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min((step - warmup_steps) / max(total - warmup_steps, 1), 1.0)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(progress * math.pi))
-
-    return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"}
+    """Lightning scheduler config: linear warm-up, then cosine decay to 10% of the LR, per step.
+    A `max_steps` within the warm-up is tolerated (the decay then ends one step after it)."""
+    scheduler = warmup_then_decay(optimizer, warmup_steps, "cosine", max(max_steps, warmup_steps + 1), min_ratio=0.1)
+    return {"scheduler": scheduler, "interval": "step"}
 
 
 LR_DECAYS = ("constant", "linear", "cosine")

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from unirl_lightning.data.datamodule import PromptBatch
-from unirl_lightning.modules.shared import guarded_step, rank_advantages, warmup_then_decay
+from unirl_lightning.modules.shared import guarded_step, rank_advantages
 from unirl_lightning.models.flow import FlowPolicy, FlowRollout
 from unirl_lightning.models.text_policy import TextPolicy, TextRollout, text_matches
 from unirl_lightning.modules.flow_grpo import FlowGRPO
@@ -145,9 +145,7 @@ class UniGRPO(FlowGRPO):
         if self.trains_text:
             groups.append({"params": [p for p in self.text_policy.parameters() if p.requires_grad],
                            "lr": hp.text_lr if hp.text_lr is not None else hp.lr})
-        opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
-        sched = warmup_then_decay(opt, max(hp.warmup_steps, 0), hp.lr_decay, self._decay_end(), hp.lr_min_ratio)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return self.scheduled(torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas)))
 
     # ---- rollout ------------------------------------------------------------------------------
     @torch.no_grad()
