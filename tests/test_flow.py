@@ -470,6 +470,36 @@ def test_same_latent_shares_the_initial_noise_within_groups():
     assert not torch.equal(ctx.rollout.latents[0, -1], ctx.rollout.latents[1, -1])  # SDE steps differ
 
 
+def test_grouped_sampling_runs_the_ode_prefix_once_per_group_and_matches_the_full_batch():
+    """Rows sharing prompt and noise take the ODE steps before the SDE window once per group; the
+    states equal the ungrouped sampler's, and every later transition re-scores to its log-prob."""
+    policy = _tiny()
+    prompts = [p for p in PROMPTS for _ in range(3)]
+    groups = torch.tensor([4, 4, 4, 0, 0, 0, 2, 2, 2])
+    x0 = torch.randn(3, *policy.latent_shape, generator=torch.Generator().manual_seed(0)).repeat_interleave(3, 0)
+    batches = []
+    policy.transformer.register_forward_pre_hook(lambda m, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]),
+                                                 with_kwargs=True)
+    grouped = policy.sample(prompts, num_steps=8, noise_level=0.9, sde_window=(3, 5), latents=x0, groups=groups,
+                            generator=torch.Generator().manual_seed(1))
+    assert batches == [3, 3, 3] + [9] * 5
+    full = policy.sample(prompts, num_steps=8, noise_level=0.9, sde_window=(3, 5), latents=x0,
+                         generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(grouped.latents[:, :4], full.latents[:, :4], rtol=0, atol=1e-6)
+    assert (grouped.log_probs[:, :3] == 0).all() and grouped.trained_steps == [3, 4]
+    assert not torch.equal(grouped.latents[0, 4], grouped.latents[1, 4])  # the window splits the group
+    for j in range(8):
+        torch.testing.assert_close(policy.step_log_prob(grouped, j).log_prob, grouped.log_probs[:, j], rtol=0, atol=1e-5)
+    drawn = policy.sample(prompts, num_steps=8, sde_window=(3, 5), groups=groups)  # noise drawn per group
+    assert torch.equal(drawn.latents[0, 3], drawn.latents[2, 3]) and not torch.equal(drawn.latents[0, 3], drawn.latents[3, 3])
+    with pytest.raises(ValueError, match="share their prompt"):
+        policy.sample(prompts, num_steps=8, sde_window=(3, 5), groups=torch.zeros(9, dtype=torch.long))
+    with pytest.raises(ValueError, match="same latents"):
+        policy.sample(prompts, num_steps=8, sde_window=(3, 5), groups=groups, latents=torch.randn(9, *policy.latent_shape))
+    with pytest.raises(ValueError, match="one group id per row"):
+        policy.sample(prompts, num_steps=8, groups=groups[:4])
+
+
 def test_flow_warm_start_trains_and_saves(tmp_path):
     policy = _tiny()
     before = _snapshot(policy)

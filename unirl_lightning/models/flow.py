@@ -122,6 +122,33 @@ def _window_mask(num_steps: int, window: tuple[int, int] | None) -> list[bool]:
     return [start <= i < end and i < num_steps - 1 for i in range(num_steps)]
 
 
+class _GroupRows:
+    """Rows of a batch that share prompt and initial latents: `first` `[G]` the first row of each
+    group, `expand` maps per-group tensors back to rows."""
+
+    def __init__(self, groups: Tensor, prompts: list[str], device: torch.device):
+        groups = torch.as_tensor(groups).reshape(-1)
+        if groups.numel() != len(prompts):
+            raise ValueError(f"groups has {groups.numel()} entries for {len(prompts)} prompts; give one group id per row")
+        _, self.row_group = torch.unique(groups.to(device), return_inverse=True)
+        self.count = int(self.row_group.max()) + 1 if len(prompts) else 0
+        rows = torch.arange(len(prompts), device=device)
+        self.first = torch.full((self.count,), len(prompts), device=device).scatter_reduce(
+            0, self.row_group, rows, "amin")
+        firsts = self.first[self.row_group].tolist()
+        for row, first in enumerate(firsts):
+            if prompts[row] != prompts[first]:
+                raise ValueError(f"groups: row {row} ({prompts[row]!r}) shares a group with row {first} "
+                                 f"({prompts[first]!r}); rows of a group must share their prompt")
+
+    def expand(self, per_group: Tensor) -> Tensor:
+        return per_group[self.row_group]
+
+    def check_latents(self, latents: Tensor) -> None:
+        if not torch.equal(latents, self.expand(latents[self.first])):
+            raise ValueError("groups: rows of a group must start from the same latents (one noise per group)")
+
+
 # ---- the interface ---------------------------------------------------------------------------
 class FlowPolicy(nn.Module, ABC):
     """Base class of flow-matching image policies behind FlowGRPO.
@@ -224,13 +251,16 @@ class FlowPolicy(nn.Module, ABC):
         kind: str = "sde",
         latents: Tensor | None = None,
         decode: bool = True,
+        groups: Tensor | None = None,
     ) -> FlowRollout:
         """Sample one image per prompt, keeping every state and each transition's log-prob.
 
         Steps inside `sde_window` (`[start, end)`, default all) use `noise_level`; the others
         and the last step are deterministic Euler steps (Flow-GRPO-Fast). `latents` `[B, C, H, W]`
-        replaces the initial noise. Returns a :class:`FlowRollout` (with decoded `images` when
-        `decode`).
+        replaces the initial noise. `groups` (long `[B]`) marks rows that share their prompt and
+        initial latents (one noise per group, drawn here when `latents` is None): their
+        trajectories agree up to the first stochastic step, so those ODE steps run once per group.
+        Returns a :class:`FlowRollout` (with decoded `images` when `decode`).
         """
         if kind not in SDE_KINDS:
             raise ValueError(f"unknown kind {kind!r}; valid: {SDE_KINDS}")
@@ -241,11 +271,26 @@ class FlowPolicy(nn.Module, ABC):
         stochastic = _window_mask(num_steps, sde_window)
         levels = [noise_level if s else 0.0 for s in stochastic]
         cond = self.encode_text(list(prompts))
-        x = self.initial_noise(batch, generator) if latents is None else latents.to(self.device)
+        shared = None if groups is None else _GroupRows(groups, list(prompts), self.device)
+        if latents is None:
+            latents = (self.initial_noise(batch, generator) if shared is None
+                       else shared.expand(self.initial_noise(shared.count, generator)))
+        x = latents.to(self.device)
+        first_sde = next((i for i, level in enumerate(levels) if level > 0), num_steps)
+        if shared is not None and first_sde > 0:
+            shared.check_latents(x)
+            x_g, cond_g = x[shared.first], cond.select(shared.first)
         states, log_probs = [x], []
         for i in range(num_steps):
-            v = self.velocity(x, sig[i].expand(batch), cond, cfg_scale=cfg_scale)
-            x, logp, _, _ = sde_step(v, x, sig[i], sig[i + 1], noise_level=levels[i], kind=kind, generator=generator)
+            if shared is not None and i < first_sde:  # an ODE step every row of a group takes alike
+                v = self.velocity(x_g, sig[i].expand(shared.count), cond_g, cfg_scale=cfg_scale)
+                x_g, logp, _, _ = sde_step(v, x_g, sig[i], sig[i + 1], noise_level=0.0, kind=kind,
+                                           generator=generator)
+                x, logp = shared.expand(x_g), shared.expand(logp)
+            else:
+                v = self.velocity(x, sig[i].expand(batch), cond, cfg_scale=cfg_scale)
+                x, logp, _, _ = sde_step(v, x, sig[i], sig[i + 1], noise_level=levels[i], kind=kind,
+                                         generator=generator)
             states.append(x)
             log_probs.append(logp)
         trained = torch.tensor([s and lv > 0 for s, lv in zip(stochastic, levels)], device=self.device)

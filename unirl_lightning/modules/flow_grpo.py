@@ -56,7 +56,8 @@ class FlowGRPO(FlowPolicyModule):
             Flow-GRPO-Fast's `sde_window_range`; default every step but the last).
         same_latent: one initial noise per prompt group (Flow-GRPO's `same_latent`), so reward
             differences inside a group come only from the trained SDE steps, not from the
-            untrained initial noise (less advantage noise; see benchmarks/learning.md).
+            untrained initial noise (less advantage noise; see benchmarks/learning.md). The ODE
+            steps before the SDE window then run once per prompt, not once per image.
         cfg_scale: CFG of rollouts and of the training log-probs (1 = none, UniGRPO).
         num_iterations: mu, update passes over each rollout (old log-probs from the rollout).
         rollouts_per_update: accumulate gradients over this many training steps (rollout
@@ -205,12 +206,10 @@ class FlowGRPO(FlowPolicyModule):
     def make_rollouts(self, batch: PromptBatch) -> RolloutContext:
         hp = self.hparams
         t0 = time.perf_counter()
-        latents = None
-        if hp.same_latent:
-            _, group = torch.unique(batch.group_ids, return_inverse=True)
-            latents = self.policy.initial_noise(int(group.max()) + 1)[group.to(self.policy.device)]
+        # One initial noise per group: the ODE steps before the SDE window then run once per prompt.
+        groups = batch.group_ids if hp.same_latent else None
         rollout = self.policy.sample(batch.prompts, num_steps=hp.num_steps, noise_level=hp.noise_level,
-                                     cfg_scale=hp.cfg_scale, sde_window=self.sde_window(), kind=hp.kind, latents=latents)
+                                     cfg_scale=hp.cfg_scale, sde_window=self.sde_window(), kind=hp.kind, groups=groups)
         ctx = RolloutContext(specs=batch.specs, rollout=rollout, images=rollout.images)
         ctx.cache["rollout_s"] = time.perf_counter() - t0
         return ctx
