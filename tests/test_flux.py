@@ -58,6 +58,18 @@ def test_noise_zero_reproduces_the_flux_pipeline(flux_folder):
     torch.testing.assert_close(pack_latents(ours), theirs, rtol=1e-4, atol=1e-5)
 
 
+def test_grouped_flux_rollout_shares_the_ode_prefix_and_rescores_on_policy(flux_folder):
+    policy = _policy(flux_folder)
+    prompts, groups = [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2, torch.tensor([0, 0, 1, 1])
+    x0 = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(0)).repeat_interleave(2, 0)
+    grouped = policy.sample(prompts, num_steps=4, noise_level=0.7, sde_window=(2, 4), latents=x0, groups=groups,
+                            generator=torch.Generator().manual_seed(1), decode=False)
+    full = policy.sample(prompts, num_steps=4, noise_level=0.0, latents=x0, decode=False)
+    torch.testing.assert_close(grouped.latents[:, :3], full.latents[:, :3], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(grouped.latents[0, 3], grouped.latents[1, 3])
+    torch.testing.assert_close(policy.step_log_prob(grouped, 2).log_prob, grouped.log_probs[:, 2], rtol=0, atol=1e-5)
+
+
 def test_flux_sde_rollout_rescoring_lora_and_saving(flux_folder, tmp_path):
     policy = _policy(flux_folder)
     assert not policy.text_trainable
