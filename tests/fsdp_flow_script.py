@@ -1,7 +1,7 @@
 """FlowGRPO / UniGRPO under FSDP2 (Lightning's ModelParallelStrategy) on 2 CPU processes (gloo).
 
 Run by tests/test_fsdp.py as `python fsdp_flow_script.py OUT_DIR RECIPE` (RECIPE: flow_grpo,
-flow_grpo_lora or unigrpo): Lightning re-launches it once per rank. Writes each rank's result (full parameters'
+flow_grpo_lora, flow_grpo_skip_tied or unigrpo): Lightning re-launches it once per rank. Writes each rank's result (full parameters'
 checksums, reward, saved checksums) to OUT_DIR.
 """
 
@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from grad_capture import LatentMeanReward  # this script's folder
 from unirl_lightning.data import OnPolicyDataModule
 from unirl_lightning.data.reasoning import ReasoningDataModule
 from unirl_lightning.models.flow import TinyFlowConfig, TinyFlowModel
@@ -20,6 +21,14 @@ from unirl_lightning.models.lora import merge_lora
 from unirl_lightning.models.text_policy import TinyTextConfig, TinyTextPolicy
 from unirl_lightning.modules.flow_grpo import FlowGRPO
 from unirl_lightning.modules.unigrpo import UniGRPO
+
+
+class RankTiedReward(LatentMeanReward):
+    """Every image alike on rank 0 (all groups tie), the latent mean on the others."""
+
+    def __call__(self, ctx):
+        reward = super().__call__(ctx)
+        return torch.zeros_like(reward) if torch.distributed.get_rank() == 0 else reward
 
 
 def full_state(module: torch.nn.Module) -> dict:
@@ -41,6 +50,9 @@ def main(out_dir: str, recipe: str) -> None:
         text = TinyTextPolicy(TinyTextConfig(d_model=32, n_layers=2, n_heads=2))
         module = UniGRPO(text, flow, text_warm_start=None, max_new_tokens=4, **common)
         data = ReasoningDataModule(num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6)
+    elif recipe == "flow_grpo_skip_tied":  # rank 0's groups all tie, rank 1's do not: equal backward counts
+        module = FlowGRPO(flow, rewards=[RankTiedReward()], train_tied_groups=False, **common)
+        data = OnPolicyDataModule(num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6)
     else:  # flow_grpo, or flow_grpo_lora: LoRA adapters (mixed frozen / trainable parameters per unit)
         module = FlowGRPO(flow, lora_rank=4 if recipe.endswith("lora") else 0, **common)
         data = OnPolicyDataModule(num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6)

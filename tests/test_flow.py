@@ -341,6 +341,37 @@ def test_flow_grpo_step_weighting_scales_each_steps_gradient(tmp_path, weighting
         FlowGRPO(_tiny(), warm_start=None, step_weighting="linear")
 
 
+class _FirstGroupTiesReward(LatentMeanReward):
+    """LatentMeanReward, with the first group's three images all scored alike (zero advantage)."""
+
+    def __call__(self, ctx):
+        reward = super().__call__(ctx)
+        reward[:3] = 0.5
+        return reward
+
+
+def test_skipping_tied_groups_leaves_the_policy_gradient_unchanged(tmp_path):
+    """`train_tied_groups: False` back-propagates only the rows with a non-zero advantage: the same
+    policy gradient per step, from half the rows."""
+    runs, logged = {}, {}
+    for tied in (True, False):
+        record = _Record()
+        module = FlowGRPO(_tiny(), rewards=[_FirstGroupTiesReward()], warm_start=None, num_steps=4,
+                          regularizer="none", track_reference=False, noise_level=1.0, micro_batch_size=2,
+                          same_latent=True, train_tied_groups=tied, lr=1e-3)
+        grads = capture_backward_grads(module, module.policy.transformer.proj_out.weight)
+        torch.manual_seed(5)
+        _trainer(tmp_path, 1, [record]).fit(module, datamodule=_data(P=2, G=3))
+        runs[tied], logged[tied] = grads, record.rows[0]
+    assert len(runs[True]) == 9 and len(runs[False]) == 6  # 3 steps x 3 or 2 micro-batches of 2 rows
+    assert (logged[True]["train/trained_rows_frac"], logged[False]["train/trained_rows_frac"]) == (1.0, 0.5)
+    assert logged[True]["train/zero_std_frac"] == logged[False]["train/zero_std_frac"] == 0.5
+    per_step = {k: [torch.stack(v)[i::3].sum(0) for i in range(3)] for k, v in runs.items()}  # chunk-major order
+    for full, skipped in zip(per_step[True], per_step[False]):
+        assert full.abs().sum() > 0
+        torch.testing.assert_close(skipped, full, rtol=1e-4, atol=1e-9)
+
+
 def test_flow_grpo_window_trains_only_window_steps(tmp_path):
     record = _Record()
     module = FlowGRPO(_tiny(), warm_start=None, num_steps=6, sde_window_size=2, lr=1e-3)

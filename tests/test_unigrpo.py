@@ -281,6 +281,18 @@ def test_oracle_condition_and_checks():
         _module(text_temperature=0.0)
     with pytest.raises(ValueError, match="does not know"):
         UniGRPO(_tiny_text(output_words=[*world_words(), "grass"]), _tiny_flow(), warm_start=None, text_warm_start=None)
+    with pytest.raises(ValueError, match="train_tied_groups"):
+        _module(train_tied_groups=False)
+
+
+def test_same_latent_gives_each_group_one_initial_noise():
+    from unirl_lightning.data.datamodule import PromptBatch
+
+    module, data = _module(same_latent=True), _data()
+    data.setup()
+    specs = [s for s in data.val_specs[:2] for _ in range(3)]
+    x0 = module.make_rollouts(PromptBatch(specs=specs, group_ids=torch.tensor([5, 5, 5, 8, 8, 8]))).rollout.latents[:, 0]
+    assert torch.equal(x0[0], x0[2]) and torch.equal(x0[3], x0[5]) and not torch.equal(x0[0], x0[3])
 
 
 def test_print_config_parses(capsys):

@@ -64,6 +64,12 @@ class FlowGRPO(FlowPolicyModule):
             batches) before an optimiser step (Flow-GRPO accumulates over several sample
             batches); with num_iterations > 1 every pass still steps once per rollout.
         micro_batch_size: rows per backward (with one backward per trained step).
+        train_tied_groups: False skips the backward of rows whose advantage is exactly 0 (groups
+            whose rewards all tie): their policy-gradient term is 0, so the policy gradient is
+            unchanged and the regulariser is taken as its mean over the trained rows (the same
+            strength, on fewer states). Saves the tied share of the training compute. Under
+            data parallelism every rank trains as many rows as the rank with the most untied
+            ones (equal backward counts for the collectives), filling with tied rows.
         clip_range: ratio clip epsilon; ~1e-4 for mean-over-dims log-probs (Flow-GRPO).
         scale / adv_clip: advantage normalisation ("batch" = Flow-GRPO's global std for SD3,
             "group", "none") and clip.
@@ -107,6 +113,7 @@ class FlowGRPO(FlowPolicyModule):
         num_iterations: int = 1,
         rollouts_per_update: int = 1,
         micro_batch_size: int = 64,
+        train_tied_groups: bool = True,
         clip_range: float = 1e-4,
         scale: Literal["group", "batch", "none"] = "batch",
         adv_clip: float | None = 5.0,
@@ -246,6 +253,18 @@ class FlowGRPO(FlowPolicyModule):
         levels = torch.full((hp.num_steps,), float(hp.noise_level))
         return noise_aware_step_weights(rollout.sigmas, levels, steps, rollout.kind, power, normalize_over=candidates).tolist()
 
+    def _trained_rows(self, adv: torch.Tensor) -> torch.Tensor:
+        """Rows to back-propagate, long `[m]`: all, or (`train_tied_groups: False`) those with a
+        non-zero advantage, padded with tied rows to the most any rank has."""
+        rows = torch.arange(len(adv), device=adv.device)
+        if self.hparams.train_tied_groups:
+            return rows
+        untied = adv != 0
+        count = torch.tensor(int(untied.sum()), device=adv.device)
+        count = int(self.all_gather(count).max()) if self.trainer.world_size > 1 else int(count)
+        order = torch.argsort(untied.to(torch.int8), descending=True, stable=True)
+        return rows[order[:count]].sort().values
+
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         hp = self.hparams
         ctx = batch.rollout if batch.rollout is not None else self.make_rollouts(batch)
@@ -256,8 +275,9 @@ class FlowGRPO(FlowPolicyModule):
         steps = rollout.trained_steps
         weights = self.step_weights(rollout)
         n = len(rollout)
-        chunks = [torch.arange(i, min(i + hp.micro_batch_size, n), device=self.device)
-                  for i in range(0, n, hp.micro_batch_size)]
+        trained = self._trained_rows(adv)
+        m = len(trained)
+        chunks = [trained[i : i + hp.micro_batch_size] for i in range(0, m, hp.micro_batch_size)]
         subs = [rollout.select(rows) for rows in chunks]
         opt = self.optimizers()
         accumulate = hp.rollouts_per_update
@@ -276,7 +296,7 @@ class FlowGRPO(FlowPolicyModule):
                     loss, stats = policy_loss(out.log_prob[:, None], old[:, None], adv[rows],
                                               torch.ones_like(old, dtype=torch.bool)[:, None],
                                               epsilon_low=hp.clip_range)
-                    loss = weight * loss
+                    loss = weight * loss * len(rows) / n  # untrained rows: advantage 0, no gradient
                     stats["approx_kl"] = 0.5 * (out.log_prob.detach() - old).square().mean()
                     if self.has_reference:
                         if (c, j) not in ref_cache:
@@ -286,8 +306,8 @@ class FlowGRPO(FlowPolicyModule):
                         if self.penalised:
                             penalty = self._penalty(out, ref, sub, j).mean()
                             stats[f"reg_{hp.regularizer}"] = penalty.detach()
-                            loss = loss + hp.beta * penalty
-                    self.manual_backward(loss * len(rows) / n / len(steps) / accumulate)
+                            loss = loss + hp.beta * penalty * len(rows) / m
+                    self.manual_backward(loss / len(steps) / accumulate)
                     for k, v in stats.items():
                         acc.setdefault(k, []).append(float(v))
             if not update:
@@ -302,6 +322,7 @@ class FlowGRPO(FlowPolicyModule):
             "train/skipped_steps": float(self.skipped_steps),
             "train/adv_abs": adv.abs().mean().item(),
             "train/trained_steps": float(len(steps)),
+            "train/trained_rows_frac": m / n,
             "train/lr": opt.param_groups[0]["lr"],
             "time/rollout_s": ctx.cache.get("rollout_s", math.nan),
             "time/train_s": time.perf_counter() - t0,

@@ -93,6 +93,8 @@ class UniGRPO(FlowGRPO):
     ):
         # No CFG anywhere (UniGRPO): one velocity forward per step in rollouts, training and validation.
         super().__init__(flow_policy, rewards=rewards, cfg_scale=1.0, eval_cfg_scale=1.0, **kwargs)
+        if not self.hparams.train_tied_groups:
+            raise ValueError("model.train_tied_groups: False is FlowGRPO's; UniGRPO trains every row (remove it)")
         if image_condition not in CONDITIONS:
             raise ValueError(f"model.image_condition must be one of {CONDITIONS}, got {image_condition!r}")
         if text_temperature < 0 or (text_temperature == 0 and train_text and image_condition == "text"):
@@ -167,8 +169,12 @@ class UniGRPO(FlowGRPO):
         t0 = time.perf_counter()
         texts, text = self.write(batch.specs)
         t1 = time.perf_counter()
+        latents = None
+        if hp.same_latent:  # one noise per group; its rows write different prompts, so no shared ODE prefix
+            _, group = torch.unique(batch.group_ids, return_inverse=True)
+            latents = self.policy.initial_noise(int(group.max()) + 1)[group.to(self.policy.device)]
         rollout = self.policy.sample(texts, num_steps=hp.num_steps, noise_level=hp.noise_level, cfg_scale=1.0,
-                                     sde_window=self.sde_window(), kind=hp.kind)
+                                     sde_window=self.sde_window(), kind=hp.kind, latents=latents)
         ctx = RolloutContext(specs=batch.specs, rollout=rollout, images=rollout.images)
         ctx.cache.update(text=text, texts=texts, text_s=t1 - t0, rollout_s=time.perf_counter() - t0)
         return ctx
