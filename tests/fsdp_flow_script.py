@@ -73,6 +73,7 @@ def main(out_dir: str, recipe: str) -> None:
         "merged_checksum": checksum(merge_lora(state, module.policy.lora_scaling or 1.0)),
         "reward": float(trainer.logged_metrics["reward"]),
         "geneval": float(trainer.logged_metrics["val/geneval/overall"]),
+        "trained_rows_frac": float(trainer.logged_metrics.get("train/trained_rows_frac", -1.0)),
     }
     if recipe == "unigrpo":
         result["text_checksum"] = checksum(module.text_policy)

@@ -41,5 +41,7 @@ def test_flow_recipes_under_fsdp2_on_two_cpu_processes(tmp_path, recipe):
         assert abs(first["checksum"] - first["initial"]) > 1e-4 and first["lora_b"] == 0
     # the saved folder holds the gathered weights (LoRA merged in)
     assert first["saved_checksum"] == pytest.approx(first["merged_checksum"], rel=1e-6)
+    if recipe == "flow_grpo_skip_tied":  # rank 0 (all tied) padded to rank 1's untied rows
+        assert first["trained_rows_frac"] == second["trained_rows_frac"] == 1.0
     if recipe == "unigrpo":  # the trained text policy is saved next to the flow policy
         assert first["saved_text_checksum"] == pytest.approx(first["text_checksum"], rel=1e-6)
