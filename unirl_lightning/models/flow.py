@@ -123,18 +123,20 @@ def _window_mask(num_steps: int, window: tuple[int, int] | None) -> list[bool]:
 
 
 class _GroupRows:
-    """Rows of a batch that share prompt and initial latents: `first` `[G]` the first row of each
-    group, `expand` maps per-group tensors back to rows."""
+    """The groups of a batch's rows (long ids `[B]`): `count` groups, `first` `[count]` the first
+    row of each, `expand` maps per-group tensors back to rows."""
 
-    def __init__(self, groups: Tensor, prompts: list[str], device: torch.device):
+    def __init__(self, groups: Tensor, device: torch.device):
         groups = torch.as_tensor(groups).reshape(-1)
-        if groups.numel() != len(prompts):
-            raise ValueError(f"groups has {groups.numel()} entries for {len(prompts)} prompts; give one group id per row")
         _, self.row_group = torch.unique(groups.to(device), return_inverse=True)
-        self.count = int(self.row_group.max()) + 1 if len(prompts) else 0
-        rows = torch.arange(len(prompts), device=device)
-        self.first = torch.full((self.count,), len(prompts), device=device).scatter_reduce(
+        self.count = int(self.row_group.max()) + 1 if groups.numel() else 0
+        rows = torch.arange(groups.numel(), device=device)
+        self.first = torch.full((self.count,), groups.numel(), device=device).scatter_reduce(
             0, self.row_group, rows, "amin")
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        if len(self.row_group) != len(prompts):
+            raise ValueError(f"groups has {len(self.row_group)} entries for {len(prompts)} prompts; give one group id per row")
         firsts = self.first[self.row_group].tolist()
         for row, first in enumerate(firsts):
             if prompts[row] != prompts[first]:
@@ -238,6 +240,11 @@ class FlowPolicy(nn.Module, ABC):
         gen_device = generator.device if generator is not None else self.device
         return torch.randn(batch, *self.latent_shape, generator=generator, device=gen_device).to(self.device)
 
+    def group_noise(self, groups: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One initial noise per distinct id of `groups` (long `[B]`), on each of its rows: `[B, C, H, W]`."""
+        rows = _GroupRows(groups, self.device)
+        return rows.expand(self.initial_noise(rows.count, generator))
+
     @torch.no_grad()
     def sample(
         self,
@@ -271,7 +278,9 @@ class FlowPolicy(nn.Module, ABC):
         stochastic = _window_mask(num_steps, sde_window)
         levels = [noise_level if s else 0.0 for s in stochastic]
         cond = self.encode_text(list(prompts))
-        shared = None if groups is None else _GroupRows(groups, list(prompts), self.device)
+        shared = None if groups is None else _GroupRows(groups, self.device)
+        if shared is not None:
+            shared.check_prompts(list(prompts))
         if latents is None:
             latents = (self.initial_noise(batch, generator) if shared is None
                        else shared.expand(self.initial_noise(shared.count, generator)))

@@ -256,14 +256,13 @@ class FlowGRPO(FlowPolicyModule):
     def _trained_rows(self, adv: torch.Tensor) -> torch.Tensor:
         """Rows to back-propagate, long `[m]`: all, or (`train_tied_groups: False`) those with a
         non-zero advantage, padded with tied rows to the most any rank has."""
-        rows = torch.arange(len(adv), device=adv.device)
         if self.hparams.train_tied_groups:
-            return rows
+            return torch.arange(len(adv), device=adv.device)
         untied = adv != 0
         count = torch.tensor(int(untied.sum()), device=adv.device)
         count = int(self.all_gather(count).max()) if self.trainer.world_size > 1 else int(count)
-        order = torch.argsort(untied.to(torch.int8), descending=True, stable=True)
-        return rows[order[:count]].sort().values
+        untied_first = torch.argsort(untied.to(torch.int8), descending=True, stable=True)
+        return untied_first[:count].sort().values
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         hp = self.hparams

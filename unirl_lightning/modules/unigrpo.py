@@ -169,10 +169,8 @@ class UniGRPO(FlowGRPO):
         t0 = time.perf_counter()
         texts, text = self.write(batch.specs)
         t1 = time.perf_counter()
-        latents = None
-        if hp.same_latent:  # one noise per group; its rows write different prompts, so no shared ODE prefix
-            _, group = torch.unique(batch.group_ids, return_inverse=True)
-            latents = self.policy.initial_noise(int(group.max()) + 1)[group.to(self.policy.device)]
+        # One noise per group; its rows write different prompts, so no shared ODE prefix (`groups=`).
+        latents = self.policy.group_noise(batch.group_ids) if hp.same_latent else None
         rollout = self.policy.sample(texts, num_steps=hp.num_steps, noise_level=hp.noise_level, cfg_scale=1.0,
                                      sde_window=self.sde_window(), kind=hp.kind, latents=latents)
         ctx = RolloutContext(specs=batch.specs, rollout=rollout, images=rollout.images)
