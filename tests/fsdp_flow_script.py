@@ -1,7 +1,7 @@
 """FlowGRPO / UniGRPO under FSDP2 (Lightning's ModelParallelStrategy) on 2 CPU processes (gloo).
 
 Run by tests/test_fsdp.py as `python fsdp_flow_script.py OUT_DIR RECIPE` (RECIPE: flow_grpo,
-flow_grpo_lora, flow_grpo_skip_tied or unigrpo): Lightning re-launches it once per rank. Writes each rank's result (full parameters'
+flow_grpo_lora, flow_grpo_skip_tied, flow_grpo_row_windows or unigrpo): Lightning re-launches it once per rank. Writes each rank's result (full parameters'
 checksums, reward, saved checksums) to OUT_DIR.
 """
 
@@ -52,6 +52,11 @@ def main(out_dir: str, recipe: str) -> None:
         data = ReasoningDataModule(num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6)
     elif recipe == "flow_grpo_skip_tied":  # rank 0's groups all tie, rank 1's do not: equal backward counts
         module = FlowGRPO(flow, rewards=[RankTiedReward()], train_tied_groups=False, **common)
+        data = OnPolicyDataModule(num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6)
+    elif recipe == "flow_grpo_row_windows":  # per-group windows: rank 0 trains steps 0 and 1, rank 1 only step 1
+        module = FlowGRPO(flow, sde_window_size=1, sde_window_per_group=True, **{**common, "micro_batch_size": 4})
+        module.group_windows = lambda batch: torch.tensor(
+            [[1, 2]] * len(batch) if torch.distributed.get_rank() else [[0, 1]] * 2 + [[1, 2]] * (len(batch) - 2))
         data = OnPolicyDataModule(num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6)
     else:  # flow_grpo, or flow_grpo_lora: LoRA adapters (mixed frozen / trainable parameters per unit)
         module = FlowGRPO(flow, lora_rank=4 if recipe.endswith("lora") else 0, **common)

@@ -22,7 +22,7 @@ def test_sft_under_fsdp2_on_two_cpu_processes(tmp_path):
     assert abs(results[0]["saved_checksum"] - results[0]["checksum"]) < 1e-6 * results[0]["checksum"]
 
 
-@pytest.mark.parametrize("recipe", ["flow_grpo", "flow_grpo_lora", "flow_grpo_skip_tied", "unigrpo"])
+@pytest.mark.parametrize("recipe", ["flow_grpo", "flow_grpo_lora", "flow_grpo_skip_tied", "flow_grpo_row_windows", "unigrpo"])
 def test_flow_recipes_under_fsdp2_on_two_cpu_processes(tmp_path, recipe):
     script = Path(__file__).with_name("fsdp_flow_script.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -283,6 +283,8 @@ def test_oracle_condition_and_checks():
         UniGRPO(_tiny_text(output_words=[*world_words(), "grass"]), _tiny_flow(), warm_start=None, text_warm_start=None)
     with pytest.raises(ValueError, match="train_tied_groups"):
         _module(train_tied_groups=False)
+    with pytest.raises(ValueError, match="UniGRPO draws one window"):
+        _module(sde_window_size=2, sde_window_per_group=True)
 
 
 def test_same_latent_gives_each_group_one_initial_noise():

@@ -71,7 +71,9 @@ class FlowRollout:
     `latents[:, T]` the final sample; log_probs: `[B, T]` log-prob of each transition under the
     rollout policy (0 on deterministic steps); sigmas: `[T+1]` schedule (`sigmas[T] == 0`);
     noise_levels: `[T]` the noise level each step used (0 = ODE); train_mask: bool `[T]` the
-    steps FlowGRPO trains (stochastic steps inside the SDE window; never the last).
+    steps FlowGRPO trains (stochastic steps inside the SDE window; never the last); row_mask:
+    bool `[B, T]` when rows had windows of their own (`sample(sde_windows=)`): the steps each
+    row took stochastically (then `train_mask` is their union, and a row re-scores only at its own).
     """
 
     prompts: list[str]
@@ -83,6 +85,7 @@ class FlowRollout:
     cfg_scale: float = 1.0
     kind: str = "sde"
     images: Tensor | None = None
+    row_mask: Tensor | None = None
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -93,13 +96,26 @@ class FlowRollout:
 
     @property
     def trained_steps(self) -> list[int]:
+        """The steps any row trains (with per-row windows, their union)."""
         return self.train_mask.nonzero().flatten().tolist()
+
+    @property
+    def steps_per_row(self) -> int:
+        """How many steps each row trains (the most any row does, with per-row windows)."""
+        return len(self.trained_steps) if self.row_mask is None else int(self.row_mask.sum(1).max(0).values)
+
+    def rows_at(self, step: int) -> Tensor:
+        """long `[m]`: the rows that took `step` stochastically (all rows, or none, without a row mask)."""
+        if self.row_mask is not None:
+            return self.row_mask[:, step].nonzero().flatten()
+        return torch.arange(len(self) if bool(self.train_mask[step]) else 0, device=self.latents.device)
 
     def select(self, index: Tensor | Sequence[int]) -> "FlowRollout":
         """The sub-rollout of rows `index` (micro-batches)."""
         idx = torch.as_tensor(index, dtype=torch.long, device=self.latents.device)
         return replace(self, prompts=[self.prompts[i] for i in idx.tolist()], latents=self.latents[idx],
-                       log_probs=self.log_probs[idx], images=None if self.images is None else self.images[idx.cpu()])
+                       log_probs=self.log_probs[idx], images=None if self.images is None else self.images[idx.cpu()],
+                       row_mask=None if self.row_mask is None else self.row_mask[idx])
 
 
 @dataclass
@@ -120,6 +136,21 @@ def _window_mask(num_steps: int, window: tuple[int, int] | None) -> list[bool]:
     # The last step (s = sigmas[T-1] -> 0) is taken deterministically: its noise would be reward
     # noise no trained action explains (Flow-GRPO samples it but never trains it).
     return [start <= i < end and i < num_steps - 1 for i in range(num_steps)]
+
+
+def _row_window_mask(num_steps: int, windows: Tensor) -> Tensor:
+    """bool `[B, T]`: each row's stochastic steps, from its own `[start, end)` in long `[B, 2]`."""
+    windows = torch.as_tensor(windows)
+    if windows.ndim != 2 or windows.shape[1] != 2:
+        raise ValueError(f"sde_windows must be [B, 2] (one [start, end) per row), got shape {tuple(windows.shape)}")
+    start, end = windows[:, :1].long(), windows[:, 1:].long()
+    bad = ~((0 <= start) & (start < end) & (end <= num_steps)).flatten()
+    if bad.any():
+        row = int(bad.nonzero()[0])
+        raise ValueError(f"sde_windows row {row}: {windows[row].tolist()} must satisfy 0 <= start < end <= "
+                         f"num_steps={num_steps}")
+    steps = torch.arange(num_steps, device=windows.device)
+    return (start <= steps) & (steps < end) & (steps < num_steps - 1)  # never the last step (`_window_mask`)
 
 
 class _GroupRows:
@@ -149,6 +180,10 @@ class _GroupRows:
     def check_latents(self, latents: Tensor) -> None:
         if not torch.equal(latents, self.expand(latents[self.first])):
             raise ValueError("groups: rows of a group must start from the same latents (one noise per group)")
+
+    def check_windows(self, stochastic: Tensor) -> None:
+        if not torch.equal(stochastic, self.expand(stochastic[self.first])):
+            raise ValueError("groups: rows of a group must share their SDE window (sde_windows)")
 
 
 # ---- the interface ---------------------------------------------------------------------------
@@ -255,6 +290,7 @@ class FlowPolicy(nn.Module, ABC):
         cfg_scale: float = 1.0,
         generator: torch.Generator | None = None,
         sde_window: tuple[int, int] | None = None,
+        sde_windows: Tensor | None = None,
         kind: str = "sde",
         latents: Tensor | None = None,
         decode: bool = True,
@@ -263,10 +299,12 @@ class FlowPolicy(nn.Module, ABC):
         """Sample one image per prompt, keeping every state and each transition's log-prob.
 
         Steps inside `sde_window` (`[start, end)`, default all) use `noise_level`; the others
-        and the last step are deterministic Euler steps (Flow-GRPO-Fast). `latents` `[B, C, H, W]`
-        replaces the initial noise. `groups` (long `[B]`) marks rows that share their prompt and
-        initial latents (one noise per group, drawn here when `latents` is None): their
-        trajectories agree up to the first stochastic step, so those ODE steps run once per group.
+        and the last step are deterministic Euler steps (Flow-GRPO-Fast). `sde_windows` (long
+        `[B, 2]`) gives each row a window of its own instead (recorded as the rollout's
+        `row_mask`). `latents` `[B, C, H, W]` replaces the initial noise. `groups` (long `[B]`)
+        marks rows that share their prompt, initial latents and window (one noise per group,
+        drawn here when `latents` is None): their trajectories agree up to the group's first
+        stochastic step, so those ODE steps run once per group.
         Returns a :class:`FlowRollout` (with decoded `images` when `decode`).
         """
         if kind not in SDE_KINDS:
@@ -275,39 +313,69 @@ class FlowPolicy(nn.Module, ABC):
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         batch = len(prompts)
         sig = self.sigmas(num_steps)
-        stochastic = _window_mask(num_steps, sde_window)
-        levels = [noise_level if s else 0.0 for s in stochastic]
+        if sde_windows is None:
+            stochastic = torch.tensor(_window_mask(num_steps, sde_window), device=self.device).expand(batch, -1)
+        else:
+            if sde_window is not None:
+                raise ValueError("give sde_window (one for the batch) or sde_windows (one per row), not both")
+            if len(sde_windows) != batch:
+                raise ValueError(f"sde_windows has {len(sde_windows)} rows for {batch} prompts; give one window per row")
+            stochastic = _row_window_mask(num_steps, sde_windows).to(self.device)
+        stochastic = stochastic & (noise_level > 0)  # `[B, T]`
         cond = self.encode_text(list(prompts))
         shared = None if groups is None else _GroupRows(groups, self.device)
         if shared is not None:
             shared.check_prompts(list(prompts))
+            shared.check_windows(stochastic)
         if latents is None:
             latents = (self.initial_noise(batch, generator) if shared is None
                        else shared.expand(self.initial_noise(shared.count, generator)))
         x = latents.to(self.device)
-        first_sde = next((i for i, level in enumerate(levels) if level > 0), num_steps)
-        if shared is not None and first_sde > 0:
+        # each group's first stochastic step (num_steps: none); before it the group's rows agree
+        first_sde = torch.where(stochastic.any(1), stochastic.to(torch.int8).argmax(1), num_steps)
+        group_start = None if shared is None else first_sde[shared.first]
+        if group_start is not None and bool((group_start > 0).any()):
             shared.check_latents(x)
-            x_g, cond_g = x[shared.first], cond.select(shared.first)
         states, log_probs = [x], []
         for i in range(num_steps):
-            if shared is not None and i < first_sde:  # an ODE step every row of a group takes alike
-                v = self.velocity(x_g, sig[i].expand(shared.count), cond_g, cfg_scale=cfg_scale)
-                x_g, logp, _, _ = sde_step(v, x_g, sig[i], sig[i + 1], noise_level=0.0, kind=kind,
-                                           generator=generator)
-                x, logp = shared.expand(x_g), shared.expand(logp)
-            else:
-                v = self.velocity(x, sig[i].expand(batch), cond, cfg_scale=cfg_scale)
-                x, logp, _, _ = sde_step(v, x, sig[i], sig[i + 1], noise_level=levels[i], kind=kind,
-                                         generator=generator)
+            pending = None if shared is None else shared.expand(group_start > i)  # `[B]` rows still shared
+            # One row per pending group (in group order), then every row of the others.
+            rows = None if pending is None or not bool(pending.any()) else torch.cat(
+                [shared.first[group_start > i], (~pending).nonzero().flatten()])
+            xs, cs = (x, cond) if rows is None else (x[rows], cond.select(rows))
+            v = self.velocity(xs, sig[i].expand(len(xs)), cs, cfg_scale=cfg_scale)
+            x_next, logp = self._step_rows(v, xs, sig[i], sig[i + 1], stochastic[:, i] if rows is None
+                                           else stochastic[rows, i], noise_level, kind, generator)
+            if rows is not None:  # scatter back; a pending group's rows all take its first row's step
+                x_full, logp_full = x.clone(), logp.new_zeros(batch)
+                x_full[rows], logp_full[rows] = x_next, logp
+                own = shared.first[shared.row_group]
+                x_next = torch.where(pending.view(-1, *[1] * (x.ndim - 1)), x_full[own], x_full)
+                logp = torch.where(pending, logp_full[own], logp_full)
+            x = x_next
             states.append(x)
             log_probs.append(logp)
-        trained = torch.tensor([s and lv > 0 for s, lv in zip(stochastic, levels)], device=self.device)
+        train_mask = stochastic.any(0)
         return FlowRollout(
             prompts=list(prompts), latents=torch.stack(states, 1), log_probs=torch.stack(log_probs, 1), sigmas=sig,
-            noise_levels=torch.tensor(levels, device=self.device), train_mask=trained, cfg_scale=cfg_scale, kind=kind,
-            images=self.decode(x) if decode else None,
+            noise_levels=train_mask.float() * noise_level, train_mask=train_mask, cfg_scale=cfg_scale, kind=kind,
+            images=self.decode(x) if decode else None, row_mask=None if sde_windows is None else stochastic,
         )
+
+    @staticmethod
+    def _step_rows(v: Tensor, x: Tensor, sigma: Tensor, sigma_next: Tensor, stochastic: Tensor, noise_level: float,
+                   kind: str, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """One transition of rows `x` `[b, ...]`: SDE where `stochastic` (bool `[b]`), else Euler -> (x', log_prob `[b]`)."""
+        if bool(stochastic.all()) or not bool(stochastic.any()):  # one call: the random stream of a shared window
+            x_next, logp, _, _ = sde_step(v, x, sigma, sigma_next, noise_level=noise_level if bool(stochastic.any())
+                                          else 0.0, kind=kind, generator=generator)
+            return x_next, logp
+        x_next, logp = torch.empty_like(x), x.new_zeros(len(x), dtype=torch.float32)
+        for part, level in ((stochastic, noise_level), (~stochastic, 0.0)):
+            idx = part.nonzero().flatten()
+            x_next[idx], logp[idx], _, _ = sde_step(v[idx], x[idx], sigma, sigma_next, noise_level=level, kind=kind,
+                                                    generator=generator)
+        return x_next, logp
 
     def step_log_prob(self, rollout: FlowRollout, step: int, cond: TextCondition | None = None) -> StepOutput:
         """Re-score transition `step` of `rollout` under the current parameters (with gradient).

@@ -42,6 +42,21 @@ def _window_range(window: tuple[int, int] | None, num_steps: int) -> tuple[int, 
     return lo, min(hi, num_steps - 1)
 
 
+def _check_task_window(task: str, window, num_steps: int, size: int) -> None:
+    """`model.sde_window_by_task` entry: a GenEval task and a `[lo, hi)` range that fits a window of `size`."""
+    from unirl_lightning.worlds.vocab import TASKS
+
+    field = f"model.sde_window_by_task.{task}"
+    if task not in TASKS:
+        raise ValueError(f"{field}: unknown task; GenEval's tasks are {list(TASKS)}")
+    if len(window) != 2:
+        raise ValueError(f"{field}: give a [lo, hi) range of window starts' steps, got {window}")
+    lo, hi = _window_range(tuple(window), num_steps)
+    if hi - lo < size:
+        raise ValueError(f"{field}: [{lo}, {hi}) (the last step never trains) cannot hold a window of "
+                         f"sde_window_size {size}; widen it")
+
+
 class FlowGRPO(FlowPolicyModule):
     """GRPO over the SDE steps of a flow-matching policy.
 
@@ -54,6 +69,12 @@ class FlowGRPO(FlowPolicyModule):
         sde_window_size: if set, a window of this many steps at a random start each training
             step (Flow-GRPO-Fast), inside `sde_window` (then the range the windows may cover, as
             Flow-GRPO-Fast's `sde_window_range`; default every step but the last).
+        sde_window_per_group: with `sde_window_size`, each prompt group draws its own random
+            window rather than the whole rollout sharing one, so every rollout trains a spread
+            of steps (rows are re-scored only at their own window's steps).
+        sde_window_by_task: with `sde_window_size`, `{task: [lo, hi)}` ranges that the windows of
+            that GenEval task's groups are drawn from (e.g. layout tasks early, colours anywhere);
+            tasks not named use `sde_window`. Implies per-group windows.
         same_latent: one initial noise per prompt group (Flow-GRPO's `same_latent`), so reward
             differences inside a group come only from the trained SDE steps, not from the
             untrained initial noise (less advantage noise; see benchmarks/learning.md). The ODE
@@ -108,6 +129,8 @@ class FlowGRPO(FlowPolicyModule):
         kind: Literal["sde", "dance", "cps"] = "sde",
         sde_window: tuple[int, int] | None = None,
         sde_window_size: int | None = None,
+        sde_window_per_group: bool = False,
+        sde_window_by_task: dict[str, tuple[int, int]] | None = None,
         same_latent: bool = False,
         cfg_scale: float = 1.0,
         num_iterations: int = 1,
@@ -146,6 +169,10 @@ class FlowGRPO(FlowPolicyModule):
             if not 1 <= sde_window_size <= hi - lo:
                 raise ValueError(f"model.sde_window_size must be in 1..{hi - lo} (the trainable steps of sde_window "
                                  f"[{lo}, {hi}) with num_steps {num_steps}), got {sde_window_size}")
+        if (sde_window_per_group or sde_window_by_task) and sde_window_size is None:
+            raise ValueError("model.sde_window_per_group / sde_window_by_task draw random windows: set sde_window_size too")
+        for task, window in (sde_window_by_task or {}).items():
+            _check_task_window(task, window, num_steps, sde_window_size)
         check_lr_decay(lr_decay, warmup_steps, None if lr_decay == "constant" else math.inf)  # the name; max_steps at setup
         if not 0 <= lr_min_ratio <= 1:
             raise ValueError(f"model.lr_min_ratio must be in [0, 1], got {lr_min_ratio}")
@@ -209,14 +236,34 @@ class FlowGRPO(FlowPolicyModule):
         start = lo + int(torch.randint(hi - lo - hp.sde_window_size + 1, (1,)))
         return (start, start + hp.sde_window_size)
 
+    @property
+    def windows_per_group(self) -> bool:
+        return bool(self.hparams.sde_window_per_group or self.hparams.sde_window_by_task)
+
+    def group_windows(self, batch: PromptBatch) -> torch.Tensor:
+        """long `[B, 2]`: one random `sde_window_size` window per prompt group, drawn inside its
+        task's `sde_window_by_task` range (else `sde_window`'s), on each of the group's rows."""
+        hp = self.hparams
+        by_task = hp.sde_window_by_task or {}
+        _, row_group = torch.unique(batch.group_ids, return_inverse=True)
+        windows = torch.empty(int(row_group.max()) + 1, 2, dtype=torch.long)
+        for g in range(len(windows)):
+            spec = batch.specs[int((row_group == g).nonzero()[0])]
+            window = by_task.get(spec.get("tag"), hp.sde_window)
+            lo, hi = _window_range(None if window is None else tuple(window), hp.num_steps)
+            start = lo + int(torch.randint(hi - lo - hp.sde_window_size + 1, (1,)))
+            windows[g] = torch.tensor([start, start + hp.sde_window_size])
+        return windows[row_group.cpu()]
+
     @torch.no_grad()
     def make_rollouts(self, batch: PromptBatch) -> RolloutContext:
         hp = self.hparams
         t0 = time.perf_counter()
         # One initial noise per group: the ODE steps before the SDE window then run once per prompt.
         groups = batch.group_ids if hp.same_latent else None
+        windows = dict(sde_windows=self.group_windows(batch)) if self.windows_per_group else dict(sde_window=self.sde_window())
         rollout = self.policy.sample(batch.prompts, num_steps=hp.num_steps, noise_level=hp.noise_level,
-                                     cfg_scale=hp.cfg_scale, sde_window=self.sde_window(), kind=hp.kind, groups=groups)
+                                     cfg_scale=hp.cfg_scale, kind=hp.kind, groups=groups, **windows)
         ctx = RolloutContext(specs=batch.specs, rollout=rollout, images=rollout.images)
         ctx.cache["rollout_s"] = time.perf_counter() - t0
         return ctx
@@ -239,9 +286,10 @@ class FlowGRPO(FlowPolicyModule):
             return latent_kl(out.mean, ref.mean, out.std.detach() / (s - s_next).sqrt())
         return exact_latent_kl(out.velocity, ref.velocity, s, s_next, float(rollout.noise_levels[step]))
 
-    def step_weights(self, rollout: FlowRollout) -> list[float]:
-        """One policy-loss weight per trained step of `rollout` (`step_weighting`)."""
-        hp, steps = self.hparams, rollout.trained_steps
+    def step_weights(self, rollout: FlowRollout, steps: list[int] | None = None) -> list[float]:
+        """One policy-loss weight per trained step of `rollout` (or per step of `steps`; `step_weighting`)."""
+        hp = self.hparams
+        steps = rollout.trained_steps if steps is None else steps
         if hp.step_weighting == "uniform" or not steps:
             return [1.0] * len(steps)
         power = 2.0 if hp.step_weighting == "noise_var" else 1.0
@@ -249,9 +297,22 @@ class FlowGRPO(FlowPolicyModule):
             return noise_aware_step_weights(rollout.sigmas, rollout.noise_levels, steps, rollout.kind, power).tolist()
         # A random window is weighted against every step a window can cover: a one-step window
         # (TempFlow-GRPO's branching) early in the schedule then outweighs one late in it.
-        candidates = list(range(*_window_range(hp.sde_window, hp.num_steps)))
+        candidates = self._coverable_steps()
         levels = torch.full((hp.num_steps,), float(hp.noise_level))
         return noise_aware_step_weights(rollout.sigmas, levels, steps, rollout.kind, power, normalize_over=candidates).tolist()
+
+    def _coverable_steps(self) -> list[int]:
+        """Every step a random window can cover (`sde_window`'s range and each task's)."""
+        hp = self.hparams
+        ranges = [hp.sde_window, *(hp.sde_window_by_task or {}).values()]
+        return sorted({j for r in ranges for j in range(*_window_range(None if r is None else tuple(r), hp.num_steps))})
+
+    def _steps_to_train(self, rollout: FlowRollout) -> list[int]:
+        """The rollout's trained steps; with per-group windows under data parallelism, the union over
+        ranks (each rank then runs every one of them, so the collectives match)."""
+        if rollout.row_mask is None or self.trainer.world_size == 1:
+            return rollout.trained_steps
+        return self.all_gather(rollout.train_mask).reshape(-1, rollout.num_steps).any(0).nonzero().flatten().tolist()
 
     def _trained_rows(self, adv: torch.Tensor) -> torch.Tensor:
         """Rows to back-propagate, long `[m]`: all, or (`train_tied_groups: False`) those with a
@@ -271,8 +332,9 @@ class FlowGRPO(FlowPolicyModule):
         t0 = time.perf_counter()
         rewards, logs = combine_rewards(self.rewards, ctx)
         adv, zero_frac = rank_advantages(self, rewards, batch.group_ids, scale=self.hparams.scale, clip=self.hparams.adv_clip)
-        steps = rollout.trained_steps
-        weights = self.step_weights(rollout)
+        steps = self._steps_to_train(rollout)
+        weights = self.step_weights(rollout, steps)
+        per_row = rollout.steps_per_row  # each row's loss averages over its own trained steps
         n = len(rollout)
         trained = self._trained_rows(adv)
         m = len(trained)
@@ -290,25 +352,36 @@ class FlowGRPO(FlowPolicyModule):
                     with torch.no_grad():
                         frozen_cond = self.policy.encode_text(sub.prompts)
                 for j, weight in zip(steps, weights):
-                    out = self.policy.step_log_prob(sub, j, frozen_cond)
-                    old = sub.log_probs[:, j]
-                    loss, stats = policy_loss(out.log_prob[:, None], old[:, None], adv[rows],
+                    at = sub.rows_at(j) if sub.row_mask is not None else None  # rows whose window holds j
+                    # A micro-batch with no row at j still runs one row at weight 0 under data
+                    # parallelism, so every rank makes the same forwards and backwards.
+                    if at is not None and len(at) == 0 and self.trainer.world_size == 1:
+                        continue
+                    live = 1.0 if at is None or len(at) else 0.0
+                    pick = None if at is None else (at if len(at) else at.new_zeros(1))
+                    part = sub if pick is None else sub.select(pick)
+                    part_rows = rows if pick is None else rows[pick]
+                    cond = frozen_cond if frozen_cond is None or pick is None else frozen_cond.select(pick)
+                    out = self.policy.step_log_prob(part, j, cond)
+                    old = part.log_probs[:, j]
+                    loss, stats = policy_loss(out.log_prob[:, None], old[:, None], adv[part_rows],
                                               torch.ones_like(old, dtype=torch.bool)[:, None],
                                               epsilon_low=hp.clip_range)
-                    loss = weight * loss * len(rows) / n  # untrained rows: advantage 0, no gradient
+                    loss = live * weight * loss * len(part_rows) / n  # untrained rows: advantage 0, no gradient
                     stats["approx_kl"] = 0.5 * (out.log_prob.detach() - old).square().mean()
                     if self.has_reference:
                         if (c, j) not in ref_cache:
-                            ref_cache[(c, j)] = self._reference_step(sub, j)
+                            ref_cache[(c, j)] = self._reference_step(part, j)
                         ref = ref_cache[(c, j)]
                         stats["velocity_mse"] = velocity_mse(out.velocity.detach(), ref.velocity).mean()
                         if self.penalised:
-                            penalty = self._penalty(out, ref, sub, j).mean()
+                            penalty = self._penalty(out, ref, part, j).mean()
                             stats[f"reg_{hp.regularizer}"] = penalty.detach()
-                            loss = loss + hp.beta * penalty * len(rows) / m
-                    self.manual_backward(loss / len(steps) / accumulate)
-                    for k, v in stats.items():
-                        acc.setdefault(k, []).append(float(v))
+                            loss = loss + live * hp.beta * penalty * len(part_rows) / m
+                    self.manual_backward(loss / per_row / accumulate)
+                    if live:
+                        for k, v in stats.items():
+                            acc.setdefault(k, []).append(float(v))
             if not update:
                 continue
             guarded_step(self, opt, hp.gradient_clip_val)
@@ -320,7 +393,7 @@ class FlowGRPO(FlowPolicyModule):
             "train/zero_std_frac": zero_frac,
             "train/skipped_steps": float(self.skipped_steps),
             "train/adv_abs": adv.abs().mean().item(),
-            "train/trained_steps": float(len(steps)),
+            "train/trained_steps": float(per_row),
             "train/trained_rows_frac": m / n,
             "train/lr": opt.param_groups[0]["lr"],
             "time/rollout_s": ctx.cache.get("rollout_s", math.nan),

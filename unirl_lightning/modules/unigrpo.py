@@ -95,6 +95,9 @@ class UniGRPO(FlowGRPO):
         super().__init__(flow_policy, rewards=rewards, cfg_scale=1.0, eval_cfg_scale=1.0, **kwargs)
         if not self.hparams.train_tied_groups:
             raise ValueError("model.train_tied_groups: False is FlowGRPO's; UniGRPO trains every row (remove it)")
+        if self.windows_per_group:
+            raise ValueError("model.sde_window_per_group / sde_window_by_task are FlowGRPO's; UniGRPO draws one window "
+                             "per rollout (remove them)")
         if image_condition not in CONDITIONS:
             raise ValueError(f"model.image_condition must be one of {CONDITIONS}, got {image_condition!r}")
         if text_temperature < 0 or (text_temperature == 0 and train_text and image_condition == "text"):
