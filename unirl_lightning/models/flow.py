@@ -336,6 +336,7 @@ class FlowPolicy(nn.Module, ABC):
         group_start = None if shared is None else first_sde[shared.first]
         if group_start is not None and bool((group_start > 0).any()):
             shared.check_latents(x)
+        own = None if shared is None else shared.first[shared.row_group]  # `[B]` each row's group's first row
         states, log_probs = [x], []
         for i in range(num_steps):
             pending = None if shared is None else shared.expand(group_start > i)  # `[B]` rows still shared
@@ -349,7 +350,6 @@ class FlowPolicy(nn.Module, ABC):
             if rows is not None:  # scatter back; a pending group's rows all take its first row's step
                 x_full, logp_full = x.clone(), logp.new_zeros(batch)
                 x_full[rows], logp_full[rows] = x_next, logp
-                own = shared.first[shared.row_group]
                 x_next = torch.where(pending.view(-1, *[1] * (x.ndim - 1)), x_full[own], x_full)
                 logp = torch.where(pending, logp_full[own], logp_full)
             x = x_next

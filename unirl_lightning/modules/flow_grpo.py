@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from unirl_lightning.data.datamodule import PromptBatch
-from unirl_lightning.models.flow import FlowPolicy, FlowRollout, StepOutput
+from unirl_lightning.models.flow import FlowPolicy, FlowRollout, StepOutput, _GroupRows
 from unirl_lightning.models.lora import check_lora_targets
 from unirl_lightning.modules.flow_common import FlowPolicyModule
 from unirl_lightning.objectives import (
@@ -40,6 +40,13 @@ def _window_range(window: tuple[int, int] | None, num_steps: int) -> tuple[int, 
     if not 0 <= lo < hi <= num_steps:
         raise ValueError(f"model.sde_window must satisfy 0 <= start < end <= num_steps={num_steps}, got {window}")
     return lo, min(hi, num_steps - 1)
+
+
+def _random_window(window, num_steps: int, size: int) -> tuple[int, int]:
+    """A `size`-step window at a uniformly random start inside `window`'s coverable range."""
+    lo, hi = _window_range(None if window is None else tuple(window), num_steps)
+    start = lo + int(torch.randint(hi - lo - size + 1, (1,)))
+    return (start, start + size)
 
 
 def _check_task_window(task: str, window, num_steps: int, size: int) -> None:
@@ -232,9 +239,7 @@ class FlowGRPO(FlowPolicyModule):
         hp = self.hparams
         if hp.sde_window_size is None:
             return None if hp.sde_window is None else tuple(hp.sde_window)
-        lo, hi = _window_range(hp.sde_window, hp.num_steps)
-        start = lo + int(torch.randint(hi - lo - hp.sde_window_size + 1, (1,)))
-        return (start, start + hp.sde_window_size)
+        return _random_window(hp.sde_window, hp.num_steps, hp.sde_window_size)
 
     @property
     def windows_per_group(self) -> bool:
@@ -245,15 +250,10 @@ class FlowGRPO(FlowPolicyModule):
         task's `sde_window_by_task` range (else `sde_window`'s), on each of the group's rows."""
         hp = self.hparams
         by_task = hp.sde_window_by_task or {}
-        _, row_group = torch.unique(batch.group_ids, return_inverse=True)
-        windows = torch.empty(int(row_group.max()) + 1, 2, dtype=torch.long)
-        for g in range(len(windows)):
-            spec = batch.specs[int((row_group == g).nonzero()[0])]
-            window = by_task.get(spec.get("tag"), hp.sde_window)
-            lo, hi = _window_range(None if window is None else tuple(window), hp.num_steps)
-            start = lo + int(torch.randint(hi - lo - hp.sde_window_size + 1, (1,)))
-            windows[g] = torch.tensor([start, start + hp.sde_window_size])
-        return windows[row_group.cpu()]
+        groups = _GroupRows(batch.group_ids, torch.device("cpu"))
+        return groups.expand(torch.tensor([
+            _random_window(by_task.get(batch.specs[first].get("tag"), hp.sde_window), hp.num_steps, hp.sde_window_size)
+            for first in groups.first.tolist()]))
 
     @torch.no_grad()
     def make_rollouts(self, batch: PromptBatch) -> RolloutContext:
@@ -352,16 +352,16 @@ class FlowGRPO(FlowPolicyModule):
                     with torch.no_grad():
                         frozen_cond = self.policy.encode_text(sub.prompts)
                 for j, weight in zip(steps, weights):
-                    at = sub.rows_at(j) if sub.row_mask is not None else None  # rows whose window holds j
-                    # A micro-batch with no row at j still runs one row at weight 0 under data
-                    # parallelism, so every rank makes the same forwards and backwards.
-                    if at is not None and len(at) == 0 and self.trainer.world_size == 1:
-                        continue
-                    live = 1.0 if at is None or len(at) else 0.0
-                    pick = None if at is None else (at if len(at) else at.new_zeros(1))
-                    part = sub if pick is None else sub.select(pick)
-                    part_rows = rows if pick is None else rows[pick]
-                    cond = frozen_cond if frozen_cond is None or pick is None else frozen_cond.select(pick)
+                    part, part_rows, cond, live = sub, rows, frozen_cond, 1.0
+                    if sub.row_mask is not None:  # per-row windows: only the rows whose window holds j
+                        at = sub.rows_at(j)
+                        if not len(at):
+                            if self.trainer.world_size == 1:
+                                continue
+                            # one row at weight 0, so every rank makes the same forwards and backwards
+                            at, live = at.new_zeros(1), 0.0
+                        part, part_rows = sub.select(at), rows[at]
+                        cond = None if frozen_cond is None else frozen_cond.select(at)
                     out = self.policy.step_log_prob(part, j, cond)
                     old = part.log_probs[:, j]
                     loss, stats = policy_loss(out.log_prob[:, None], old[:, None], adv[part_rows],
