@@ -78,6 +78,35 @@ def test_rows_take_sde_steps_only_inside_their_own_window_and_rescore_there():
     assert torch.equal(sub.row_mask, expected[[4, 0]])
 
 
+@pytest.mark.parametrize("regularizer", ["velocity_mse", "latent_kl", "exact_kl"])
+def test_packed_row_step_pairs_rescore_and_penalise_as_each_step_does(regularizer):
+    """`pairs_log_prob` over (row, own step) pairs, in one batch, equals `step_log_prob` step by step:
+    the rollout's own log-probs (ratio 1), the velocities, and each regulariser's per-row penalty."""
+    policy = _tiny()
+    prompts, groups, x0, windows = _grouped(policy, [[1, 3], [3, 5], [0, 2]])
+    rollout = policy.sample(prompts, num_steps=8, noise_level=0.9, sde_windows=windows, latents=x0, groups=groups,
+                            generator=torch.Generator().manual_seed(1))
+    rows, steps = rollout.row_mask.nonzero(as_tuple=True)
+    reference = copy.deepcopy(policy)
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    module = FlowGRPO(policy, rewards=[LatentMeanReward()], warm_start=None, num_steps=8, regularizer=regularizer)
+    packed = policy.pairs_log_prob(rollout, rows, steps)
+    packed_ref = reference.pairs_log_prob(rollout, rows, steps)
+    penalty = module._penalty(packed, packed_ref, rollout, steps)
+    assert penalty.shape == (len(rows),) and bool((penalty > 0).all())
+    for j in rollout.trained_steps:
+        at = rollout.rows_at(j)
+        part, here = rollout.select(at), steps == j
+        one, one_ref = policy.step_log_prob(part, j), reference.step_log_prob(part, j)
+        torch.testing.assert_close(packed.log_prob[here], part.log_probs[:, j], rtol=0, atol=1e-5)
+        torch.testing.assert_close(packed.velocity[here], one.velocity, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(penalty[here], module._penalty(one, one_ref, part, j), rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="different noise levels"):
+        policy.pairs_log_prob(rollout, torch.tensor([0, 0]), torch.tensor([1, 7]))  # 7 is the last, ODE step
+
+
 def test_per_row_window_errors_name_the_row_and_the_fix():
     policy = _tiny()
     prompts, groups, x0, windows = _grouped(policy, [[1, 3], [3, 5], [5, 7]])

@@ -391,6 +391,25 @@ class FlowPolicy(nn.Module, ABC):
                                       kind=rollout.kind, prev_sample=x_next)
         return StepOutput(logp, v, mean, std)
 
+    def pairs_log_prob(self, rollout: FlowRollout, rows: Tensor, steps: Tensor,
+                       cond: TextCondition | None = None) -> StepOutput:
+        """Re-score transitions `(rows[p], steps[p])` of `rollout` (long `[P]` each) in one batch of `P`,
+        with gradient: per-row windows train every row's own steps in one forward, not one per step.
+
+        `cond` (batch `P`, the rows' conditions in pair order) skips re-encoding the prompts.
+        The pairs' steps must share one noise level (the rollout's stochastic steps do).
+        """
+        levels = rollout.noise_levels[steps]
+        if not bool((levels == levels[0]).all()):
+            raise ValueError(f"pairs_log_prob: steps {sorted(set(steps.tolist()))} have different noise levels "
+                             f"{sorted(set(levels.tolist()))}; re-score them in separate calls")
+        x, x_next = rollout.latents[rows, steps], rollout.latents[rows, steps + 1]
+        s, s_next = rollout.sigmas[steps], rollout.sigmas[steps + 1]
+        cond = self.encode_text([rollout.prompts[r] for r in rows.tolist()]) if cond is None else cond
+        v = self.velocity(x, s, cond, cfg_scale=rollout.cfg_scale)
+        _, logp, mean, std = sde_step(v, x, s, s_next, noise_level=float(levels[0]), kind=rollout.kind, prev_sample=x_next)
+        return StepOutput(logp, v, mean, std)
+
     # -- LoRA: recipes add adapters after the warm start; the base model is then the reference
     #: alpha / r of the LoRA adapter, None without one
     lora_scaling: float | None = None
