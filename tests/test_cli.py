@@ -31,13 +31,14 @@ def test_print_config_reloads_to_the_same_config(name, tmp_path, capsys):
 
 
 def test_flow_grpo_config_instantiates_as_measured():
-    """The FlowGRPO config builds (its random 2-step window fits its 10-step schedule)."""
+    """The FlowGRPO config builds (per-group random 2-step windows that fit its 10-step schedule)."""
     from unirl_lightning.modules.flow_grpo import FlowGRPO
 
     cli = cli_main(["--config", str(CONFIGS / "flow_grpo.yaml"), "--model.init_args.warm_start", "null"], run=False)
     assert isinstance(cli.model, FlowGRPO)
     hp = cli.model.hparams
     assert (hp.sde_window_size, hp.num_steps, hp.step_weighting, hp.regularizer) == (2, 10, "noise_std", "velocity_mse")
+    assert hp.sde_window_per_group and hp.same_latent
     start, end = cli.model.sde_window()
     assert end - start == 2 and 0 <= start and end <= 9  # the last step stays ODE
 

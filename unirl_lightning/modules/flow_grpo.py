@@ -78,7 +78,9 @@ class FlowGRPO(FlowPolicyModule):
             Flow-GRPO-Fast's `sde_window_range`; default every step but the last).
         sde_window_per_group: with `sde_window_size`, each prompt group draws its own random
             window rather than the whole rollout sharing one, so every rollout trains a spread
-            of steps (rows are re-scored only at their own window's steps).
+            of steps (rows are re-scored only at their own window's steps, packed as (row, step)
+            pairs into micro-batches). Lifts colour attribution most (benchmarks/learning.md,
+            "Session 13"); `configs/flow_grpo.yaml` sets it.
         sde_window_by_task: with `sde_window_size`, `{task: [lo, hi)}` ranges that the windows of
             that GenEval task's groups are drawn from (e.g. layout tasks early, colours anywhere);
             tasks not named use `sde_window`. Implies per-group windows.
@@ -288,8 +290,8 @@ class FlowGRPO(FlowPolicyModule):
             return velocity_mse(out.velocity, ref.velocity)
         if name == "latent_kl":  # Flow-GRPO's form: std = sigma_t = transition std / sqrt(|dt|)
             gap = (s - s_next).sqrt()
-            return latent_kl(out.mean, ref.mean, out.std.detach() / gap.reshape(-1, *[1] * (out.std.ndim - 1)) if gap.ndim
-                             else out.std.detach() / gap)
+            gap = gap.reshape(-1, *[1] * (out.std.ndim - 1)) if gap.ndim else gap  # [B]: each row's own step
+            return latent_kl(out.mean, ref.mean, out.std.detach() / gap)
         return exact_latent_kl(out.velocity, ref.velocity, s, s_next, float(rollout.noise_levels[step].max()))
 
     def step_weights(self, rollout: FlowRollout, steps: list[int] | None = None) -> list[float]:
