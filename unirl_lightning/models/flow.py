@@ -383,13 +383,9 @@ class FlowPolicy(nn.Module, ABC):
         Uses the rollout's CFG scale, noise level and kind, so on-policy ratios are exactly 1.
         `cond` (batch `len(rollout)`) skips re-encoding the prompts.
         """
-        x, x_next = rollout.latents[:, step], rollout.latents[:, step + 1]
-        s, s_next = rollout.sigmas[step], rollout.sigmas[step + 1]
         cond = self.encode_text(rollout.prompts) if cond is None else cond
-        v = self.velocity(x, s.expand(x.shape[0]), cond, cfg_scale=rollout.cfg_scale)
-        _, logp, mean, std = sde_step(v, x, s, s_next, noise_level=float(rollout.noise_levels[step]),
-                                      kind=rollout.kind, prev_sample=x_next)
-        return StepOutput(logp, v, mean, std)
+        return self._rescore(rollout, rollout.latents[:, step], rollout.latents[:, step + 1], rollout.sigmas[step],
+                             rollout.sigmas[step + 1], float(rollout.noise_levels[step]), cond)
 
     def pairs_log_prob(self, rollout: FlowRollout, rows: Tensor, steps: Tensor,
                        cond: TextCondition | None = None) -> StepOutput:
@@ -403,11 +399,15 @@ class FlowPolicy(nn.Module, ABC):
         if not bool((levels == levels[0]).all()):
             raise ValueError(f"pairs_log_prob: steps {sorted(set(steps.tolist()))} have different noise levels "
                              f"{sorted(set(levels.tolist()))}; re-score them in separate calls")
-        x, x_next = rollout.latents[rows, steps], rollout.latents[rows, steps + 1]
-        s, s_next = rollout.sigmas[steps], rollout.sigmas[steps + 1]
         cond = self.encode_text([rollout.prompts[r] for r in rows.tolist()]) if cond is None else cond
-        v = self.velocity(x, s, cond, cfg_scale=rollout.cfg_scale)
-        _, logp, mean, std = sde_step(v, x, s, s_next, noise_level=float(levels[0]), kind=rollout.kind, prev_sample=x_next)
+        return self._rescore(rollout, rollout.latents[rows, steps], rollout.latents[rows, steps + 1],
+                             rollout.sigmas[steps], rollout.sigmas[steps + 1], float(levels[0]), cond)
+
+    def _rescore(self, rollout: FlowRollout, x: Tensor, x_next: Tensor, sigma: Tensor, sigma_next: Tensor,
+                 noise_level: float, cond: TextCondition) -> StepOutput:
+        """Log-prob of the transitions `x -> x_next` (`[b, ...]`; sigmas 0-d or `[b]`) with the rollout's CFG and kind."""
+        v = self.velocity(x, sigma.expand(x.shape[0]), cond, cfg_scale=rollout.cfg_scale)
+        _, logp, mean, std = sde_step(v, x, sigma, sigma_next, noise_level=noise_level, kind=rollout.kind, prev_sample=x_next)
         return StepOutput(logp, v, mean, std)
 
     # -- LoRA: recipes add adapters after the warm start; the base model is then the reference
