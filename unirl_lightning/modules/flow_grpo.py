@@ -348,29 +348,27 @@ class FlowGRPO(FlowPolicyModule):
         opt = self.optimizers()
         accumulate = hp.rollouts_per_update
         update = (batch_idx + 1) % accumulate == 0  # gradients accumulate over this many rollouts
-        if rollout.row_mask is None:  # one window: a backward per (micro-batch, step)
+        # Every backward re-scores (row, step) pairs (`pairs_log_prob`): one window pairs each
+        # micro-batch of rows with each trained step; per-row windows pack every row's own steps
+        # into micro-batches, so a rollout costs as many backwards as with one window (a backward
+        # per step ran ~14-row batches, 2.5x the training time). Every row has the same number of
+        # steps, so each rank makes the same number of backwards (FSDP's collectives match).
+        if rollout.row_mask is None:
             parts = []
             for rows in trained.split(hp.micro_batch_size):
-                sub, cond = rollout.select(rows), self._frozen_condition(rollout, rows)
-                parts += [(rows, sub, j, weight, cond) for j, weight in zip(steps, weights)]
+                cond = self._frozen_condition(rollout, rows)
+                parts += [(rows, torch.full_like(rows, j), weight, cond) for j, weight in zip(steps, weights)]
         else:
-            # Per-row windows: each row's own steps, packed as (row, step) pairs into micro-batches,
-            # so a rollout costs as many backwards as with one window (a backward per step ran
-            # ~14-row batches, 2.5x the training time). Every row has `sde_window_size` steps, so
-            # each rank makes the same number of backwards (FSDP's collectives match).
             row_idx, pair_steps = rollout.row_mask[trained].nonzero(as_tuple=True)
             step_weight = torch.zeros(rollout.num_steps, device=adv.device)
             step_weight[steps] = torch.tensor(weights, device=adv.device)
-            parts = [(rows, None, at, step_weight[at], self._frozen_condition(rollout, rows))
+            parts = [(rows, at, step_weight[at], self._frozen_condition(rollout, rows))
                      for rows, at in zip(trained[row_idx].split(hp.micro_batch_size), pair_steps.split(hp.micro_batch_size))]
         ref_cache: dict[int, StepOutput] = {}
         acc: dict[str, list[float]] = {}
         for _ in range(hp.num_iterations):
-            for c, (rows, sub, step, weight, cond) in enumerate(parts):
-                if sub is not None:
-                    out, old = self.policy.step_log_prob(sub, step, cond), sub.log_probs[:, step]
-                else:
-                    out, old = self.policy.pairs_log_prob(rollout, rows, step, cond), rollout.log_probs[rows, step]
+            for c, (rows, at, weight, cond) in enumerate(parts):
+                out, old = self.policy.pairs_log_prob(rollout, rows, at, cond), rollout.log_probs[rows, at]
                 # a positive weight scales the clipped surrogate -min(rA, clip(r)A) exactly as it scales A
                 loss, stats = policy_loss(out.log_prob[:, None], old[:, None], weight * adv[rows],
                                           torch.ones_like(old, dtype=torch.bool)[:, None], epsilon_low=hp.clip_range)
@@ -378,12 +376,11 @@ class FlowGRPO(FlowPolicyModule):
                 stats["approx_kl"] = 0.5 * (out.log_prob.detach() - old).square().mean()
                 if self.has_reference:
                     if c not in ref_cache:
-                        ref_cache[c] = self._reference_step(sub, step) if sub is not None else self._reference_step(
-                            rollout, (rows, step))
+                        ref_cache[c] = self._reference_step(rollout, (rows, at))
                     ref = ref_cache[c]
                     stats["velocity_mse"] = velocity_mse(out.velocity.detach(), ref.velocity).mean()
                     if self.penalised:
-                        penalty = self._penalty(out, ref, rollout, step).mean()
+                        penalty = self._penalty(out, ref, rollout, at).mean()
                         stats[f"reg_{hp.regularizer}"] = penalty.detach()
                         loss = loss + hp.beta * penalty * len(rows) / m
                 self.manual_backward(loss / per_row / accumulate)
