@@ -69,3 +69,18 @@ def test_bad_value_fails_before_compute(capsys):
     with pytest.raises(SystemExit):
         cli_main(["--config", str(CONFIGS / "grpo.yaml"), "--model.init_args.loss_type", "ppo"], run=False)
     assert "loss_type" in capsys.readouterr().err
+
+
+def test_cpu20_overlay_layers_a_budget_onto_the_flow_grpo_config():
+    """configs/flow_grpo_cpu20.yaml changes only what the 20-CPU-minute recipe changes."""
+    from unirl_lightning.callbacks import CPUTimeBudget
+
+    base = cli_main(["--config", str(CONFIGS / "flow_grpo.yaml"), "--model.init_args.warm_start", "null"], run=False)
+    cli = cli_main(["--config", str(CONFIGS / "flow_grpo.yaml"), "--config", str(CONFIGS / "flow_grpo_cpu20.yaml"),
+                    "--model.init_args.warm_start", "null"], run=False)
+    budgets = [c for c in cli.trainer.callbacks if isinstance(c, CPUTimeBudget)]
+    assert len(budgets) == 1 and budgets[0].minutes == 20.0 and budgets[0].since == "process"
+    assert cli.model.hparams.train_tied_groups is False and base.model.hparams.train_tied_groups is True
+    assert cli.datamodule.hparams.train_task_weights["color_attr"] == 3.0
+    changed = {k for k in base.model.hparams if base.model.hparams[k] != cli.model.hparams[k]}
+    assert changed <= {"train_tied_groups", "policy", "rewards"}  # policy / rewards: fresh objects, same config
