@@ -81,7 +81,7 @@ class CPUTimeBudget(pl.Callback):
         now = self.clock()
         self._update_costs.append(now - self._last)
         self._last = now
-        used = self.used_seconds()
+        used = now - self._origin
         pl_module.log("time/cpu_min", used / 60, batch_size=1)
         # the first update also pays for warm-up (allocations, caches): estimate from later ones
         costs = self._update_costs[1:] or self._update_costs
