@@ -1,8 +1,9 @@
 """FlowGRPO / UniGRPO under FSDP2 (Lightning's ModelParallelStrategy) on 2 CPU processes (gloo).
 
 Run by tests/test_fsdp.py as `python fsdp_flow_script.py OUT_DIR RECIPE` (RECIPE: flow_grpo,
-flow_grpo_lora, flow_grpo_skip_tied, flow_grpo_row_windows or unigrpo): Lightning re-launches it once per rank. Writes each rank's result (full parameters'
-checksums, reward, saved checksums) to OUT_DIR.
+flow_grpo_lora, flow_grpo_skip_tied, flow_grpo_all_tied, flow_grpo_row_windows or unigrpo):
+Lightning re-launches it once per rank. Writes each rank's result (full parameters' checksums,
+reward, saved checksums) to OUT_DIR.
 """
 
 import json
@@ -31,6 +32,11 @@ class RankTiedReward(LatentMeanReward):
         return torch.zeros_like(reward) if torch.distributed.get_rank() == 0 else reward
 
 
+class AllTiedReward(LatentMeanReward):
+    def __call__(self, ctx):
+        return torch.zeros(len(ctx.specs))
+
+
 def full_state(module: torch.nn.Module) -> dict:
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in module.state_dict().items()}
 
@@ -52,6 +58,9 @@ def main(out_dir: str, recipe: str) -> None:
         data = ReasoningDataModule(num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6)
     elif recipe == "flow_grpo_skip_tied":  # rank 0's groups all tie, rank 1's do not: equal backward counts
         module = FlowGRPO(flow, rewards=[RankTiedReward()], train_tied_groups=False, **common)
+        data = OnPolicyDataModule(num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6)
+    elif recipe == "flow_grpo_all_tied":  # every group ties on both ranks: nothing to train anywhere
+        module = FlowGRPO(flow, rewards=[AllTiedReward()], train_tied_groups=False, **common)
         data = OnPolicyDataModule(num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6)
     elif recipe == "flow_grpo_row_windows":  # per-group windows: rank 0 trains steps 0 and 1, rank 1 only step 1
         module = FlowGRPO(flow, sde_window_size=1, sde_window_per_group=True, **{**common, "micro_batch_size": 4})
@@ -79,6 +88,7 @@ def main(out_dir: str, recipe: str) -> None:
         "reward": float(trainer.logged_metrics["reward"]),
         "geneval": float(trainer.logged_metrics["val/geneval/overall"]),
         "trained_rows_frac": float(trainer.logged_metrics.get("train/trained_rows_frac", -1.0)),
+        "empty_batches": float(trainer.logged_metrics.get("train/empty_batches", -1.0)),
     }
     if recipe == "unigrpo":
         result["text_checksum"] = checksum(module.text_policy)

@@ -1,5 +1,6 @@
 """Flow policies and FlowGRPO on a tiny SD3 transformer: sampling, log-probs, CFG, windows, recipes."""
 
+import json
 import math
 
 import lightning as L
@@ -607,3 +608,59 @@ def test_auto_warm_start_is_trained_once_cached_and_loaded(tmp_path, monkeypatch
     assert torch.equal(cached.transformer.proj_out.weight, module.policy.transformer.proj_out.weight)
     assert torch.equal(module.reference.transformer.proj_out.weight, module.policy.transformer.proj_out.weight)
     assert flow_warm_start.ensure_flow_warm_start(module.policy) == folder  # cached: no retraining
+
+
+class _TiedReward(LatentMeanReward):
+    """Every image scored alike: every group ties, every advantage is 0."""
+
+    def __call__(self, ctx):
+        return torch.full((len(ctx.specs),), 0.5)
+
+
+@pytest.mark.parametrize("per_group_windows", [False, True])
+def test_a_batch_with_every_group_tied_trains_nothing_and_the_run_goes_on(tmp_path, per_group_windows):
+    """`train_tied_groups: False` with every group tied: no backward, counted, the next batches run."""
+    windows = dict(sde_window_size=1, sde_window_per_group=True) if per_group_windows else {}
+    record = _Record()
+    module = FlowGRPO(_tiny(), rewards=[_TiedReward()], warm_start=None, num_steps=3, train_tied_groups=False,
+                      lr=1e-2, **windows)
+    before = _snapshot(module.policy)
+    grads = capture_backward_grads(module, module.policy.transformer.proj_out.weight)
+    _trainer(tmp_path, 3, [record]).fit(module, datamodule=_data())
+    assert grads == [] and module.global_step == 3
+    assert [r["train/empty_batches"] for r in record.rows] == [1.0, 2.0, 3.0]
+    assert all(r["train/trained_rows_frac"] == 0.0 for r in record.rows)
+    assert all(torch.equal(before[k], v) for k, v in module.policy.state_dict().items())
+
+
+class _RaisesAtSecondRollout(LatentMeanReward):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __call__(self, ctx):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("reward server went away")
+        return super().__call__(ctx)
+
+
+def test_a_run_that_raises_saves_its_last_completed_update(tmp_path):
+    """The first update completes, the second batch's reward raises: `save_to` holds the policy after
+    update 1 (not the initial weights, not a half-accumulated one) and says the run did not finish."""
+    module = FlowGRPO(_tiny(), rewards=[_RaisesAtSecondRollout()], warm_start=None, num_steps=3, lr=1e-2,
+                      save_to=str(tmp_path / "policy"))
+    initial = _snapshot(module.policy)
+    after_first = {}
+
+    class _KeepFirstUpdate(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            after_first.update(_snapshot(pl_module.policy))
+
+    with pytest.raises(RuntimeError, match="reward server went away"):
+        _trainer(tmp_path, 3, [_KeepFirstUpdate()]).fit(module, datamodule=_data())
+    saved = TinyFlowModel.from_pretrained(tmp_path / "policy").state_dict()
+    assert all(torch.equal(saved[k], after_first[k]) for k in saved)
+    assert any(not torch.equal(saved[k], initial[k]) for k in saved)
+    state = json.loads((tmp_path / "policy" / "training_state.json").read_text())
+    assert state["finished"] is False and state["global_step"] == 1 and "reward server went away" in state["exception"]

@@ -7,14 +7,18 @@ from pathlib import Path
 import pytest
 
 
-def test_sft_under_fsdp2_on_two_cpu_processes(tmp_path):
-    script = Path(__file__).with_name("fsdp_sft_script.py")
+def _run_ranks(script: str, tmp_path: Path, *args: str) -> list[dict]:
+    """Run a two-rank script (Lightning launches the second rank) and read each rank's result."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=540,
-                          env=env, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name(script)), str(tmp_path), *args],
+                          capture_output=True, text=True, timeout=540, env=env, cwd=tmp_path)
     # rank 0's own error comes first in stderr; the tail is often only rank 1's lost connection
     assert proc.returncode == 0, proc.stderr[:3000] + "\n...\n" + proc.stderr[-3000:]
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_sft_under_fsdp2_on_two_cpu_processes(tmp_path):
+    results = _run_ranks("fsdp_sft_script.py", tmp_path)
     assert all(r["sharded"].startswith("FSDP") for r in results), results
     # both ranks hold the same full parameters after sharded updates
     assert abs(results[0]["checksum"] - results[1]["checksum"]) < 1e-6 * results[0]["checksum"]
@@ -24,12 +28,7 @@ def test_sft_under_fsdp2_on_two_cpu_processes(tmp_path):
 
 @pytest.mark.parametrize("recipe", ["flow_grpo", "flow_grpo_lora", "flow_grpo_skip_tied", "flow_grpo_row_windows", "unigrpo"])
 def test_flow_recipes_under_fsdp2_on_two_cpu_processes(tmp_path, recipe):
-    script = Path(__file__).with_name("fsdp_flow_script.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), recipe], capture_output=True, text=True,
-                          timeout=540, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[:3000] + "\n...\n" + proc.stderr[-3000:]
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    results = _run_ranks("fsdp_flow_script.py", tmp_path, recipe)
     assert all(r["sharded"].startswith("FSDP") for r in results), results  # the transformer blocks are FSDP units
     first, second = results
     assert first["checksum"] == pytest.approx(second["checksum"], rel=1e-9)
@@ -45,3 +44,26 @@ def test_flow_recipes_under_fsdp2_on_two_cpu_processes(tmp_path, recipe):
         assert first["trained_rows_frac"] == second["trained_rows_frac"] == 1.0
     if recipe == "unigrpo":  # the trained text policy is saved next to the flow policy
         assert first["saved_text_checksum"] == pytest.approx(first["text_checksum"], rel=1e-6)
+
+
+@pytest.mark.parametrize("recipe", ["grpo_filter_rank_tied", "grpo_filter_all_tied"])
+def test_grpo_filter_zero_std_keeps_ranks_in_step(tmp_path, recipe):
+    """`filter_zero_std` under FSDP2: a rank whose groups all tie runs padding chunks (weight 0) so its
+    collectives pair with the other rank's; when every rank's groups tie, no rank trains and both go on."""
+    first, second = _run_ranks("fsdp_sft_script.py", tmp_path, recipe)
+    assert first["global_step"] == second["global_step"] == 2
+    assert first["checksum"] == pytest.approx(second["checksum"], rel=1e-9)
+    if recipe == "grpo_filter_all_tied":
+        assert first["checksum"] == pytest.approx(first["initial"], rel=1e-12)
+        assert first["empty_batches"] == second["empty_batches"] == 2.0
+    else:  # rank 1's rows trained the shared weights; no batch was empty on every rank
+        assert abs(first["checksum"] - first["initial"]) > 1e-4
+        assert first["empty_batches"] == second["empty_batches"] == 0.0
+    assert first["saved_checksum"] == pytest.approx(first["checksum"], rel=1e-6)
+
+
+def test_flow_grpo_with_every_group_tied_on_every_rank_trains_nothing_and_goes_on(tmp_path):
+    first, second = _run_ranks("fsdp_flow_script.py", tmp_path, "flow_grpo_all_tied")
+    assert first["checksum"] == pytest.approx(first["initial"], rel=1e-12) == second["checksum"]
+    assert first["trained_rows_frac"] == second["trained_rows_frac"] == 0.0
+    assert first["empty_batches"] == second["empty_batches"] == 2.0

@@ -165,3 +165,24 @@ def test_grpo_answer_sft_on_correct_uses_only_judged_correct_images(tmp_path):
     trainer = _fit(module, tmp_path, steps=1, P=2, G=3)
     assert sizes[0] == 2  # rows 0 and 3 of 6 (validation's answers come after)
     assert float(trainer.logged_metrics["answer_sft/loss"]) > 0
+
+
+def test_grpo_filter_zero_std_with_every_group_tied_trains_nothing_and_goes_on(tmp_path):
+    """`filter_zero_std` with every group tied (a constant reward): no backward, counted, the run goes on."""
+    from unirl_lightning.rewards import RewardFunction
+
+    class ConstantReward(RewardFunction):
+        def __call__(self, ctx):
+            return torch.ones(len(ctx.specs))
+
+    policy = _tiny()
+    before = _snapshot(policy)
+    module = DiscreteGRPO(policy, warm_start=None, rewards=[ConstantReward()], filter_zero_std=True, beta=0.04, lr=1e-2)
+    calls = []
+    backward = module.manual_backward
+    module.manual_backward = lambda loss, *a, **k: (calls.append(1), backward(loss, *a, **k))
+    trainer = _fit(module, tmp_path, steps=2)
+    assert calls == [] and trainer.global_step == 2 and not _changed(before, policy)
+    m = trainer.logged_metrics
+    assert float(m["train/empty_batches"]) == 2.0 and float(m["train/trained_rows_frac"]) == 0.0
+    assert float(m["train/zero_std_frac"]) == 1.0

@@ -5,5 +5,6 @@ from unirl_lightning.callbacks.geneval_logging import GenEvalCallback
 from unirl_lightning.callbacks.image_grid import log_image_grid, make_grid
 from unirl_lightning.callbacks.policy_ema import PolicyEMA
 from unirl_lightning.callbacks.policy_eval import PolicyGenEvalCallback
+from unirl_lightning.callbacks.save_on_exception import SaveOnException
 
-__all__ = ["CPUTimeBudget", "GenEvalCallback", "PolicyEMA", "PolicyGenEvalCallback", "log_image_grid", "make_grid"]
+__all__ = ["CPUTimeBudget", "GenEvalCallback", "PolicyEMA", "PolicyGenEvalCallback", "SaveOnException", "log_image_grid", "make_grid"]

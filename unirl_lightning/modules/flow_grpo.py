@@ -353,7 +353,10 @@ class FlowGRPO(FlowPolicyModule):
         # into micro-batches, so a rollout costs as many backwards as with one window (a backward
         # per step ran ~14-row batches, 2.5x the training time). Every row has the same number of
         # steps, so each rank makes the same number of backwards (FSDP's collectives match).
-        if rollout.row_mask is None:
+        if m == 0:  # every group tied on every rank: nothing to train (each rank agrees, no backward)
+            parts = []
+            self.empty_batches += 1
+        elif rollout.row_mask is None:
             parts = []
             for rows in trained.split(hp.micro_batch_size):
                 cond = self._frozen_condition(rollout, rows)
@@ -396,6 +399,7 @@ class FlowGRPO(FlowPolicyModule):
             "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
             "train/zero_std_frac": zero_frac,
             "train/skipped_steps": float(self.skipped_steps),
+            "train/empty_batches": float(self.empty_batches),
             "train/adv_abs": adv.abs().mean().item(),
             "train/trained_steps": float(per_row),
             "train/trained_rows_frac": m / n,

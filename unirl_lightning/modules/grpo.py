@@ -124,12 +124,15 @@ class DiscreteGRPO(PolicyModule):
         keep = torch.arange(len(adv), device=self.device)
         if hp.filter_zero_std:
             keep = keep[self._nonzero_std_rows(rewards, batch.group_ids)]
-        streams = self._streams(ctx, keep) if len(keep) else []  # every group filtered: nothing to learn
+        chunks = self._row_chunks(keep)
+        if not chunks:  # every group filtered out on every rank: nothing to learn, no backward anywhere
+            self.empty_batches += 1
+        streams = self._streams(ctx, keep, chunks) if chunks else []
         opt = self.optimizers()
         stats_acc: dict[str, list[float]] = {}
         for _ in range(hp.num_iterations):
             for name, weight, fns in streams:
-                for rows, old, ref, mask in fns["chunks"]:
+                for rows, live, old, ref, mask in fns["chunks"]:
                     logp = fns["logp"](rows)
                     loss, stats = policy_loss(
                         logp, old if old is not None else logp.detach(), advantages[name][rows], mask, loss_type=hp.loss_type,
@@ -137,9 +140,10 @@ class DiscreteGRPO(PolicyModule):
                         num_items_in_batch=fns["num_items"])
                     # dapo already divides by the global token count; the others are means over chunk rows
                     share = 1.0 if hp.loss_type == "dapo" else len(rows) / fns["n_rows"]
-                    self.manual_backward(weight * loss * share)
-                    for k, v in stats.items():
-                        stats_acc.setdefault(f"{name}/{k}", []).append(float(v))
+                    self.manual_backward(weight * loss * share * float(live))
+                    if live:
+                        for k, v in stats.items():
+                            stats_acc.setdefault(f"{name}/{k}", []).append(float(v))
             if hp.answer_sft_weight > 0:
                 sft = self._answer_sft_loss(ctx)
                 self.manual_backward(hp.answer_sft_weight * sft)
@@ -147,7 +151,8 @@ class DiscreteGRPO(PolicyModule):
             guarded_step(self, opt, hp.gradient_clip_val)
         logs.update({k: sum(v) / len(v) for k, v in stats_acc.items()})
         logs.update({"reward/total": rewards.mean().item(), "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
-                     "train/zero_std_frac": zero_frac, "train/skipped_steps": float(self.skipped_steps)})
+                     "train/zero_std_frac": zero_frac, "train/skipped_steps": float(self.skipped_steps),
+                     "train/empty_batches": float(self.empty_batches), "train/trained_rows_frac": len(keep) / len(adv)})
         self.log_dict(logs, prog_bar=False, batch_size=len(batch))
         self.log("reward", rewards.mean().item(), prog_bar=True, batch_size=len(batch))
 
@@ -174,11 +179,21 @@ class DiscreteGRPO(PolicyModule):
             keep[rows] = rewards[rows].std(unbiased=False) > 0 if rows.sum() > 1 else False
         return keep.nonzero().squeeze(-1)
 
-    def _streams(self, ctx: RolloutContext, keep: torch.Tensor) -> list:
-        """Per loss stream: a log-prob function of rows, and micro-batches with stored old / ref log-probs."""
+    def _row_chunks(self, keep: torch.Tensor) -> list[tuple[torch.Tensor, bool]]:
+        """Micro-batches `(rows, live)` of the kept rows. Under data parallelism with `filter_zero_std`,
+        ranks keep different numbers of rows: each is padded to the most chunks any rank has with
+        dead chunks (row 0, loss weight 0), so every rank runs as many forwards and backwards and
+        the sharded collectives stay paired; no rank has any when every rank filtered everything."""
+        chunks = [(rows, True) for rows in keep.split(self.hparams.micro_batch_size)] if len(keep) else []
+        if self.hparams.filter_zero_std and self.trainer.world_size > 1:
+            most = int(self.all_gather(torch.tensor(len(chunks), device=self.device)).max())
+            chunks += [(keep.new_zeros(1), False)] * (most - len(chunks))
+        return chunks
+
+    def _streams(self, ctx: RolloutContext, keep: torch.Tensor, row_chunks: list[tuple[torch.Tensor, bool]]) -> list:
+        """Per loss stream: a log-prob function of rows, and micro-batches `(rows, live, old, ref, mask)`
+        with stored old / ref log-probs."""
         hp, out = self.hparams, []
-        mb = hp.micro_batch_size
-        chunks_of = [keep[i : i + mb] for i in range(0, len(keep), mb)]
         rollout = ctx.rollout
         questions, _ = self.qa(ctx.specs)
 
@@ -200,10 +215,10 @@ class DiscreteGRPO(PolicyModule):
         for name, weight, fn, full_mask in specs:
             chunks = []
             with torch.no_grad():
-                for rows in chunks_of:
+                for rows, live in row_chunks:
                     old = fn(rows).detach() if hp.num_iterations > 1 else None
                     ref = fn(rows, self.reference).detach() if self.reference is not None else None
-                    chunks.append((rows, old, ref, full_mask[rows].to(self.device)))
+                    chunks.append((rows, live, old, ref, full_mask[rows].to(self.device)))
             num_items = full_mask[keep].sum().clamp(min=1)
             if hp.loss_type == "dapo" and dist.is_available() and dist.is_initialized():
                 num_items = self.all_gather(num_items).sum()

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from unirl_lightning.callbacks.save_on_exception import SaveOnException
 from unirl_lightning.evaluation.detection import Detector
 from unirl_lightning.evaluation.judge import GenEvalJudge
 from unirl_lightning.evaluation.metrics import GenEvalScore
@@ -59,6 +60,7 @@ class RecipeModule(L.LightningModule):
         self.val_geneval = GenEvalScore()
         self._warm_started = False
         self.skipped_steps = 0  # optimiser steps skipped for non-finite gradients (shared.guarded_step)
+        self.empty_batches = 0  # rollout batches with nothing to train (every group tied or filtered out)
 
     # ---- warm start -------------------------------------------------------------------
     def auto_warm_start(self) -> Path | None:
@@ -84,9 +86,16 @@ class RecipeModule(L.LightningModule):
         """Hook: runs after the warm-start weights are loaded (e.g. to copy the reference)."""
 
     # ---- saving -----------------------------------------------------------------------
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [SaveOnException()] if self.hparams.save_to else []
+
     def on_train_end(self) -> None:
         if self.hparams.save_to:
-            self.save_model(self.policy, self.hparams.save_to)
+            self.save_policies(self.hparams.save_to)
+
+    def save_policies(self, path: str | Path) -> None:
+        """Save every trained model of the recipe under `path` (the policy; recipes with more add theirs)."""
+        self.save_model(self.policy, path)
 
     def save_model(self, model: nn.Module, path: str | Path) -> None:
         """`model.save_pretrained(path)` on rank 0; a sharded model's full weights are gathered

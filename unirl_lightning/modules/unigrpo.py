@@ -139,10 +139,10 @@ class UniGRPO(FlowGRPO):
     def sharded_modules(self) -> list[torch.nn.Module]:
         return super().sharded_modules() + [m for m in (self.text_policy, self.text_reference) if m is not None]
 
-    def on_train_end(self) -> None:
-        super().on_train_end()
-        if self.hparams.save_to and self.trains_text:
-            self.save_model(self.text_policy, Path(self.hparams.save_to) / "text_policy")
+    def save_policies(self, path: str | Path) -> None:
+        super().save_policies(path)
+        if self.trains_text:
+            self.save_model(self.text_policy, Path(path) / "text_policy")
 
     def configure_optimizers(self):
         hp = self.hparams
