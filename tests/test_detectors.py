@@ -100,3 +100,14 @@ def test_color_crop_uses_mask_over_grey(detector):
 def test_rejects_non_uint8_images(detector):
     with pytest.raises(ValueError, match="uint8"):
         detector(torch.rand(1, 3, 32, 32), ["dog"])
+
+
+def test_a_missing_scipy_names_the_extra_to_install(monkeypatch):
+    import importlib.util
+
+    from unirl_lightning.evaluation.detectors import TransformersDetector
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else find_spec(name, *a))
+    with pytest.raises(ImportError, match=r"unirl-lightning\[detectors\]"):
+        TransformersDetector(torch.nn.Linear(1, 1), None)

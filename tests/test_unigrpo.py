@@ -194,8 +194,13 @@ def test_shared_advantage_reaches_both_policies_on_policy_ratio_one_velocity_mse
     assert abs(first["image/ratio_mean"] - 1.0) < 1e-6 and first["image/approx_kl"] < 1e-12
     assert abs(first["text/ratio_mean"] - 1.0) < 1e-5
     assert first["image/clip_frac"] == 0.0 and first["text/clip_frac"] == 0.0
-    assert first["image/velocity_mse"] == 0.0 and first["image/reg_velocity_mse"] == 0.0 and first["text/kl"] == 0.0
-    assert last["image/velocity_mse"] > 0.0 and last["text/kl"] > 0.0
+    # The reference is an exact copy, so the velocity MSE and the text KL are 0 up to float32 round-off:
+    # the reference (eval mode, no gradient) runs the text encoder's nn.TransformerEncoderLayer on
+    # PyTorch's fused fast path, the training policy on the unfused one, equal up to a few ulps (~1e-7
+    # relative), so a mean square of ~1e-14 (1.3e-15 measured); one update at lr 3e-3 (below) gives > 1e-3.
+    for key in ("image/velocity_mse", "image/reg_velocity_mse", "text/kl"):
+        assert 0.0 <= first[key] < 1e-12, (key, first[key])
+    assert last["image/velocity_mse"] > 1e-9 and last["text/kl"] > 1e-9
     for key in ("reward/total", "reward/std", "text/exact_prompt", "train/zero_std_frac", "text/len"):
         assert key in last
     # one advantage, both streams: parameters of both policies moved

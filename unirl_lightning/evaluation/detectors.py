@@ -10,6 +10,7 @@ transformers is imported only by `from_pretrained`, so importing this module sta
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from typing import Any, Sequence
 
@@ -96,6 +97,9 @@ class TransformersDetector:
         color_templates: Sequence[str] = COLOR_TEMPLATES,
         clip_batch_size: int = 32,
     ) -> None:
+        if importlib.util.find_spec("scipy") is None:  # OWLv2's image processor resizes with scipy
+            raise ImportError("TransformersDetector: OWLv2's image processor needs scipy; install the detector "
+                              "extra: pip install 'unirl-lightning[detectors]' (or pip install scipy)")
         self.detector_model = detector_model.eval()
         self.detector_processor = detector_processor
         self.clip_model = clip_model.eval() if clip_model is not None else None
