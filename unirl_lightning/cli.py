@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import lightning as L
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
+
+from unirl_lightning.callbacks.progress import StepProgress
 
 
 class UniRLCLI(LightningCLI):
-    """LightningCLI with the library's defaults (TensorBoard logging, recipe and data by class_path)."""
+    """LightningCLI with the library's defaults: TensorBoard logging, recipe and data by class_path,
+    and `StepProgress` as the progress display (steps of max_steps, in a terminal and in a log)
+    unless the config names a progress bar of its own or turns it off."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"trainer.logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                                 "init_args": {"save_dir": "runs"}}})
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        given = config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks.append(StepProgress())
+        return self._instantiate_trainer(config, callbacks)
 
 
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> UniRLCLI:

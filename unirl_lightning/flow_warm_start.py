@@ -36,6 +36,8 @@ def ensure_flow_warm_start(policy, recipe: dict | None = None) -> Path:
     def train(folder: Path) -> None:
         import lightning as L
 
+        from unirl_lightning.callbacks.progress import StepProgress
+
         from unirl_lightning.modules.flow_pretrain import FlowSceneDataModule, FlowWarmStart
 
         module = FlowWarmStart(type(policy)(policy.config), lr=r["lr"], warmup_steps=r["warmup_steps"],
@@ -46,7 +48,8 @@ def ensure_flow_warm_start(policy, recipe: dict | None = None) -> Path:
                                    sizes=world.sizes, num_train=r["num_train"], seed=r["seed"])
         L.seed_everything(r["seed"], verbose=False)
         trainer = L.Trainer(max_steps=r["max_steps"], logger=False, enable_checkpointing=False, limit_val_batches=0,
-                            accelerator="cpu", devices=1, enable_model_summary=False)
+                            accelerator="cpu", devices=1, enable_model_summary=False,
+                            callbacks=[StepProgress("flow warm start")])
         trainer.fit(module, datamodule=data)
 
     return cached_training("flow_warm_start", policy, r, train)

@@ -71,6 +71,8 @@ def ensure_warm_start(policy, recipe: dict | None = None) -> Path:
     def train(folder: Path) -> None:
         import lightning as L
 
+        from unirl_lightning.callbacks.progress import StepProgress
+
         from unirl_lightning.data.rendered import RenderedSceneDataModule
         from unirl_lightning.modules.pretrain import WarmStartPretrain
 
@@ -84,7 +86,8 @@ def ensure_warm_start(policy, recipe: dict | None = None) -> Path:
         logger = L.pytorch.loggers.TensorBoardLogger(save_dir=str(target.parent), name=target.name + "_logs")
         trainer = L.Trainer(max_steps=r["max_steps"], logger=logger, enable_checkpointing=False, accelerator="cpu",
                             devices=1, val_check_interval=r["val_every"], check_val_every_n_epoch=None,
-                            limit_val_batches=2, log_every_n_steps=10, enable_model_summary=False)
+                            limit_val_batches=2, log_every_n_steps=10, enable_model_summary=False,
+                            callbacks=[StepProgress("warm start")])
         trainer.fit(module, datamodule=data)
 
     return cached_training("warm_start", policy, r, train)

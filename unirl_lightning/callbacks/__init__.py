@@ -5,6 +5,10 @@ from unirl_lightning.callbacks.geneval_logging import GenEvalCallback
 from unirl_lightning.callbacks.image_grid import log_image_grid, make_grid
 from unirl_lightning.callbacks.policy_ema import PolicyEMA
 from unirl_lightning.callbacks.policy_eval import PolicyGenEvalCallback
+from unirl_lightning.callbacks.progress import StepProgress
 from unirl_lightning.callbacks.save_on_exception import SaveOnException
 
-__all__ = ["CPUTimeBudget", "GenEvalCallback", "PolicyEMA", "PolicyGenEvalCallback", "SaveOnException", "log_image_grid", "make_grid"]
+__all__ = [
+    "CPUTimeBudget", "GenEvalCallback", "PolicyEMA", "PolicyGenEvalCallback", "SaveOnException", "StepProgress",
+    "log_image_grid", "make_grid",
+]

@@ -17,6 +17,7 @@ from unirl_lightning.callbacks.save_on_exception import SaveOnException
 from unirl_lightning.evaluation.detection import Detector
 from unirl_lightning.evaluation.judge import GenEvalJudge
 from unirl_lightning.evaluation.metrics import GenEvalScore
+from unirl_lightning.modules.shared import expect_frozen_eval_modules
 
 
 class RecipeModule(L.LightningModule):
@@ -81,6 +82,9 @@ class RecipeModule(L.LightningModule):
         loaded = type(self.policy).from_pretrained(source)
         self.policy.load_state_dict(loaded.state_dict())
         self.on_warm_started()
+
+    def on_fit_start(self) -> None:
+        expect_frozen_eval_modules(self)  # the frozen reference and encoders are in eval mode by design
 
     def on_warm_started(self) -> None:
         """Hook: runs after the warm-start weights are loaded (e.g. to copy the reference)."""

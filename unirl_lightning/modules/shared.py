@@ -1,13 +1,15 @@
-"""Pieces the discrete and flow recipes share: group advantages across ranks, the LR schedule, and
-the guarded optimiser step."""
+"""Pieces the discrete and flow recipes share: group advantages across ranks, the LR schedule, the
+guarded optimiser step, and the frozen modules' eval mode."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.utilities import rank_zero_warn
 
 from unirl_lightning.objectives import group_advantages, zero_std_fraction
@@ -99,3 +101,18 @@ def guarded_step(module: L.LightningModule, optimizer, gradient_clip_val: float 
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return finite
+
+
+def expect_frozen_eval_modules(module: L.LightningModule) -> None:
+    """Frozen references, encoders and reward models stay in eval mode on purpose (no dropout, fused
+    inference kernels), and Lightning warns at the start of training about every module in eval
+    mode. When every eval-mode module lies inside a frozen subtree (no trainable parameter), that
+    warning says nothing and is silenced for this count of modules; otherwise it stays, to point
+    at a trainable module left in eval mode by mistake."""
+    training = {name: m.training for name, m in module.named_modules()}
+    in_eval = [name for name, is_training in training.items() if not is_training]
+    tops = [name for name in in_eval if name and training.get(name.rpartition(".")[0], True)]
+    frozen = all(not any(p.requires_grad for p in module.get_submodule(name).parameters()) for name in tops)
+    if in_eval and "" not in in_eval and frozen:
+        warnings.filterwarnings("ignore", message=rf"Found {len(in_eval)} module\(s\) in eval mode",
+                                category=PossibleUserWarning)
