@@ -12,12 +12,13 @@ from unirl_lightning.callbacks import PolicyEMA
 from unirl_lightning.data import OnPolicyDataModule, generate_specs
 from unirl_lightning.models.flow import TinyFlowConfig, TinyFlowModel
 from unirl_lightning.modules.flow_grpo import FlowGRPO
-from unirl_lightning.modules.shared import warmup_then_decay
-from unirl_lightning.modules.flow_pretrain import FlowSceneDataModule, FlowWarmStart
+from unirl_lightning.modules.training import warmup_then_decay
+from unirl_lightning.data import FlowSceneDataModule
+from unirl_lightning.modules.flow_pretrain import FlowWarmStart
 from unirl_lightning.worlds import render_batch
 from unirl_lightning.objectives import noise_aware_step_weights
 from grad_capture import LatentMeanReward, capture_backward_grads
-from tiny_pipelines import tiny_sd3_pipeline
+from unirl_lightning.testing import tiny_sd3_pipeline
 
 PROMPTS = ["a photo of a red square", "a photo of two circles", "a photo of a cross left of a triangle"]
 

@@ -17,8 +17,8 @@ from unirl_lightning.data.reasoning import (
 )
 from unirl_lightning.data.specs import validate_spec
 from unirl_lightning.models.flow import TinyFlowConfig, TinyFlowModel
-from unirl_lightning.models.text import split_words, world_words
-from unirl_lightning.models.text_policy import HFTextPolicy, TinyTextConfig, TinyTextPolicy, text_matches
+from unirl_lightning.models.text.words import split_words, world_words
+from unirl_lightning.models.text.policies import HFTextPolicy, TinyTextConfig, TinyTextPolicy, text_matches
 from unirl_lightning.modules.unigrpo import UniGRPO
 from unirl_lightning.text_warm_start import greedy_accuracy, train_text_supervised
 

@@ -38,7 +38,8 @@ def ensure_flow_warm_start(policy, recipe: dict | None = None) -> Path:
 
         from unirl_lightning.callbacks.progress import StepProgress
 
-        from unirl_lightning.modules.flow_pretrain import FlowSceneDataModule, FlowWarmStart
+        from unirl_lightning.data import FlowSceneDataModule
+        from unirl_lightning.modules.flow_pretrain import FlowWarmStart
 
         module = FlowWarmStart(type(policy)(policy.config), lr=r["lr"], warmup_steps=r["warmup_steps"],
                                max_steps=r["max_steps"], cfg_dropout=r["cfg_dropout"], t_sampling=r["t_sampling"],

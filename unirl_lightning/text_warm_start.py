@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from unirl_lightning.data.reasoning import WARM_START_HELD_OUT, corrupt_answer, generate_reasoning_specs
-from unirl_lightning.models.text_policy import TextPolicy, text_matches
+from unirl_lightning.models.text.policies import TextPolicy, text_matches
 from unirl_lightning.warm_start import cache_dir, cached_training
 
 #: The text warm-start recipe.

@@ -246,7 +246,7 @@ class PretrainedDetector(TransformersDetector):
     """`TransformersDetector` built from paths, so a YAML config can name it:
 
         detector:
-          class_path: unirl_lightning.evaluation.detectors.PretrainedDetector
+          class_path: unirl_lightning.evaluation.PretrainedDetector
           init_args: {detector_path: google/owlv2-base-patch16-ensemble, clip_path: openai/clip-vit-large-patch14}
     """
 

@@ -17,9 +17,9 @@ from typing import Literal
 import torch
 
 from unirl_lightning.data.datamodule import PromptBatch
-from unirl_lightning.models.flow import FlowPolicy, FlowRollout, StepOutput, TextCondition, _GroupRows
+from unirl_lightning.models.flow.base import FlowPolicy, FlowRollout, StepOutput, TextCondition, _GroupRows
 from unirl_lightning.models.lora import check_lora_targets
-from unirl_lightning.modules.flow_common import FlowPolicyModule
+from unirl_lightning.modules.flow_base import FlowPolicyModule
 from unirl_lightning.objectives import (
     exact_latent_kl,
     latent_kl,
@@ -27,7 +27,7 @@ from unirl_lightning.objectives import (
     policy_loss,
     velocity_mse,
 )
-from unirl_lightning.modules.shared import check_lr_decay, guarded_step, rank_advantages, warmup_then_decay
+from unirl_lightning.modules.training import check_lr_decay, guarded_step, rank_advantages, warmup_then_decay
 from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards
 
 REGULARIZERS = ("velocity_mse", "latent_kl", "exact_kl", "none")

@@ -16,9 +16,9 @@ import torch.distributed as dist
 
 from unirl_lightning.data.datamodule import PromptBatch
 from unirl_lightning.models.base import UnifiedPolicy
-from unirl_lightning.modules.common import PolicyModule
+from unirl_lightning.modules.unified import PolicyModule
 from unirl_lightning.objectives import policy_loss
-from unirl_lightning.modules.shared import guarded_step, rank_advantages
+from unirl_lightning.modules.training import guarded_step, rank_advantages
 from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from unirl_lightning.models.base import UnifiedPolicy
-from unirl_lightning.modules.shared import warmup_cosine
-from unirl_lightning.modules.common import PolicyModule
+from unirl_lightning.modules.training import warmup_cosine
+from unirl_lightning.modules.unified import PolicyModule
 
 
 class WarmStartPretrain(PolicyModule):

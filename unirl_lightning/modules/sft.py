@@ -9,7 +9,7 @@ import torch
 from unirl_lightning.data.datamodule import PromptBatch
 from unirl_lightning.data.qa import grade_answer
 from unirl_lightning.models.base import UnifiedPolicy
-from unirl_lightning.modules.common import PolicyModule
+from unirl_lightning.modules.unified import PolicyModule
 
 
 class UniRLSFT(PolicyModule):

@@ -24,9 +24,9 @@ from typing import Literal
 import torch
 
 from unirl_lightning.data.datamodule import PromptBatch
-from unirl_lightning.modules.shared import guarded_step, rank_advantages
+from unirl_lightning.modules.training import guarded_step, rank_advantages
 from unirl_lightning.models.flow import FlowPolicy, FlowRollout
-from unirl_lightning.models.text_policy import TextPolicy, TextRollout, text_matches
+from unirl_lightning.models.text.policies import TextPolicy, TextRollout, text_matches
 from unirl_lightning.modules.flow_grpo import FlowGRPO
 from unirl_lightning.objectives import kl_k3, policy_loss, velocity_mse
 from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards

@@ -15,7 +15,7 @@ import torch
 
 from unirl_lightning.data.datamodule import PromptBatch
 from unirl_lightning.models.flow import FlowPolicy
-from unirl_lightning.modules.recipe import RecipeModule
+from unirl_lightning.modules.base import RecipeModule
 
 
 class FlowPolicyModule(RecipeModule):

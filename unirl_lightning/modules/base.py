@@ -17,7 +17,7 @@ from unirl_lightning.callbacks.save_on_exception import SaveOnException
 from unirl_lightning.evaluation.detection import Detector
 from unirl_lightning.evaluation.judge import GenEvalJudge
 from unirl_lightning.evaluation.metrics import GenEvalScore
-from unirl_lightning.modules.shared import expect_frozen_eval_modules
+from unirl_lightning.modules.training import expect_frozen_eval_modules
 
 
 class RecipeModule(L.LightningModule):

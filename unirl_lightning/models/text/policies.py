@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from unirl_lightning.models.folder import load_weights, read_config, save_folder
-from unirl_lightning.models.text import WordTokenizer, split_words, world_words
+from unirl_lightning.models.text.words import WordTokenizer, split_words, world_words
 from unirl_lightning.models.tiny import CachedBlock
 
 

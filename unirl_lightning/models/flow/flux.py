@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from unirl_lightning.models.flow import PipelineFlowPolicy, Prompt, TextCondition, TransformerFlowPolicy
+from unirl_lightning.models.flow.base import Prompt, TextCondition
+from unirl_lightning.models.flow.transformer import PipelineFlowPolicy, TransformerFlowPolicy
 
 
 def pack_latents(latents: Tensor) -> Tensor:

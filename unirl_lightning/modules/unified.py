@@ -17,7 +17,7 @@ from unirl_lightning.data.datamodule import PromptBatch
 from unirl_lightning.data.qa import answer_for, grade_answer, question_for
 from unirl_lightning.evaluation.metrics import ImbalanceScore
 from unirl_lightning.models.base import UnifiedPolicy
-from unirl_lightning.modules.recipe import RecipeModule
+from unirl_lightning.modules.base import RecipeModule
 
 
 class PolicyModule(RecipeModule):
