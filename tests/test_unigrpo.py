@@ -20,7 +20,7 @@ from unirl_lightning.models.flow import TinyFlowConfig, TinyFlowModel
 from unirl_lightning.models.text.words import split_words, world_words
 from unirl_lightning.models.text.policies import HFTextPolicy, TinyTextConfig, TinyTextPolicy, text_matches
 from unirl_lightning.modules.unigrpo import UniGRPO
-from unirl_lightning.text_warm_start import greedy_accuracy, train_text_supervised
+from unirl_lightning.modules.warm_start import greedy_accuracy, train_text_supervised
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

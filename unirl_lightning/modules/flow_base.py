@@ -9,7 +9,6 @@ policy does not have.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
@@ -41,13 +40,6 @@ class FlowPolicyModule(RecipeModule):
         **kwargs,
     ):
         super().__init__(policy, warm_start=warm_start, lr=lr, **kwargs)
-
-    def auto_warm_start(self) -> Path | None:
-        if getattr(self.policy, "config", None) is None:
-            return None  # a pretrained model (e.g. DiffusersFlowPolicy) is its own warm start
-        from unirl_lightning.flow_warm_start import ensure_flow_warm_start
-
-        return ensure_flow_warm_start(self.policy)
 
     # ---- evaluation -------------------------------------------------------------------
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -20,6 +21,7 @@ from unirl_lightning.data.datamodule import PromptBatch
 from unirl_lightning.models.flow.base import FlowPolicy, FlowRollout, StepOutput, TextCondition, _GroupRows
 from unirl_lightning.models.lora import check_lora_targets
 from unirl_lightning.modules.flow_base import FlowPolicyModule
+from unirl_lightning.modules.warm_start import ensure_flow_warm_start
 from unirl_lightning.objectives import (
     exact_latent_kl,
     latent_kl,
@@ -209,6 +211,9 @@ class FlowGRPO(FlowPolicyModule):
     @property
     def has_reference(self) -> bool:
         return self.uses_reference and (self.reference is not None or self.policy.has_lora)
+
+    def auto_warm_start(self) -> Path | None:
+        return ensure_flow_warm_start(self.policy)  # the built-in model's cached warm start; None for others
 
     def on_warm_started(self) -> None:
         if self.uses_reference and not self.hparams.lora_rank:

@@ -9,6 +9,7 @@ tokens into actions.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from unirl_lightning.data.datamodule import PromptBatch
 from unirl_lightning.models.base import UnifiedPolicy
 from unirl_lightning.modules.unified import PolicyModule
+from unirl_lightning.modules.warm_start import ensure_warm_start
 from unirl_lightning.objectives import policy_loss
 from unirl_lightning.modules.training import guarded_step, rank_advantages
 from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards
@@ -90,6 +92,9 @@ class DiscreteGRPO(PolicyModule):
                                  f"reward names {names}; give some of those names, or null for the total reward")
         self.automatic_optimization = False  # mu passes and micro-batches per rollout
         self.reference = policy.make_reference() if beta > 0 else None
+
+    def auto_warm_start(self) -> Path | None:
+        return ensure_warm_start(self.policy)  # the built-in model's cached warm start
 
     def on_warm_started(self) -> None:
         if self.hparams.beta > 0:

@@ -4,12 +4,15 @@ Gumbel image tokens. No external image data."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from unirl_lightning.data.datamodule import PromptBatch
 from unirl_lightning.data.qa import grade_answer
 from unirl_lightning.models.base import UnifiedPolicy
 from unirl_lightning.modules.unified import PolicyModule
+from unirl_lightning.modules.warm_start import ensure_warm_start
 
 
 class UniRLSFT(PolicyModule):
@@ -36,6 +39,9 @@ class UniRLSFT(PolicyModule):
         **kwargs,
     ):
         super().__init__(policy, **kwargs)
+
+    def auto_warm_start(self) -> Path | None:
+        return ensure_warm_start(self.policy)  # the built-in model's cached warm start
 
     def make_rollouts(self, batch: PromptBatch):
         """Called by the DataModule on device: one image per spec from the current policy."""

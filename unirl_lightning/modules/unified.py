@@ -8,7 +8,6 @@ prompt (understanding accuracy). Scalars and an image grid go to the logger.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,11 +39,6 @@ class PolicyModule(RecipeModule):
     ):
         super().__init__(policy, warm_start=warm_start, lr=lr, **kwargs)
         self.val_imbalance = ImbalanceScore()
-
-    def auto_warm_start(self) -> Path:
-        from unirl_lightning.warm_start import ensure_warm_start
-
-        return ensure_warm_start(self.policy)
 
     # ---- shared evaluation ------------------------------------------------------------
     def understanding_correct(self, image_tokens: torch.Tensor, specs: list[dict]) -> torch.Tensor:

@@ -28,6 +28,7 @@ from unirl_lightning.modules.training import guarded_step, rank_advantages
 from unirl_lightning.models.flow import FlowPolicy, FlowRollout
 from unirl_lightning.models.text.policies import TextPolicy, TextRollout, text_matches
 from unirl_lightning.modules.flow_grpo import FlowGRPO
+from unirl_lightning.modules.warm_start import ensure_text_warm_start
 from unirl_lightning.objectives import kl_k3, policy_loss, velocity_mse
 from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards
 
@@ -52,7 +53,7 @@ class UniGRPO(FlowGRPO):
             (the raw riddle) or "prompt" (the plain GenEval prompt, an oracle); the text policy is
             neither run nor trained unless "text".
         text_warm_start: "auto" (built-in `TinyTextPolicy`: the cached supervised riddle -> prompt
-            warm start, see `text_warm_start.py`; a no-op for other policies), a `save_pretrained`
+            warm start, see `modules/warm_start.py`; a no-op for other policies), a `save_pretrained`
             folder, or None.
         max_new_tokens / text_temperature: the text sampler of rollouts (validation is greedy);
             temperature 0 (greedy rollouts) is only allowed with `train_text=False`.
@@ -126,11 +127,9 @@ class UniGRPO(FlowGRPO):
             return
         self._text_warm_started = True
         if source == "auto":
-            if getattr(self.text_policy, "config", None) is None:
-                return  # a pretrained LM is its own warm start
-            from unirl_lightning.text_warm_start import ensure_text_warm_start
-
             source = ensure_text_warm_start(self.text_policy)
+            if source is None:
+                return  # a pretrained LM is its own warm start
         loaded = type(self.text_policy).from_pretrained(source)
         self.text_policy.load_state_dict(loaded.state_dict())
         self.text_reference = self._make_text_reference()
