@@ -311,7 +311,7 @@ def test_print_config_parses(capsys):
     import yaml
 
     cfg = yaml.safe_load(capsys.readouterr().out)
-    assert cfg["model"]["class_path"] == "unirl_lightning.modules.unigrpo.UniGRPO"
+    assert cfg["model"]["class_path"] == "unirl_lightning.modules.UniGRPO"
     assert "cfg_scale" not in cfg["model"]["init_args"]  # no CFG in UniGRPO
     cli = cli_main(["--config", str(CONFIGS / "unigrpo.yaml"), "--model.init_args.warm_start", "null",
                     "--model.init_args.text_warm_start", "null"], run=False)
