@@ -18,6 +18,7 @@ import torch
 from evaluate import print_table  # the sibling script: run this file as `python benchmarks/evaluate_flow.py`
 from unirl_lightning.evaluation import GenEvalScore
 from unirl_lightning.evaluation.judge import GenEvalJudge
+from unirl_lightning.worlds.detector import WorldDetector
 from unirl_lightning.models.flow import TinyFlowModel
 from unirl_lightning.worlds.vocab import TASKS
 
@@ -25,7 +26,7 @@ from unirl_lightning.worlds.vocab import TASKS
 @torch.no_grad()
 def evaluate_flow(policy, specs: list[dict], samples: int, steps: int, seed: int = 0,
                   cfg_scale: float = 1.0) -> dict[str, float]:
-    judge, geneval = GenEvalJudge(), GenEvalScore()
+    judge, geneval = GenEvalJudge(WorldDetector()), GenEvalScore()
     specs = [s for s in specs for _ in range(samples)]
     gen = torch.Generator().manual_seed(seed)
     partial, off = [], []

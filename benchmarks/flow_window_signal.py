@@ -20,6 +20,7 @@ import torch
 
 from unirl_lightning.data import OnPolicyDataModule
 from unirl_lightning.evaluation.judge import GenEvalJudge
+from unirl_lightning.worlds.detector import WorldDetector
 from unirl_lightning.models.flow import TinyFlowModel
 
 
@@ -27,7 +28,7 @@ from unirl_lightning.models.flow import TinyFlowModel
 def window_signal(policy, specs: list[dict], start: int, size: int, noise_level: float, group: int,
                   num_steps: int = 10, chunk: int = 16) -> dict[str, float]:
     """Zero-std share, mean group std and mean reward of `specs` x `group` rollouts with the window at `start`."""
-    judge, zero, std, mean, solved, tags = GenEvalJudge(), [], [], [], [], []
+    judge, zero, std, mean, solved, tags = GenEvalJudge(WorldDetector()), [], [], [], [], []
     for i in range(0, len(specs), chunk):
         part = specs[i : i + chunk]
         rows = [s for s in part for _ in range(group)]

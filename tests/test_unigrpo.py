@@ -17,7 +17,7 @@ from unirl_lightning.data.reasoning import (
 )
 from unirl_lightning.data.specs import validate_spec
 from unirl_lightning.models.flow import TinyFlowConfig, TinyFlowModel
-from unirl_lightning.models.text.words import split_words, world_words
+from unirl_lightning.worlds.words import split_words, world_words
 from unirl_lightning.models.text.policies import HFTextPolicy, TinyTextConfig, TinyTextPolicy, text_matches
 from unirl_lightning.modules.unigrpo import UniGRPO
 from unirl_lightning.modules.warm_start import greedy_accuracy, train_text_supervised

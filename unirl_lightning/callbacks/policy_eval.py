@@ -11,6 +11,7 @@ from torch import Tensor
 from unirl_lightning.callbacks.geneval_logging import GenEvalCallback
 from unirl_lightning.evaluation.detection import Detector
 from unirl_lightning.evaluation.metrics import GenEvalScore
+from unirl_lightning.worlds.detector import WorldDetector
 
 
 class PolicyGenEvalCallback(GenEvalCallback):
@@ -26,11 +27,7 @@ class PolicyGenEvalCallback(GenEvalCallback):
     def __init__(self, specs: list[dict] | None = None, detector: Detector | None = None, every_n_steps: int = 100,
                  samples_per_prompt: int = 1, cfg_scale: float = 1.0, temperature: float = 1.0, seed: int = 0,
                  max_grid_images: int = 16):
-        if detector is None:
-            from unirl_lightning.worlds.detector import WorldDetector
-
-            detector = WorldDetector()
-        super().__init__(list(specs or []), detector, every_n_steps, max_grid_images=max_grid_images)
+        super().__init__(list(specs or []), detector or WorldDetector(), every_n_steps, max_grid_images=max_grid_images)
         self.samples_per_prompt, self.cfg_scale, self.temperature, self.seed = samples_per_prompt, cfg_scale, temperature, seed
         self._tokens: Tensor | None = None
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 
 from unirl_lightning.data.datamodule import OnPolicyDataModule
 from unirl_lightning.data.prompts import make_spec, plural, with_article
-from unirl_lightning.models.text.words import split_words, world_words
+from unirl_lightning.worlds.words import split_words, world_words
 from unirl_lightning.worlds.vocab import COLORS, POSITIONS, SHAPES, TASKS
 
 __all__ = [

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from unirl_lightning.evaluation.detection import Detection, Detector
-from unirl_lightning.worlds.vocab import BACKGROUND, COLORS, load_geneval_constants
+from unirl_lightning.evaluation.vocab import BACKGROUND, COLORS, load_geneval_constants
 
 __all__ = ["Detection", "Detector", "TransformersDetector", "COLOR_TEMPLATES"]
 

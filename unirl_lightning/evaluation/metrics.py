@@ -13,7 +13,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.imports import _MATPLOTLIB_AVAILABLE
 
-from unirl_lightning.worlds.vocab import TASKS
+from unirl_lightning.evaluation.vocab import TASKS
 
 #: GenEval's official prompt count, the default size of the per-prompt count tensors.
 GENEVAL_NUM_PROMPTS = 553

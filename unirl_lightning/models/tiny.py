@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from unirl_lightning.models.folder import load_weights, read_config, save_folder
 from unirl_lightning.models.base import AnswerRollout, ImageInput, ImageOrder, ImageRollout, UnifiedPolicy
-from unirl_lightning.models.text.words import WordTokenizer, world_words
+from unirl_lightning.worlds.words import WordTokenizer, world_words
 from unirl_lightning.worlds.render import WorldConfig
 from unirl_lightning.worlds.tokenizer import PatchTokenizer
 

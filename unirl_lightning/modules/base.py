@@ -18,6 +18,7 @@ from unirl_lightning.evaluation.detection import Detector
 from unirl_lightning.evaluation.judge import GenEvalJudge
 from unirl_lightning.evaluation.metrics import GenEvalScore
 from unirl_lightning.modules.training import expect_frozen_eval_modules
+from unirl_lightning.worlds.detector import WorldDetector
 
 
 class RecipeModule(L.LightningModule):
@@ -57,7 +58,7 @@ class RecipeModule(L.LightningModule):
         if save_to and Path(save_to).is_dir() and any(Path(save_to).iterdir()) and not overwrite:
             raise FileExistsError(f"model.save_to: {save_to} exists and is not empty; pick another folder or set overwrite: true")
         self.policy = policy
-        self.judge = GenEvalJudge(detector)
+        self.judge = GenEvalJudge(detector or WorldDetector())
         self.val_geneval = GenEvalScore()
         self._warm_started = False
         self.skipped_steps = 0  # optimiser steps skipped for non-finite gradients (shared.guarded_step)

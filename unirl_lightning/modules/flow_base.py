@@ -9,9 +9,9 @@ policy does not have.
 
 from __future__ import annotations
 
-
 import torch
 
+from unirl_lightning.callbacks.image_grid import log_image_grid
 from unirl_lightning.data.datamodule import PromptBatch
 from unirl_lightning.models.flow import FlowPolicy
 from unirl_lightning.modules.base import RecipeModule
@@ -56,8 +56,6 @@ class FlowPolicyModule(RecipeModule):
         self.log("val/geneval_partial", partial, batch_size=len(results), sync_dist=True)
         self.log_off_manifold(rollout, len(results))
         if batch_idx == 0:
-            from unirl_lightning.callbacks.image_grid import log_image_grid
-
             n = hp.grid_size
             log_image_grid(self.logger, "val/images", rollout.images[:n], prompts[:n], self.global_step, correct[:n])
 

@@ -18,9 +18,21 @@ from typing import Literal
 import torch
 
 from unirl_lightning.data.datamodule import PromptBatch
-from unirl_lightning.models.flow.base import FlowPolicy, FlowRollout, StepOutput, TextCondition, _GroupRows
+from unirl_lightning.models.flow.base import (
+    FlowPolicy,
+    FlowRollout,
+    StepOutput,
+    TextCondition,
+    _GroupRows,
+)
 from unirl_lightning.models.lora import check_lora_targets
 from unirl_lightning.modules.flow_base import FlowPolicyModule
+from unirl_lightning.modules.training import (
+    check_lr_decay,
+    guarded_step,
+    rank_advantages,
+    warmup_then_decay,
+)
 from unirl_lightning.modules.warm_start import ensure_flow_warm_start
 from unirl_lightning.objectives import (
     exact_latent_kl,
@@ -29,8 +41,9 @@ from unirl_lightning.objectives import (
     policy_loss,
     velocity_mse,
 )
-from unirl_lightning.modules.training import check_lr_decay, guarded_step, rank_advantages, warmup_then_decay
 from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards
+from unirl_lightning.rewards.geneval import GenEvalReward
+from unirl_lightning.worlds.vocab import TASKS
 
 REGULARIZERS = ("velocity_mse", "latent_kl", "exact_kl", "none")
 STEP_WEIGHTINGS = ("uniform", "noise_std", "noise_var")
@@ -53,8 +66,6 @@ def _random_window(window, num_steps: int, size: int) -> tuple[int, int]:
 
 def _check_task_window(task: str, window, num_steps: int, size: int) -> None:
     """`model.sde_window_by_task` entry: a GenEval task and a `[lo, hi)` range that fits a window of `size`."""
-    from unirl_lightning.worlds.vocab import TASKS
-
     field = f"model.sde_window_by_task.{task}"
     if task not in TASKS:
         raise ValueError(f"{field}: unknown task; GenEval's tasks are {list(TASKS)}")
@@ -188,8 +199,6 @@ class FlowGRPO(FlowPolicyModule):
         if not 0 <= lr_min_ratio <= 1:
             raise ValueError(f"model.lr_min_ratio must be in [0, 1], got {lr_min_ratio}")
         if rewards is None:
-            from unirl_lightning.rewards.geneval import GenEvalReward
-
             rewards = [GenEvalReward("partial")]
         self.rewards = rewards
         self.automatic_optimization = False  # mu passes, micro-batches and one backward per step

@@ -17,11 +17,12 @@ import torch.distributed as dist
 
 from unirl_lightning.data.datamodule import PromptBatch
 from unirl_lightning.models.base import UnifiedPolicy
+from unirl_lightning.modules.training import guarded_step, rank_advantages
 from unirl_lightning.modules.unified import PolicyModule
 from unirl_lightning.modules.warm_start import ensure_warm_start
 from unirl_lightning.objectives import policy_loss
-from unirl_lightning.modules.training import guarded_step, rank_advantages
 from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards
+from unirl_lightning.rewards.geneval import GenEvalReward
 
 
 class DiscreteGRPO(PolicyModule):
@@ -80,8 +81,6 @@ class DiscreteGRPO(PolicyModule):
         if num_iterations < 1 or micro_batch_size < 1:
             raise ValueError("model.num_iterations and model.micro_batch_size must be >= 1")
         if rewards is None:
-            from unirl_lightning.rewards.geneval import GenEvalReward
-
             rewards = [GenEvalReward("binary")]
         self.rewards = rewards
         if answer_reward_terms is not None:

@@ -12,11 +12,13 @@ from typing import Any
 
 import torch
 
+from unirl_lightning.callbacks.image_grid import log_image_grid
 from unirl_lightning.data.datamodule import PromptBatch
 from unirl_lightning.data.qa import answer_for, grade_answer, question_for
 from unirl_lightning.evaluation.metrics import ImbalanceScore
 from unirl_lightning.models.base import UnifiedPolicy
 from unirl_lightning.modules.base import RecipeModule
+from unirl_lightning.worlds.render import WorldConfig, render_batch
 
 
 class PolicyModule(RecipeModule):
@@ -63,8 +65,6 @@ class PolicyModule(RecipeModule):
             acc = self.understanding_correct(rendered, specs).float().mean()
             self.log("val/answer_acc_rendered", acc, batch_size=len(specs), sync_dist=True)
         if batch_idx == 0:
-            from unirl_lightning.callbacks.image_grid import log_image_grid
-
             n = self.hparams.grid_size
             log_image_grid(self.logger, "val/images", images[:n], batch.prompts[:n], self.global_step, gen_ok[:n])
 
@@ -73,15 +73,11 @@ class PolicyModule(RecipeModule):
         encode = getattr(self.policy, "encode_images", None)
         if encode is None:
             return None
-        from unirl_lightning.worlds.render import render_batch
-
         images, _ = render_batch(specs, [seed * 100_003 + i for i in range(len(specs))], self.world_config())
         return encode(images)
 
     def world_config(self) -> Any:
         """The policy's synthetic world (its `world_config`), or the default one."""
-        from unirl_lightning.worlds.render import WorldConfig
-
         return getattr(self.policy, "world_config", None) or WorldConfig()
 
     def on_validation_epoch_end(self) -> None:

@@ -23,11 +23,12 @@ from typing import Literal
 
 import torch
 
+from unirl_lightning.callbacks.image_grid import log_image_grid
 from unirl_lightning.data.datamodule import PromptBatch
-from unirl_lightning.modules.training import guarded_step, rank_advantages
 from unirl_lightning.models.flow import FlowPolicy, FlowRollout
 from unirl_lightning.models.text.policies import TextPolicy, TextRollout, text_matches
 from unirl_lightning.modules.flow_grpo import FlowGRPO
+from unirl_lightning.modules.training import guarded_step, rank_advantages
 from unirl_lightning.modules.warm_start import ensure_text_warm_start
 from unirl_lightning.objectives import kl_k3, policy_loss, velocity_mse
 from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards
@@ -314,8 +315,6 @@ class UniGRPO(FlowGRPO):
         self.log("val/text_exact", exact, batch_size=size, sync_dist=True)
         self.log_off_manifold(rollout, size)
         if batch_idx == 0:
-            from unirl_lightning.callbacks.image_grid import log_image_grid
-
             n = hp.grid_size
             captions = [f"{r} -> {t}" for r, t in zip(_riddles(batch.specs[:n]), texts[:n])]
             log_image_grid(self.logger, "val/images", rollout.images[::k][:n], captions, self.global_step, correct[::k][:n])

@@ -37,7 +37,12 @@ import torch
 
 from unirl_lightning.callbacks.progress import StepProgress
 from unirl_lightning.data import FlowSceneDataModule, RenderedSceneDataModule
-from unirl_lightning.data.reasoning import WARM_START_HELD_OUT, corrupt_answer, generate_reasoning_specs
+from unirl_lightning.data.reasoning import (
+    WARM_START_HELD_OUT,
+    corrupt_answer,
+    generate_reasoning_specs,
+)
+from unirl_lightning.models import TinyFlowModel, TinyTextPolicy, TinyUnifiedModel
 from unirl_lightning.models.text.policies import TextPolicy, text_matches
 from unirl_lightning.modules.flow_pretrain import FlowWarmStart
 from unirl_lightning.modules.pretrain import WarmStartPretrain
@@ -210,8 +215,6 @@ def greedy_accuracy(policy: TextPolicy, specs: Sequence[dict], max_new_tokens: i
 
 def main(args: Sequence[str] | None = None) -> None:
     """`python -m unirl_lightning.modules.warm_start unified|flow|text`: train (once) and print the folder."""
-    from unirl_lightning.models import TinyFlowModel, TinyTextPolicy, TinyUnifiedModel
-
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("kind", choices=["unified", "flow", "text"])
     kind = parser.parse_args(args).kind

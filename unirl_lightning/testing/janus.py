@@ -8,6 +8,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from unirl_lightning.worlds.words import world_words
+
 JANUS_SPECIAL_TOKENS = ("<｜▁pad▁｜>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<image_placeholder>",
                         "<begin_of_image>", "<end_of_image>", "<|User|>", "<|Assistant|>", "[UNK]")
 
@@ -28,12 +30,24 @@ def tiny_janus_components(
     tokens; image: `grid x grid` tokens from a `codebook_size` codebook, decoded to
     `4 * grid` pixels; the vision encoder sees the same size in `grid x grid` patches.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import (JanusConfig, JanusForConditionalGeneration, JanusImageProcessorPil,
-                              JanusProcessor, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig,
-                              PreTrainedTokenizerFast)
-
-    from unirl_lightning.models.text.words import world_words
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
+    from transformers import (
+        JanusConfig,
+        JanusForConditionalGeneration,
+        JanusImageProcessorPil,
+        JanusProcessor,
+        JanusVisionConfig,
+        JanusVQVAEConfig,
+        LlamaConfig,
+        PreTrainedTokenizerFast,
+    )
 
     pad, bos, eos, image, boi, eoi, *_ = JANUS_SPECIAL_TOKENS
     names = dict.fromkeys([*JANUS_SPECIAL_TOKENS, *(words or world_words()), ":"])

@@ -1,5 +1,5 @@
-"""Text policies for UniGRPO's reasoning side (policies.py) and the word-level tokenizer of the
-built-in models (words.py)."""
+"""Text policies for UniGRPO's reasoning side: the interface, any causal LM through transformers,
+and the built-in tiny policy."""
 
 from unirl_lightning.models.text.policies import (
     HFTextPolicy,
@@ -9,7 +9,6 @@ from unirl_lightning.models.text.policies import (
     TinyTextPolicy,
     text_matches,
 )
-from unirl_lightning.models.text.words import WordTokenizer, world_words
+from unirl_lightning.worlds.words import WordTokenizer, world_words
 
-__all__ = ["HFTextPolicy", "TextPolicy", "TextRollout", "TinyTextConfig", "TinyTextPolicy", "text_matches",
-           "WordTokenizer", "world_words"]
+__all__ = ["HFTextPolicy", "TextPolicy", "TextRollout", "TinyTextConfig", "TinyTextPolicy", "text_matches"]

@@ -29,8 +29,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from unirl_lightning.data.reasoning import reasoning_words
 from unirl_lightning.models.folder import load_weights, read_config, save_folder
-from unirl_lightning.models.text.words import WordTokenizer, split_words, world_words
+from unirl_lightning.worlds.words import WordTokenizer, split_words, world_words
 from unirl_lightning.models.tiny import CachedBlock
 
 
@@ -309,12 +310,6 @@ SPECIALS = ("[PAD]", "[BOS]", "[SEP]", "[EOS]", "[UNK]")
 PAD, BOS, SEP, EOS, UNK = range(len(SPECIALS))
 
 
-def _reasoning_words() -> list[str]:
-    from unirl_lightning.data.reasoning import reasoning_words  # lazy: data imports models
-
-    return reasoning_words()
-
-
 @dataclass
 class TinyTextConfig:
     """The built-in text policy: sizes, input vocabulary (`words`), output vocabulary (`output_words`).
@@ -329,7 +324,7 @@ class TinyTextConfig:
     mlp_ratio: int = 4
     max_len: int = 48
     max_prompt_len: int = 24
-    words: list[str] = field(default_factory=_reasoning_words)
+    words: list[str] = field(default_factory=reasoning_words)
     output_words: list[str] = field(default_factory=world_words)
 
     def __post_init__(self) -> None:
