@@ -8,7 +8,6 @@ prompt (understanding accuracy). Scalars and an image grid go to the logger.
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 
@@ -69,16 +68,13 @@ class PolicyModule(RecipeModule):
             log_image_grid(self.logger, "val/images", images[:n], batch.prompts[:n], self.global_step, gen_ok[:n])
 
     def rendered_tokens(self, specs: list[dict], seed: int = 0) -> torch.Tensor | None:
-        """Ground-truth images of the specs as policy tokens, when the policy has an image encoder."""
-        encode = getattr(self.policy, "encode_images", None)
-        if encode is None:
-            return None
+        """Ground-truth images of the specs as policy tokens (None when the policy has no image encoder)."""
         images, _ = render_batch(specs, [seed * 100_003 + i for i in range(len(specs))], self.world_config())
-        return encode(images)
+        return self.policy.encode_images(images)
 
-    def world_config(self) -> Any:
+    def world_config(self) -> WorldConfig:
         """The policy's synthetic world (its `world_config`), or the default one."""
-        return getattr(self.policy, "world_config", None) or WorldConfig()
+        return self.policy.world_config or WorldConfig()
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict({f"val/{k}": v for k, v in self.val_geneval.compute().items()}, sync_dist=False)

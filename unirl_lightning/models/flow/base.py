@@ -14,15 +14,14 @@ training against the base model).
 
 from __future__ import annotations
 
-import copy
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import ContextManager, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from unirl_lightning.models.policy import Policy
 from unirl_lightning.objectives.flow_sde import SDE_KINDS, sde_step
 
 Prompt = str | None  # None: the unconditional ("dropped") prompt of classifier-free guidance
@@ -171,7 +170,7 @@ class _GroupRows:
 
 
 # ---- the interface ---------------------------------------------------------------------------
-class FlowPolicy(nn.Module, ABC):
+class FlowPolicy(Policy):
     """Base class of flow-matching image policies behind FlowGRPO.
 
     Subclasses implement `encode_text`, `forward_velocity`, `decode`, `latent_shape`, and
@@ -183,14 +182,7 @@ class FlowPolicy(nn.Module, ABC):
     #: diffusers' timestep scale: the transformer reads `t = sigma * num_train_timesteps`.
     num_train_timesteps: int = 1000
 
-    #: Methods that read parameters outside `forward`; under FSDP2 they are registered as forward
-    #: methods so the sharded parameters are gathered for them (nested calls are fine: the root
-    #: keeps its parameters gathered until the outermost call ends).
     fsdp_entry_points: tuple[str, ...] = ("sample", "step_log_prob", "velocity", "encode_text")
-
-    def fsdp_units(self) -> list[nn.Module]:
-        """Sub-modules to shard one by one under FSDP (e.g. transformer blocks); the rest shard as the root."""
-        return []
 
     def __init__(self, shift: float = 1.0):
         super().__init__()
@@ -412,18 +404,4 @@ class FlowPolicy(nn.Module, ABC):
         """Context in which the policy computes as its base model (the LoRA reference)."""
         raise NotImplementedError(f"{type(self).__name__} has no LoRA adapter")
 
-    def make_reference(self) -> "FlowPolicy":
-        """A frozen copy (the regulariser's anchor)."""
-        ref = copy.deepcopy(self)
-        ref.requires_grad_(False)
-        return ref.eval()
 
-    @abstractmethod
-    def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
-        """Save in the family's format; `state_dict` (this module's keys) replaces the live weights,
-        e.g. the full weights gathered from FSDP shards."""
-
-    @classmethod
-    @abstractmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> "FlowPolicy":
-        """Load what `save_pretrained` wrote; kwargs override the saved options."""

@@ -20,11 +20,11 @@ from unirl_lightning.models.flow.base import Prompt, TextCondition
 from unirl_lightning.models.flow.sd3 import SD3FlowPolicy
 from unirl_lightning.models.folder import load_weights, read_config, save_folder
 from unirl_lightning.models.lora import merge_lora
-from unirl_lightning.models.text import WordTokenizer, world_words
 from unirl_lightning.worlds.render import WorldConfig
 from unirl_lightning.worlds.shapes import shape_mask
 from unirl_lightning.worlds.tokenizer import PatchTokenizer
 from unirl_lightning.worlds.vocab import BACKGROUND, COLORS, PALETTE, SHAPES
+from unirl_lightning.worlds.words import WordTokenizer, world_words
 
 
 @dataclass

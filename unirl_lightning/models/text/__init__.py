@@ -9,6 +9,5 @@ from unirl_lightning.models.text.policies import (
     TinyTextPolicy,
     text_matches,
 )
-from unirl_lightning.worlds.words import WordTokenizer, world_words
 
 __all__ = ["HFTextPolicy", "TextPolicy", "TextRollout", "TinyTextConfig", "TinyTextPolicy", "text_matches"]

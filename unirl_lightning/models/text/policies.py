@@ -19,9 +19,8 @@ so a row's positions do not depend on its padding.
 
 from __future__ import annotations
 
-import copy
 import json
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,8 +30,9 @@ from torch import Tensor, nn
 
 from unirl_lightning.data.reasoning import reasoning_words
 from unirl_lightning.models.folder import load_weights, read_config, save_folder
-from unirl_lightning.worlds.words import WordTokenizer, split_words, world_words
+from unirl_lightning.models.policy import Policy
 from unirl_lightning.models.tiny import CachedBlock
+from unirl_lightning.worlds.words import WordTokenizer, split_words, world_words
 
 
 @dataclass
@@ -74,7 +74,7 @@ def text_matches(text: str, target: str) -> bool:
     return split_words(text) == split_words(target)
 
 
-class TextPolicy(nn.Module, ABC):
+class TextPolicy(Policy):
     """Base class of text policies (see the module docstring).
 
     Subclasses set `eos_id`, `pad_id` and optionally the buffer `output_mask` (bool `[V]`: tokens
@@ -85,12 +85,7 @@ class TextPolicy(nn.Module, ABC):
     pad_id: int
     output_mask: Tensor | None
 
-    #: Methods that read parameters outside `forward`, registered under FSDP2 so they gather them.
     fsdp_entry_points: tuple[str, ...] = ("generate", "logprobs")
-
-    def fsdp_units(self) -> list[nn.Module]:
-        """Sub-modules to shard one by one under FSDP (the decoder layers); the rest shard as the root."""
-        return []
 
     # -- to implement
     @abstractmethod
@@ -176,25 +171,11 @@ class TextPolicy(nn.Module, ABC):
         mask = torch.tensor([[i < len(r) for i in range(t)] for r in rows], dtype=torch.bool, device=self.device)
         return TextRollout(list(texts), tokens, torch.zeros(tokens.shape, device=self.device), mask, temperature)
 
-    def make_reference(self) -> "TextPolicy":
-        """A frozen copy (the text KL's anchor)."""
-        ref = copy.deepcopy(self)
-        ref.requires_grad_(False)
-        return ref.eval()
-
     @property
     def output_words(self) -> list[str] | None:
         """The words this policy may write (None: unrestricted), to check against an image model's vocabulary."""
         return None
 
-    def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
-        """Save in the family's format; `state_dict` (this module's keys) replaces the live weights,
-        e.g. the full weights gathered from FSDP shards."""
-        raise NotImplementedError(f"{type(self).__name__} cannot save itself")
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> "TextPolicy":
-        raise NotImplementedError(f"{cls.__name__} cannot load a folder")
 
 
 # ---- any transformers causal LM -------------------------------------------------------------------
