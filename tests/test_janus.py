@@ -16,7 +16,8 @@ import lightning as L
 import pytest
 import torch
 
-from unirl_lightning.models.janus import JanusPolicy, gumbel_noise
+from unirl_lightning.models.janus import JanusPolicy
+from unirl_lightning.objectives import gumbel_noise
 from unirl_lightning.testing import tiny_janus_components
 from unirl_lightning.testing import PolicyTesterMixin
 

@@ -10,7 +10,13 @@ from unirl_lightning.models.flow import (
     TinyFlowConfig,
     TinyFlowModel,
 )
-from unirl_lightning.models.text import HFTextPolicy, TextPolicy, TextRollout, TinyTextConfig, TinyTextPolicy
+from unirl_lightning.models.text import (
+    HFTextPolicy,
+    TextPolicy,
+    TextRollout,
+    TinyTextConfig,
+    TinyTextPolicy,
+)
 from unirl_lightning.models.tiny import TinyConfig, TinyUnifiedModel
 
 __all__ = [

@@ -51,7 +51,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unirl_lightning.models.base import AnswerRollout, ImageInput, ImageRollout, UnifiedPolicy
+from unirl_lightning.models.base import (
+    AnswerRollout,
+    ImageInput,
+    ImageRollout,
+    UnifiedPolicy,
+)
+from unirl_lightning.objectives import guided_logits, gumbel_noise
 
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PILImageResampling -> F.interpolate mode
 
@@ -67,11 +73,6 @@ def _dtype(name: str | torch.dtype) -> torch.dtype | str:
     return dtype
 
 
-def gumbel_noise(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Standard Gumbel noise `shape`, drawn on the generator's device (CPU generators work on GPU)."""
-    where = generator.device if generator is not None else device
-    u = torch.rand(tuple(shape), generator=generator, device=where).clamp_(1e-20, 1.0 - 1e-7)
-    return (-torch.log(-torch.log(u))).to(device)
 
 
 class JanusPolicy(UnifiedPolicy):
@@ -194,16 +195,6 @@ class JanusPolicy(UnifiedPolicy):
         return torch.cat([ids, uncond]), torch.cat([mask, mask])
 
     # ---- generation -------------------------------------------------------------------
-    @staticmethod
-    def _guided(logits: Tensor, cfg_scale: float, temperature: float) -> Tensor:
-        """Head logits `[R, ..., K]` (rows [cond; uncond]) -> float32 u + w (c - u), / temperature.
-
-        temperature 0 (greedy) leaves the guided logits unscaled."""
-        logits = logits.float()
-        if cfg_scale != 1.0:
-            c, u = logits.chunk(2)
-            logits = u + cfg_scale * (c - u)
-        return logits / temperature if temperature > 0 else logits
 
     def _step(self, embeds: Tensor, mask: Tensor | None, cache: Any) -> Tensor:
         """One cached language-model call -> the last position's hidden state `[R, D]`."""
@@ -228,7 +219,7 @@ class JanusPolicy(UnifiedPolicy):
         logps = torch.empty(B, L, device=self.device)
         noises = []
         for l in range(L):
-            logits = self._guided(head(h), cfg_scale, temperature)  # [B, K]
+            logits = guided_logits(head(h), cfg_scale, temperature)  # [B, K]
             if temperature > 0:
                 g = gumbel_noise(logits.shape, generator, logits.device)
                 tok = (logits + g).argmax(-1)  # Gumbel-max: an exact draw from softmax(logits)
@@ -261,7 +252,7 @@ class JanusPolicy(UnifiedPolicy):
         h = self._lm(inputs_embeds=embeds, attention_mask=full, use_cache=False).last_hidden_state
         # outputs at <begin_of_image> .. image[L-2] predict image[0 .. L-1]
         logits = self.model.model.generation_head(h[:, S - 1 :])
-        return self._guided(logits, rollout.cfg_scale, rollout.temperature)
+        return guided_logits(logits, rollout.cfg_scale, rollout.temperature)
 
     # ---- images -----------------------------------------------------------------------
     def _pixels(self, images: ImageInput) -> Tensor:

@@ -17,13 +17,21 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
+from unirl_lightning.models.base import (
+    AnswerRollout,
+    ImageInput,
+    ImageOrder,
+    ImageRollout,
+    UnifiedPolicy,
+)
 from unirl_lightning.models.folder import load_weights, read_config, save_folder
-from unirl_lightning.models.base import AnswerRollout, ImageInput, ImageOrder, ImageRollout, UnifiedPolicy
-from unirl_lightning.worlds.words import WordTokenizer, world_words
+from unirl_lightning.objectives import guided_logits, gumbel_noise
 from unirl_lightning.worlds.render import WorldConfig
 from unirl_lightning.worlds.tokenizer import PatchTokenizer
+from unirl_lightning.worlds.words import WordTokenizer, world_words
 
 SPECIALS = ("[PAD]", "[GEN]", "[UND]", "[SOI]", "[EOI]", "[MASK]", "[UNK]", "[EOS]")
 PAD, GEN, UND, SOI, EOI, MASK, UNK, EOS = range(len(SPECIALS))
@@ -80,14 +88,13 @@ class CachedBlock(nn.Module):
 
     def forward(self, x: Tensor, allowed: Tensor, cache: list[Tensor] | None = None) -> Tensor:
         """x `[B, S, D]`; allowed bool `[B, 1, S, S_total]`; cache `[k, v]` of past keys, extended in place."""
-        b, s, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, s, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = rearrange(self.qkv(self.ln1(x)), "b s (three h e) -> three b h s e", three=3, h=self.n_heads)
         if cache is not None:
             if cache:
                 k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
             cache[:] = [k, v]
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        x = x + self.drop(self.proj(att.transpose(1, 2).reshape(b, s, d)))
+        x = x + self.drop(self.proj(rearrange(att, "b h s e -> b s (h e)")))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
@@ -250,13 +257,6 @@ class TinyUnifiedModel(UnifiedPolicy):
         return slice(EOS, self.image_offset)
 
     # ---- generation -------------------------------------------------------------------
-    def _guided(self, logits: Tensor, cfg_scale: float, temperature: float) -> Tensor:
-        """Rows [cond; uncond] -> u + w (c - u), scaled by 1 / temperature (float32)."""
-        logits = logits.float()
-        if cfg_scale != 1.0:
-            c, u = logits.chunk(2)
-            logits = u + cfg_scale * (c - u)
-        return logits / temperature
 
     def _prefix(self, prompts: Sequence[str], cfg_scale: float) -> Tensor:
         cond = self.encode_text(prompts, GEN)
@@ -264,10 +264,6 @@ class TinyUnifiedModel(UnifiedPolicy):
             return cond
         return torch.cat([cond, self.encode_text([None] * len(prompts), GEN)])
 
-    @staticmethod
-    def _gumbel(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> Tensor:
-        u = torch.rand(shape, generator=generator, device=device).clamp_(1e-10, 1.0 - 1e-7)
-        return -torch.log(-torch.log(u))
 
     @torch.no_grad()
     def generate_images(self, prompts, *, cfg_scale=1.0, temperature=1.0, generator=None, return_gumbel=False) -> ImageRollout:
@@ -282,8 +278,8 @@ class TinyUnifiedModel(UnifiedPolicy):
         logps = torch.empty(B, L, device=self.device)
         noises = []
         for l in range(L):
-            logits = self._guided(self._logits(h[:, -1], self._img_vocab), cfg_scale, temperature)
-            g = self._gumbel(logits.shape, generator, logits.device)
+            logits = guided_logits(self._logits(h[:, -1], self._img_vocab), cfg_scale, temperature)
+            g = gumbel_noise(logits.shape, generator, logits.device)
             tok = (logits + g).argmax(-1)  # Gumbel-max: an exact sample of softmax(logits)
             tokens[:, l] = tok
             logps[:, l] = torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
@@ -318,8 +314,8 @@ class TinyUnifiedModel(UnifiedPolicy):
         noise_all = torch.zeros(B, L, self.image_vocab_size, device=self.device) if return_gumbel else None
         for t, n_left in enumerate(self.mask_schedule()):
             seq = self._masked_state(prefix, tokens.repeat(reps, 1), known.repeat(reps, 1))
-            logits = self._guided(self._logits(self._forward(seq)[:, self._image_slice], self._img_vocab), cfg_scale, temperature)
-            g = self._gumbel(logits.shape, generator, logits.device)
+            logits = guided_logits(self._logits(self._forward(seq)[:, self._image_slice], self._img_vocab), cfg_scale, temperature)
+            g = gumbel_noise(logits.shape, generator, logits.device)
             sample = (logits + g).argmax(-1)
             logp = torch.log_softmax(logits, -1).gather(-1, sample[..., None]).squeeze(-1)
             # reveal the most confident masked positions (known ones never re-masked)
@@ -346,7 +342,7 @@ class TinyUnifiedModel(UnifiedPolicy):
         if self.image_order == "autoregressive":
             seq = torch.cat([prefix, rollout.tokens[:, :-1].repeat(reps, 1) + self.image_offset], 1)
             h = self._forward(seq)[:, self.soi_pos :]  # outputs at [SOI] .. image[L-2] predict image[0 .. L-1]
-            return self._guided(self._logits(h, self._img_vocab), rollout.cfg_scale, rollout.temperature)
+            return guided_logits(self._logits(h, self._img_vocab), rollout.cfg_scale, rollout.temperature)
         # masked: one sequence per step, holding that step's partially revealed state
         T = self.config.mask_steps
         steps = torch.arange(T, device=self.device)
@@ -355,7 +351,7 @@ class TinyUnifiedModel(UnifiedPolicy):
         pre = prefix.view(reps, 1, B, -1).expand(reps, T, B, -1).reshape(reps * T * B, -1)
         seq = self._masked_state(pre, tokens.repeat(reps, 1, 1).reshape(-1, L), known.repeat(reps, 1, 1).reshape(-1, L))
         logits = self._logits(self._forward(seq)[:, self._image_slice], self._img_vocab)  # [reps*T*B, L, K]
-        logits = self._guided(logits, rollout.cfg_scale, rollout.temperature).view(T, B, L, -1)
+        logits = guided_logits(logits, rollout.cfg_scale, rollout.temperature).view(T, B, L, -1)
         # each token's row comes from the step that revealed it
         pick = rollout.reveal_step[None, :, :, None].expand(1, B, L, logits.shape[-1])
         return logits.gather(0, pick).squeeze(0)
@@ -392,7 +388,7 @@ class TinyUnifiedModel(UnifiedPolicy):
         for t in range(max_new):
             logits = self._logits(h, self._ans_vocab).float() / (1.0 if greedy else temperature)
             logp_all = torch.log_softmax(logits, -1)
-            pick = logits.argmax(-1) if greedy else (logits + self._gumbel(logits.shape, generator, logits.device)).argmax(-1)
+            pick = logits.argmax(-1) if greedy else (logits + gumbel_noise(logits.shape, generator, logits.device)).argmax(-1)
             tok = pick + EOS
             mask.append(~done)
             toks.append(torch.where(done, torch.full_like(tok, PAD), tok))

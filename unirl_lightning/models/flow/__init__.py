@@ -10,8 +10,16 @@ from unirl_lightning.models.flow.base import (
 )
 from unirl_lightning.models.flow.flux import DiffusersFluxPolicy, FluxFlowPolicy
 from unirl_lightning.models.flow.sd3 import DiffusersFlowPolicy, SD3FlowPolicy
-from unirl_lightning.models.flow.tiny import CellCodec, TinyFlowConfig, TinyFlowModel, WordTextEncoder
-from unirl_lightning.models.flow.transformer import PipelineFlowPolicy, TransformerFlowPolicy
+from unirl_lightning.models.flow.tiny import (
+    CellCodec,
+    TinyFlowConfig,
+    TinyFlowModel,
+    WordTextEncoder,
+)
+from unirl_lightning.models.flow.transformer import (
+    PipelineFlowPolicy,
+    TransformerFlowPolicy,
+)
 
 __all__ = [
     "FlowPolicy", "FlowRollout", "Prompt", "StepOutput", "TextCondition", "TransformerFlowPolicy",

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from unirl_lightning.models.policy import Policy
 from unirl_lightning.objectives.flow_sde import SDE_KINDS, sde_step
+from unirl_lightning.objectives.guidance import cfg_combine
 
 Prompt = str | None  # None: the unconditional ("dropped") prompt of classifier-free guidance
 
@@ -242,7 +243,7 @@ class FlowPolicy(Policy):
             return self.forward_velocity(x, sigma, cond)
         both = TextCondition.cat(self.null_condition(x.shape[0]), cond)
         v_u, v_c = self.forward_velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(2)
-        return v_u + cfg_scale * (v_c - v_u)
+        return cfg_combine(v_c, v_u, cfg_scale)
 
     def sigmas(self, num_steps: int) -> Tensor:
         """The scheduler's `[T+1]` float32 sigmas (shifted, ending in 0) on the policy's device."""

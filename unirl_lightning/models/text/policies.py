@@ -32,6 +32,7 @@ from unirl_lightning.data.reasoning import reasoning_words
 from unirl_lightning.models.folder import load_weights, read_config, save_folder
 from unirl_lightning.models.policy import Policy
 from unirl_lightning.models.tiny import CachedBlock
+from unirl_lightning.objectives import gumbel_noise
 from unirl_lightning.worlds.words import WordTokenizer, split_words, world_words
 
 
@@ -57,11 +58,6 @@ class TextRollout:
                        logprobs=self.logprobs[idx], mask=self.mask[idx])
 
 
-def gumbel_noise(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Standard Gumbel noise `-log(-log U)` (float32); argmax(logp + g) samples from softmax(logp)."""
-    gen_device = generator.device if generator is not None else device
-    u = torch.rand(*shape, generator=generator, device=gen_device).to(device)
-    return -torch.log(-torch.log(u))  # u = 0 gives -inf: never chosen, never NaN
 
 
 def positions(attention_mask: Tensor) -> Tensor:
