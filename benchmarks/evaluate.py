@@ -21,7 +21,9 @@ from unirl_lightning.worlds.vocab import TASKS
 
 
 @torch.no_grad()
-def evaluate_policy(policy, specs: list[dict], samples: int, cfg_scale: float, seed: int = 0) -> dict[str, float]:
+def evaluate_policy(
+    policy, specs: list[dict], samples: int, cfg_scale: float, seed: int = 0
+) -> dict[str, float]:
     judge, geneval, imbalance = GenEvalJudge(WorldDetector()), GenEvalScore(), ImbalanceScore()
     specs = [s for s in specs for _ in range(samples)]
     gen = torch.Generator().manual_seed(seed)
@@ -45,9 +47,13 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4, help="images per held-out prompt")
     ap.add_argument("--cfg", type=float, default=1.0)
     args = ap.parse_args()
-    print_table(args.runs, list(TASKS) + ["overall", "imbalance"],
-                lambda folder, specs: evaluate_policy(TinyUnifiedModel.from_pretrained(folder).eval(), specs,
-                                                      args.samples, args.cfg))
+    print_table(
+        args.runs,
+        list(TASKS) + ["overall", "imbalance"],
+        lambda folder, specs: evaluate_policy(
+            TinyUnifiedModel.from_pretrained(folder).eval(), specs, args.samples, args.cfg
+        ),
+    )
 
 
 def print_table(runs: list[str], cols: list[str], score) -> None:

@@ -24,16 +24,18 @@ from unirl_lightning.worlds.vocab import TASKS
 
 
 @torch.no_grad()
-def evaluate_flow(policy, specs: list[dict], samples: int, steps: int, seed: int = 0,
-                  cfg_scale: float = 1.0) -> dict[str, float]:
+def evaluate_flow(
+    policy, specs: list[dict], samples: int, steps: int, seed: int = 0, cfg_scale: float = 1.0
+) -> dict[str, float]:
     judge, geneval = GenEvalJudge(WorldDetector()), GenEvalScore()
     specs = [s for s in specs for _ in range(samples)]
     gen = torch.Generator().manual_seed(seed)
     partial, off = [], []
     for i in range(0, len(specs), 120):
         chunk = specs[i : i + 120]
-        rollout = policy.sample([s["prompt"] for s in chunk], num_steps=steps, noise_level=0.0, generator=gen,
-                                cfg_scale=cfg_scale)
+        rollout = policy.sample(
+            [s["prompt"] for s in chunk], num_steps=steps, noise_level=0.0, generator=gen, cfg_scale=cfg_scale
+        )
         results = judge(rollout.images, chunk)
         geneval.update([s["tag"] for s in chunk], torch.tensor([r.correct for r in results]))
         partial += [float(r.partial) for r in results]
@@ -51,9 +53,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="ODE steps")
     ap.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = none)")
     args = ap.parse_args()
-    print_table(args.runs, list(TASKS) + ["overall", "partial", "off_manifold"],
-                lambda folder, specs: evaluate_flow(TinyFlowModel.from_pretrained(folder).eval(), specs,
-                                                    args.samples, args.steps, cfg_scale=args.cfg_scale))
+    print_table(
+        args.runs,
+        list(TASKS) + ["overall", "partial", "off_manifold"],
+        lambda folder, specs: evaluate_flow(
+            TinyFlowModel.from_pretrained(folder).eval(),
+            specs,
+            args.samples,
+            args.steps,
+            cfg_scale=args.cfg_scale,
+        ),
+    )
+
 
 if __name__ == "__main__":
     main()

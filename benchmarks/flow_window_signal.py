@@ -33,8 +33,13 @@ def window_signal(policy, specs: list[dict], start: int, size: int, noise_level:
         part = specs[i : i + chunk]
         rows = [s for s in part for _ in range(group)]
         latents = policy.initial_noise(len(part)).repeat_interleave(group, 0)
-        rollout = policy.sample([s["prompt"] for s in rows], num_steps=num_steps, noise_level=noise_level,
-                                sde_window=(start, start + size), latents=latents)
+        rollout = policy.sample(
+            [s["prompt"] for s in rows],
+            num_steps=num_steps,
+            noise_level=noise_level,
+            sde_window=(start, start + size),
+            latents=latents,
+        )
         results = judge(rollout.images, rows)
         rewards = torch.tensor([float(r.partial) for r in results]).view(len(part), group)
         solved.append(torch.tensor([bool(r.correct) for r in results]).view(len(part), group).all(1))
@@ -43,13 +48,18 @@ def window_signal(policy, specs: list[dict], start: int, size: int, noise_level:
         std.append(rewards.std(1))
         mean.append(rewards.mean(1))
     zero_t, solved_t = torch.cat(zero), torch.cat(solved)
-    out = {"zero_std": float(zero_t.float().mean()), "group_std": float(torch.cat(std).mean()),
-           "reward": float(torch.cat(mean).mean()),
-           "tied_solved": float(solved_t[zero_t].float().mean()) if zero_t.any() else float("nan")}
+    out = {
+        "zero_std": float(zero_t.float().mean()),
+        "group_std": float(torch.cat(std).mean()),
+        "reward": float(torch.cat(mean).mean()),
+        "tied_solved": float(solved_t[zero_t].float().mean()) if zero_t.any() else float("nan"),
+    }
     for tag in dict.fromkeys(tags):  # per task: tie share, and the share of ties that are all-correct
         rows = torch.tensor([t == tag for t in tags])
         out[f"{tag}/zero_std"] = float(zero_t[rows].float().mean())
-        out[f"{tag}/tied_solved"] = float(solved_t[rows & zero_t].float().mean()) if (rows & zero_t).any() else float("nan")
+        out[f"{tag}/tied_solved"] = (
+            float(solved_t[rows & zero_t].float().mean()) if (rows & zero_t).any() else float("nan")
+        )
         out[f"{tag}/groups"] = int(rows.sum())
     return out
 
@@ -73,14 +83,19 @@ def main() -> None:
         print("| task | groups | zero-std groups | of them all-correct |")
         print("|---|---:|---:|---:|")
         for tag in sorted({k.split("/")[0] for k in res if "/" in k}):
-            print(f"| {tag} | {res[tag + '/groups']} | {res[tag + '/zero_std']:.2f} | {res[tag + '/tied_solved']:.2f} |")
+            print(
+                f"| {tag} | {res[tag + '/groups']} | {res[tag + '/zero_std']:.2f} | {res[tag + '/tied_solved']:.2f} |"
+            )
         return
     print("| window | zero-std groups | of them all-correct | group reward std | reward |")
     print("|---|---:|---:|---:|---:|")
     for start in range(10 - args.size):
         res = window_signal(policy, specs, start, args.size, args.noise_level, args.group)
-        print(f"| [{start}, {start + args.size}) | {res['zero_std']:.3f} | {res['tied_solved']:.2f} | {res['group_std']:.3f} "
-              f"| {res['reward']:.3f} |", flush=True)
+        print(
+            f"| [{start}, {start + args.size}) | {res['zero_std']:.3f} | {res['tied_solved']:.2f} | {res['group_std']:.3f} "
+            f"| {res['reward']:.3f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -150,7 +150,9 @@ def _riddles_of(spec: dict) -> list[tuple[str, str]]:
     elif tag == "color_attr":
         (a, ca), (b, cb) = ((c["class"], c["color"]) for c in inc)
         out += [(f"a photo of {with_article(a)} {r} and {with_article(cb)} {b}", r) for r in _color_riddles(ca)]
-        out += [(f"a photo of {with_article(ca)} {a} and {with_article(b)} {r}", r) for r in _color_riddles(cb)]
+        out += [
+            (f"a photo of {with_article(ca)} {a} and {with_article(b)} {r}", r) for r in _color_riddles(cb)
+        ]
     else:
         raise ValueError(f"unknown task {tag!r}; expected one of {list(TASKS)}")
     return out
@@ -266,12 +268,19 @@ class ReasoningDataModule(OnPolicyDataModule):
         val_batch_size: int = 60,
         seed: int = 0,
     ):
-        super().__init__(num_train=num_train, num_val=num_val, val_fraction=val_fraction,
-                         prompts_per_step=prompts_per_step, group_size=group_size, val_batch_size=val_batch_size,
-                         seed=seed)
+        super().__init__(
+            num_train=num_train,
+            num_val=num_val,
+            val_fraction=val_fraction,
+            prompts_per_step=prompts_per_step,
+            group_size=group_size,
+            val_batch_size=val_batch_size,
+            seed=seed,
+        )
         self.tasks = _check_tasks(tasks or TASKS)
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
-        self.train_specs, self.val_specs = split_reasoning_specs(hp.num_train, hp.num_val, hp.seed,
-                                                                 val_fraction=hp.val_fraction, tasks=self.tasks)
+        self.train_specs, self.val_specs = split_reasoning_specs(
+            hp.num_train, hp.num_val, hp.seed, val_fraction=hp.val_fraction, tasks=self.tasks
+        )

@@ -108,7 +108,9 @@ class GenEvalScore(Metric):
                 "raise max_prompts at construction"
             )
         self.prompt_images = self.prompt_images + torch.bincount(pid, minlength=self.max_prompts)
-        self.prompt_correct = self.prompt_correct + torch.bincount(pid, weights=ok, minlength=self.max_prompts).long()
+        self.prompt_correct = (
+            self.prompt_correct + torch.bincount(pid, weights=ok, minlength=self.max_prompts).long()
+        )
 
     def compute(self) -> dict[str, Tensor]:
         seen = self.total > 0

@@ -7,7 +7,18 @@ import json
 from pathlib import Path
 
 #: GenEval's ten colours, in GenEval's order.
-COLORS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+COLORS: tuple[str, ...] = (
+    "red",
+    "orange",
+    "yellow",
+    "green",
+    "blue",
+    "purple",
+    "pink",
+    "brown",
+    "black",
+    "white",
+)
 
 #: GenEval's background grey (#999), what the colour classifier sees outside an object's mask.
 BACKGROUND: tuple[int, int, int] = (153, 153, 153)
@@ -15,8 +26,25 @@ BACKGROUND: tuple[int, int, int] = (153, 153, 153)
 #: GenEval's relations, numbers and templates (the official constants, for the prompt generator).
 POSITIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 #: Each relation's mirror: "A left of B" says what "B right of A" says.
-OPPOSITE_POSITION: dict[str, str] = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-NUMBERS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+OPPOSITE_POSITION: dict[str, str] = {
+    "left of": "right of",
+    "right of": "left of",
+    "above": "below",
+    "below": "above",
+}
+NUMBERS: tuple[str, ...] = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+)
 
 #: GenEval's six tasks.
 TASKS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")

@@ -20,9 +20,23 @@ from unirl_lightning.models.text import (
 from unirl_lightning.models.tiny import TinyConfig, TinyUnifiedModel
 
 __all__ = [
-    "AnswerRollout", "ImageRollout", "UnifiedPolicy", "TinyConfig", "TinyUnifiedModel", "JanusPolicy",
-    "FlowPolicy", "FlowRollout", "TinyFlowConfig", "TinyFlowModel", "DiffusersFlowPolicy", "DiffusersFluxPolicy",
-    "TextPolicy", "TextRollout", "TinyTextConfig", "TinyTextPolicy", "HFTextPolicy",
+    "AnswerRollout",
+    "ImageRollout",
+    "UnifiedPolicy",
+    "TinyConfig",
+    "TinyUnifiedModel",
+    "JanusPolicy",
+    "FlowPolicy",
+    "FlowRollout",
+    "TinyFlowConfig",
+    "TinyFlowModel",
+    "DiffusersFlowPolicy",
+    "DiffusersFluxPolicy",
+    "TextPolicy",
+    "TextRollout",
+    "TinyTextConfig",
+    "TinyTextPolicy",
+    "HFTextPolicy",
 ]
 
 

@@ -92,7 +92,12 @@ class UnifiedPolicy(Policy):
     #: Methods that read parameters outside `forward`; under FSDP2 they are registered as forward
     #: methods so the sharded parameters are gathered for them (generation included).
     fsdp_entry_points: tuple[str, ...] = (
-        "generate_images", "image_logits", "image_logprobs", "relaxed_image_tokens", "answer", "answer_logprobs",
+        "generate_images",
+        "image_logits",
+        "image_logprobs",
+        "relaxed_image_tokens",
+        "answer",
+        "answer_logprobs",
     )
 
     # ---- generation -------------------------------------------------------------------
@@ -169,7 +174,9 @@ class UnifiedPolicy(Policy):
         """Answer one question per image. No gradient."""
 
     @abstractmethod
-    def answer_logprobs(self, images: ImageInput, questions: Sequence[str], answers: Sequence[str] | AnswerRollout) -> tuple[Tensor, Tensor]:
+    def answer_logprobs(
+        self, images: ImageInput, questions: Sequence[str], answers: Sequence[str] | AnswerRollout
+    ) -> tuple[Tensor, Tensor]:
         """Teacher-forced answer log-probs `[B, T]` and mask `[B, T]`, with gradient (through
         relaxed image one-hots too, when given)."""
 
@@ -183,13 +190,20 @@ class UnifiedPolicy(Policy):
         (validation then also asks about rendered ground-truth scenes); None: it has none."""
         return None
 
-    def generation_loss(self, prompts: Sequence[str | None], image_tokens: Tensor,
-                        generator: torch.Generator | None = None) -> Tensor:
+    def generation_loss(
+        self, prompts: Sequence[str | None], image_tokens: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Mean NLL of `image_tokens` `[B, L]` given `prompts` (None: unconditional): the supervised
         generation loss of `WarmStartPretrain`. Needed only to warm-start the model with it."""
-        raise NotImplementedError(f"{type(self).__name__} has no supervised generation loss (WarmStartPretrain)")
+        raise NotImplementedError(
+            f"{type(self).__name__} has no supervised generation loss (WarmStartPretrain)"
+        )
 
-    def understanding_loss(self, image_tokens: Tensor, questions: Sequence[str], answers: Sequence[str]) -> Tensor:
+    def understanding_loss(
+        self, image_tokens: Tensor, questions: Sequence[str], answers: Sequence[str]
+    ) -> Tensor:
         """Mean NLL per answer token of `answers` to `questions` about `image_tokens`: the supervised
         understanding loss of `WarmStartPretrain`. Needed only to warm-start the model with it."""
-        raise NotImplementedError(f"{type(self).__name__} has no supervised understanding loss (WarmStartPretrain)")
+        raise NotImplementedError(
+            f"{type(self).__name__} has no supervised understanding loss (WarmStartPretrain)"
+        )

@@ -14,5 +14,14 @@ from unirl_lightning.modules.sft import UniRLSFT
 from unirl_lightning.modules.unified import PolicyModule
 from unirl_lightning.modules.unigrpo import UniGRPO
 
-__all__ = ["RecipeModule", "PolicyModule", "FlowPolicyModule", "WarmStartPretrain", "FlowWarmStart", "UniRLSFT",
-           "DiscreteGRPO", "FlowGRPO", "UniGRPO"]
+__all__ = [
+    "RecipeModule",
+    "PolicyModule",
+    "FlowPolicyModule",
+    "WarmStartPretrain",
+    "FlowWarmStart",
+    "UniRLSFT",
+    "DiscreteGRPO",
+    "FlowGRPO",
+    "UniGRPO",
+]

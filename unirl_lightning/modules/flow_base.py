@@ -44,11 +44,14 @@ class FlowPolicyModule(RecipeModule):
     # ---- evaluation -------------------------------------------------------------------
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         hp = self.hparams
-        gen = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)  # same noise every validation
+        gen = torch.Generator(device=self.device).manual_seed(
+            10_000 + batch_idx
+        )  # same noise every validation
         specs = [s for s in batch.specs for _ in range(hp.eval_repeats)]
         prompts = [s["prompt"] for s in specs]
-        rollout = self.policy.sample(prompts, num_steps=hp.eval_num_steps, noise_level=0.0,
-                                     cfg_scale=hp.eval_cfg_scale, generator=gen)
+        rollout = self.policy.sample(
+            prompts, num_steps=hp.eval_num_steps, noise_level=0.0, cfg_scale=hp.eval_cfg_scale, generator=gen
+        )
         results = self.judge(rollout.images, specs)
         correct = torch.tensor([r.correct for r in results], dtype=torch.bool)
         self.val_geneval.update([s["tag"] for s in specs], correct.to(self.device))
@@ -57,7 +60,9 @@ class FlowPolicyModule(RecipeModule):
         self.log_off_manifold(rollout, len(results))
         if batch_idx == 0:
             n = hp.grid_size
-            log_image_grid(self.logger, "val/images", rollout.images[:n], prompts[:n], self.global_step, correct[:n])
+            log_image_grid(
+                self.logger, "val/images", rollout.images[:n], prompts[:n], self.global_step, correct[:n]
+            )
 
     def log_off_manifold(self, rollout, batch_size: int) -> None:
         """Logs the policy's image-quality proxy of the final latents (drift the judge cannot see), if it has one."""

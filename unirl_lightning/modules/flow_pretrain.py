@@ -65,4 +65,7 @@ class FlowWarmStart(FlowPolicyModule):
 
     def configure_optimizers(self):
         opt = super().configure_optimizers()
-        return {"optimizer": opt, "lr_scheduler": warmup_cosine(opt, self.hparams.warmup_steps, self.hparams.max_steps)}
+        return {
+            "optimizer": opt,
+            "lr_scheduler": warmup_cosine(opt, self.hparams.warmup_steps, self.hparams.max_steps),
+        }

@@ -45,13 +45,19 @@ class PolicyModule(RecipeModule):
     def understanding_correct(self, image_tokens: torch.Tensor, specs: list[dict]) -> torch.Tensor:
         """bool `[N]`: the policy's greedy answer to each spec's question about the given images."""
         answers = self.policy.answer(image_tokens, [question_for(s) for s in specs], greedy=True)
-        return torch.tensor([grade_answer(s, a).correct for s, a in zip(specs, answers.texts)], dtype=torch.bool)
+        return torch.tensor(
+            [grade_answer(s, a).correct for s, a in zip(specs, answers.texts)], dtype=torch.bool
+        )
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         specs = batch.specs
         gen = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
         rollout = self.policy.generate_images(
-            batch.prompts, cfg_scale=self.hparams.eval_cfg_scale, temperature=self.hparams.eval_temperature, generator=gen)
+            batch.prompts,
+            cfg_scale=self.hparams.eval_cfg_scale,
+            temperature=self.hparams.eval_temperature,
+            generator=gen,
+        )
         images = self.policy.decode_images(rollout.tokens)
         tasks = [s["tag"] for s in specs]
         gen_ok = self.judge.correct(images, specs)
@@ -65,7 +71,9 @@ class PolicyModule(RecipeModule):
             self.log("val/answer_acc_rendered", acc, batch_size=len(specs), sync_dist=True)
         if batch_idx == 0:
             n = self.hparams.grid_size
-            log_image_grid(self.logger, "val/images", images[:n], batch.prompts[:n], self.global_step, gen_ok[:n])
+            log_image_grid(
+                self.logger, "val/images", images[:n], batch.prompts[:n], self.global_step, gen_ok[:n]
+            )
 
     def rendered_tokens(self, specs: list[dict], seed: int = 0) -> torch.Tensor | None:
         """Ground-truth images of the specs as policy tokens (None when the policy has no image encoder)."""

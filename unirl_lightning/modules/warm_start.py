@@ -49,12 +49,35 @@ from unirl_lightning.modules.pretrain import WarmStartPretrain
 
 #: One recipe per model kind; the cache key hashes it, so a change retrains that warm start.
 RECIPES: dict[str, dict] = {
-    "warm_start": {"max_steps": 1200, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100, "cfg_dropout": 0.1,
-                   "num_train": 4000, "seed": 0, "val_every": 200},
-    "flow_warm_start": {"max_steps": 2000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100, "cfg_dropout": 0.1,
-                        "t_sampling": "logit_normal", "num_train": 4000, "seed": 0},
-    "text_warm_start": {"max_steps": 300, "batch_size": 64, "lr": 3e-3, "num_train": 4000,
-                        "held_out": list(WARM_START_HELD_OUT), "answer_noise": 0.25, "seed": 0},
+    "warm_start": {
+        "max_steps": 1200,
+        "batch_size": 64,
+        "lr": 1e-3,
+        "warmup_steps": 100,
+        "cfg_dropout": 0.1,
+        "num_train": 4000,
+        "seed": 0,
+        "val_every": 200,
+    },
+    "flow_warm_start": {
+        "max_steps": 2000,
+        "batch_size": 64,
+        "lr": 1e-3,
+        "warmup_steps": 100,
+        "cfg_dropout": 0.1,
+        "t_sampling": "logit_normal",
+        "num_train": 4000,
+        "seed": 0,
+    },
+    "text_warm_start": {
+        "max_steps": 300,
+        "batch_size": 64,
+        "lr": 3e-3,
+        "num_train": 4000,
+        "held_out": list(WARM_START_HELD_OUT),
+        "answer_noise": 0.25,
+        "seed": 0,
+    },
 }
 
 
@@ -66,8 +89,10 @@ def cache_dir(kind: str, policy, recipe: dict) -> Path:
     """`$UNIRL_CACHE/<kind>/<hash of policy.config + recipe>`: one folder per architecture and recipe."""
     cfg = getattr(policy, "config", None)
     if cfg is None:
-        raise TypeError(f"warm_start='auto' ({kind}) is for the built-in models; "
-                        f"give {type(policy).__name__} a folder written by save_pretrained, or null")
+        raise TypeError(
+            f"warm_start='auto' ({kind}) is for the built-in models; "
+            f"give {type(policy).__name__} a folder written by save_pretrained, or null"
+        )
     key = json.dumps({"model": asdict(cfg), "recipe": recipe, "v": 1}, sort_keys=True)
     return cache_root() / kind / hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -79,7 +104,9 @@ def cached_training(kind: str, policy, recipe: dict, train: Callable[[Path], Non
     target = cache_dir(kind, policy, recipe)
     if (target / "model.safetensors").is_file():
         return target
-    print(f"[unirl_lightning] no cached {kind.replace('_', ' ')} at {target}: training it ({recipe['max_steps']} steps, once)")
+    print(
+        f"[unirl_lightning] no cached {kind.replace('_', ' ')} at {target}: training it ({recipe['max_steps']} steps, once)"
+    )
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     train(tmp)
@@ -101,18 +128,39 @@ def ensure_warm_start(policy, recipe: dict | None = None) -> Path | None:
 
     def train(folder: Path) -> None:
 
-        module = WarmStartPretrain(type(policy)(policy.config), lr=r["lr"], warmup_steps=r["warmup_steps"],
-                                   max_steps=r["max_steps"], cfg_dropout=r["cfg_dropout"], save_to=str(folder))
+        module = WarmStartPretrain(
+            type(policy)(policy.config),
+            lr=r["lr"],
+            warmup_steps=r["warmup_steps"],
+            max_steps=r["max_steps"],
+            cfg_dropout=r["cfg_dropout"],
+            save_to=str(folder),
+        )
         world = policy.world_config
-        data = RenderedSceneDataModule(batch_size=r["batch_size"], canvas=world.canvas, sizes=world.sizes,
-                                       grid=world.grid, num_train=r["num_train"], seed=r["seed"])
+        data = RenderedSceneDataModule(
+            batch_size=r["batch_size"],
+            canvas=world.canvas,
+            sizes=world.sizes,
+            grid=world.grid,
+            num_train=r["num_train"],
+            seed=r["seed"],
+        )
         L.seed_everything(r["seed"], verbose=False)
         target = folder.with_name(folder.name.removesuffix(".partial"))
         logger = L.pytorch.loggers.TensorBoardLogger(save_dir=str(target.parent), name=target.name + "_logs")
-        trainer = L.Trainer(max_steps=r["max_steps"], logger=logger, enable_checkpointing=False, accelerator="cpu",
-                            devices=1, val_check_interval=r["val_every"], check_val_every_n_epoch=None,
-                            limit_val_batches=2, log_every_n_steps=10, enable_model_summary=False,
-                            callbacks=[StepProgress("warm start")])
+        trainer = L.Trainer(
+            max_steps=r["max_steps"],
+            logger=logger,
+            enable_checkpointing=False,
+            accelerator="cpu",
+            devices=1,
+            val_check_interval=r["val_every"],
+            check_val_every_n_epoch=None,
+            limit_val_batches=2,
+            log_every_n_steps=10,
+            enable_model_summary=False,
+            callbacks=[StepProgress("warm start")],
+        )
         trainer.fit(module, datamodule=data)
 
     return cached_training("warm_start", policy, r, train)
@@ -126,16 +174,36 @@ def ensure_flow_warm_start(policy, recipe: dict | None = None) -> Path | None:
 
     def train(folder: Path) -> None:
 
-        module = FlowWarmStart(type(policy)(policy.config), lr=r["lr"], warmup_steps=r["warmup_steps"],
-                               max_steps=r["max_steps"], cfg_dropout=r["cfg_dropout"], t_sampling=r["t_sampling"],
-                               save_to=str(folder))
+        module = FlowWarmStart(
+            type(policy)(policy.config),
+            lr=r["lr"],
+            warmup_steps=r["warmup_steps"],
+            max_steps=r["max_steps"],
+            cfg_dropout=r["cfg_dropout"],
+            t_sampling=r["t_sampling"],
+            save_to=str(folder),
+        )
         world = policy.config.world
-        data = FlowSceneDataModule(grid=world.grid, gap=world.gap, batch_size=r["batch_size"], canvas=world.canvas,
-                                   sizes=world.sizes, num_train=r["num_train"], seed=r["seed"])
+        data = FlowSceneDataModule(
+            grid=world.grid,
+            gap=world.gap,
+            batch_size=r["batch_size"],
+            canvas=world.canvas,
+            sizes=world.sizes,
+            num_train=r["num_train"],
+            seed=r["seed"],
+        )
         L.seed_everything(r["seed"], verbose=False)
-        trainer = L.Trainer(max_steps=r["max_steps"], logger=False, enable_checkpointing=False, limit_val_batches=0,
-                            accelerator="cpu", devices=1, enable_model_summary=False,
-                            callbacks=[StepProgress("flow warm start")])
+        trainer = L.Trainer(
+            max_steps=r["max_steps"],
+            logger=False,
+            enable_checkpointing=False,
+            limit_val_batches=0,
+            accelerator="cpu",
+            devices=1,
+            enable_model_summary=False,
+            callbacks=[StepProgress("flow warm start")],
+        )
         trainer.fit(module, datamodule=data)
 
     return cached_training("flow_warm_start", policy, r, train)
@@ -152,12 +220,22 @@ def ensure_text_warm_start(policy: TextPolicy, recipe: dict | None = None) -> Pa
         fresh = type(policy)(policy.config)
         specs = generate_reasoning_specs(r["num_train"], r["seed"], exclude_riddles=r["held_out"])
         rng = random.Random(r["seed"])
-        pairs = [(s["reasoning_prompt"], corrupt_answer(s, rng) if rng.random() < r["answer_noise"] else s["prompt"])
-                 for s in specs]
-        train_text_supervised(fresh, pairs, steps=r["max_steps"], batch_size=r["batch_size"], lr=r["lr"], seed=r["seed"])
+        pairs = [
+            (
+                s["reasoning_prompt"],
+                corrupt_answer(s, rng) if rng.random() < r["answer_noise"] else s["prompt"],
+            )
+            for s in specs
+        ]
+        train_text_supervised(
+            fresh, pairs, steps=r["max_steps"], batch_size=r["batch_size"], lr=r["lr"], seed=r["seed"]
+        )
         probe = generate_reasoning_specs(600, r["seed"] + 1)
         held = set(r["held_out"])
-        seen, unseen = [s for s in probe if s["riddle"] not in held], [s for s in probe if s["riddle"] in held]
+        seen, unseen = (
+            [s for s in probe if s["riddle"] not in held],
+            [s for s in probe if s["riddle"] in held],
+        )
         metrics = {
             "seen_accuracy": greedy_accuracy(fresh, seen),
             "held_out_accuracy": greedy_accuracy(fresh, unseen),
@@ -171,8 +249,16 @@ def ensure_text_warm_start(policy: TextPolicy, recipe: dict | None = None) -> Pa
     return cached_training("text_warm_start", policy, r, train)
 
 
-def train_text_supervised(policy: TextPolicy, pairs: Sequence[tuple[str, str]], *, steps: int, batch_size: int,
-                          lr: float, seed: int = 0, log_every: int = 100) -> list[float]:
+def train_text_supervised(
+    policy: TextPolicy,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int = 0,
+    log_every: int = 100,
+) -> list[float]:
     """Teacher-force `policy` on (prompt, target) pairs for `steps` AdamW steps (cosine lr); returns the losses.
 
     Loss: mean negative log-prob per target token (EOS included).
@@ -199,16 +285,26 @@ def train_text_supervised(policy: TextPolicy, pairs: Sequence[tuple[str, str]], 
 
 
 @torch.no_grad()
-def greedy_accuracy(policy: TextPolicy, specs: Sequence[dict], max_new_tokens: int = 16, batch_size: int = 256,
-                    temperature: float = 0.0, seed: int = 0) -> float:
+def greedy_accuracy(
+    policy: TextPolicy,
+    specs: Sequence[dict],
+    max_new_tokens: int = 16,
+    batch_size: int = 256,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> float:
     """Share of specs whose text from "reasoning_prompt" (greedy, or sampled at `temperature`) equals "prompt"."""
     if not specs:
         return float("nan")
     hits, gen = 0, torch.Generator().manual_seed(seed)
     for i in range(0, len(specs), batch_size):
         chunk = specs[i : i + batch_size]
-        out = policy.generate([s["reasoning_prompt"] for s in chunk], max_new_tokens=max_new_tokens,
-                              temperature=temperature, generator=gen)
+        out = policy.generate(
+            [s["reasoning_prompt"] for s in chunk],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            generator=gen,
+        )
         hits += sum(text_matches(t, s["prompt"]) for t, s in zip(out.texts, chunk))
     return hits / len(specs)
 
@@ -218,8 +314,11 @@ def main(args: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("kind", choices=["unified", "flow", "text"])
     kind = parser.parse_args(args).kind
-    ensure = {"unified": (ensure_warm_start, TinyUnifiedModel), "flow": (ensure_flow_warm_start, TinyFlowModel),
-              "text": (ensure_text_warm_start, TinyTextPolicy)}
+    ensure = {
+        "unified": (ensure_warm_start, TinyUnifiedModel),
+        "flow": (ensure_flow_warm_start, TinyFlowModel),
+        "text": (ensure_text_warm_start, TinyTextPolicy),
+    }
     fn, model = ensure[kind]
     print(fn(model()))
 

@@ -19,8 +19,13 @@ class GenEvalReward(RewardFunction):
     partial credit per clause (gives early groups a signal when nothing is fully right).
     """
 
-    def __init__(self, mode: Literal["binary", "strict", "partial"] = "binary", detector: Detector | None = None,
-                 weight: float = 1.0, name: str | None = None):
+    def __init__(
+        self,
+        mode: Literal["binary", "strict", "partial"] = "binary",
+        detector: Detector | None = None,
+        weight: float = 1.0,
+        name: str | None = None,
+    ):
         if mode not in ("binary", "strict", "partial"):
             raise ValueError(f"GenEvalReward.mode must be binary, strict or partial, got {mode!r}")
         super().__init__(weight, name or f"geneval_{mode}")

@@ -20,7 +20,11 @@ from unirl_lightning.models.flow.base import FlowPolicy
 
 
 class FlowPolicyTesterMixin:
-    prompts = ["a photo of a red square", "a photo of two circles", "a photo of a blue cross left of a green circle"]
+    prompts = [
+        "a photo of a red square",
+        "a photo of two circles",
+        "a photo of a blue cross left of a green circle",
+    ]
     num_steps = 4
     noise_level = 0.8
     cfg_scales = (1.0, 3.0)
@@ -35,7 +39,11 @@ class FlowPolicyTesterMixin:
         return self.make_policy().eval()
 
     def _sample(self, policy: FlowPolicy, seed: int = 0, **kwargs):
-        args = dict(num_steps=self.num_steps, noise_level=self.noise_level, generator=torch.Generator().manual_seed(seed))
+        args = dict(
+            num_steps=self.num_steps,
+            noise_level=self.noise_level,
+            generator=torch.Generator().manual_seed(seed),
+        )
         return policy.sample(self.prompts, **{**args, **kwargs})
 
     def test_rescored_log_probs_equal_the_rollouts(self):
@@ -46,11 +54,17 @@ class FlowPolicyTesterMixin:
             with torch.no_grad():
                 for step in rollout.trained_steps:
                     out = policy.step_log_prob(rollout, step)
-                    torch.testing.assert_close(out.log_prob, rollout.log_probs[:, step], atol=self.atol, rtol=0)
+                    torch.testing.assert_close(
+                        out.log_prob, rollout.log_probs[:, step], atol=self.atol, rtol=0
+                    )
                 rows = torch.arange(len(self.prompts))
-                steps = torch.tensor([rollout.trained_steps[i % len(rollout.trained_steps)] for i in rows.tolist()])
+                steps = torch.tensor(
+                    [rollout.trained_steps[i % len(rollout.trained_steps)] for i in rows.tolist()]
+                )
                 pairs = policy.pairs_log_prob(rollout, rows, steps)
-                torch.testing.assert_close(pairs.log_prob, rollout.log_probs[rows, steps], atol=self.atol, rtol=0)
+                torch.testing.assert_close(
+                    pairs.log_prob, rollout.log_probs[rows, steps], atol=self.atol, rtol=0
+                )
 
     @torch.no_grad()
     def test_noise_zero_is_the_euler_ode_of_its_velocity(self):

@@ -10,8 +10,17 @@ from torch import nn
 
 from unirl_lightning.worlds.words import world_words
 
-JANUS_SPECIAL_TOKENS = ("<｜▁pad▁｜>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<image_placeholder>",
-                        "<begin_of_image>", "<end_of_image>", "<|User|>", "<|Assistant|>", "[UNK]")
+JANUS_SPECIAL_TOKENS = (
+    "<｜▁pad▁｜>",
+    "<｜begin▁of▁sentence｜>",
+    "<｜end▁of▁sentence｜>",
+    "<image_placeholder>",
+    "<begin_of_image>",
+    "<end_of_image>",
+    "<|User|>",
+    "<|Assistant|>",
+    "[UNK]",
+)
 
 
 def tiny_janus_components(
@@ -56,28 +65,57 @@ def tiny_janus_components(
     core.add_special_tokens(list(JANUS_SPECIAL_TOKENS))  # matched before normalising / splitting
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
-                                                        special_tokens=[(bos, vocab[bos])])
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, vocab[bos])]
+    )
     core.decoder = decoders.WordPiece()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token=bos, eos_token=eos, pad_token=pad, unk_token="[UNK]",
-        extra_special_tokens={"image_token": image, "boi_token": boi, "eoi_token": eoi})
+        tokenizer_object=core,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token="[UNK]",
+        extra_special_tokens={"image_token": image, "boi_token": boi, "eoi_token": eoi},
+    )
     size = 4 * grid
-    image_processor = JanusImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.5] * 3,
-                                             image_std=[0.5] * 3)
+    image_processor = JanusImageProcessorPil(
+        size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
     processor = JanusProcessor(image_processor, tokenizer, num_image_tokens=grid * grid)
     config = JanusConfig(
-        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=hidden_size,
-                                intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
-                                num_attention_heads=num_heads,
-                                num_key_value_heads=max(1, num_heads // 2), max_position_embeddings=1024,
-                                pad_token_id=vocab[pad], bos_token_id=vocab[bos], eos_token_id=vocab[eos]),
-        vision_config=JanusVisionConfig(hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=2,
-                                        image_size=size, patch_size=4, projection_dim=hidden_size, depth=2,
-                                        num_image_tokens=grid * grid, mlp_ratio=2.0),
-        vq_config=JanusVQVAEConfig(embed_dim=8, num_embeddings=codebook_size, latent_channels=vq_channels,
-                                   base_channels=vq_channels, channel_multiplier=[1, 1, 2], num_res_blocks=1,
-                                   projection_dim=hidden_size, image_token_embed_dim=hidden_size),
+        text_config=LlamaConfig(
+            vocab_size=len(vocab),
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=max(1, num_heads // 2),
+            max_position_embeddings=1024,
+            pad_token_id=vocab[pad],
+            bos_token_id=vocab[bos],
+            eos_token_id=vocab[eos],
+        ),
+        vision_config=JanusVisionConfig(
+            hidden_size=hidden_size,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=size,
+            patch_size=4,
+            projection_dim=hidden_size,
+            depth=2,
+            num_image_tokens=grid * grid,
+            mlp_ratio=2.0,
+        ),
+        vq_config=JanusVQVAEConfig(
+            embed_dim=8,
+            num_embeddings=codebook_size,
+            latent_channels=vq_channels,
+            base_channels=vq_channels,
+            channel_multiplier=[1, 1, 2],
+            num_res_blocks=1,
+            projection_dim=hidden_size,
+            image_token_embed_dim=hidden_size,
+        ),
         image_token_id=vocab[image],
     )
     with torch.random.fork_rng():

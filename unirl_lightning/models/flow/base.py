@@ -44,7 +44,9 @@ class TextCondition:
 
     @staticmethod
     def cat(first: "TextCondition", second: "TextCondition") -> "TextCondition":
-        return TextCondition(torch.cat([first.hidden, second.hidden]), torch.cat([first.pooled, second.pooled]))
+        return TextCondition(
+            torch.cat([first.hidden, second.hidden]), torch.cat([first.pooled, second.pooled])
+        )
 
 
 @dataclass
@@ -97,9 +99,14 @@ class FlowRollout:
     def select(self, index: Tensor | Sequence[int]) -> "FlowRollout":
         """The sub-rollout of rows `index` (micro-batches)."""
         idx = torch.as_tensor(index, dtype=torch.long, device=self.latents.device)
-        return replace(self, prompts=[self.prompts[i] for i in idx.tolist()], latents=self.latents[idx],
-                       log_probs=self.log_probs[idx], images=None if self.images is None else self.images[idx.cpu()],
-                       row_mask=None if self.row_mask is None else self.row_mask[idx])
+        return replace(
+            self,
+            prompts=[self.prompts[i] for i in idx.tolist()],
+            latents=self.latents[idx],
+            log_probs=self.log_probs[idx],
+            images=None if self.images is None else self.images[idx.cpu()],
+            row_mask=None if self.row_mask is None else self.row_mask[idx],
+        )
 
 
 @dataclass
@@ -126,13 +133,17 @@ def _row_window_mask(num_steps: int, windows: Tensor) -> Tensor:
     """bool `[B, T]`: each row's stochastic steps, from its own `[start, end)` in long `[B, 2]`."""
     windows = torch.as_tensor(windows)
     if windows.ndim != 2 or windows.shape[1] != 2:
-        raise ValueError(f"sde_windows must be [B, 2] (one [start, end) per row), got shape {tuple(windows.shape)}")
+        raise ValueError(
+            f"sde_windows must be [B, 2] (one [start, end) per row), got shape {tuple(windows.shape)}"
+        )
     start, end = windows[:, :1].long(), windows[:, 1:].long()
     bad = ~((0 <= start) & (start < end) & (end <= num_steps)).flatten()
     if bad.any():
         row = int(bad.nonzero()[0])
-        raise ValueError(f"sde_windows row {row}: {windows[row].tolist()} must satisfy 0 <= start < end <= "
-                         f"num_steps={num_steps}")
+        raise ValueError(
+            f"sde_windows row {row}: {windows[row].tolist()} must satisfy 0 <= start < end <= "
+            f"num_steps={num_steps}"
+        )
     steps = torch.arange(num_steps, device=windows.device)
     return (start <= steps) & (steps < end) & (steps < num_steps - 1)  # never the last step (`_window_mask`)
 
@@ -147,16 +158,21 @@ class _GroupRows:
         self.count = int(self.row_group.max()) + 1 if groups.numel() else 0
         rows = torch.arange(groups.numel(), device=device)
         self.first = torch.full((self.count,), groups.numel(), device=device).scatter_reduce(
-            0, self.row_group, rows, "amin")
+            0, self.row_group, rows, "amin"
+        )
 
     def check_prompts(self, prompts: list[str]) -> None:
         if len(self.row_group) != len(prompts):
-            raise ValueError(f"groups has {len(self.row_group)} entries for {len(prompts)} prompts; give one group id per row")
+            raise ValueError(
+                f"groups has {len(self.row_group)} entries for {len(prompts)} prompts; give one group id per row"
+            )
         firsts = self.first[self.row_group].tolist()
         for row, first in enumerate(firsts):
             if prompts[row] != prompts[first]:
-                raise ValueError(f"groups: row {row} ({prompts[row]!r}) shares a group with row {first} "
-                                 f"({prompts[first]!r}); rows of a group must share their prompt")
+                raise ValueError(
+                    f"groups: row {row} ({prompts[row]!r}) shares a group with row {first} "
+                    f"({prompts[first]!r}); rows of a group must share their prompt"
+                )
 
     def expand(self, per_group: Tensor) -> Tensor:
         return per_group[self.row_group]
@@ -189,7 +205,9 @@ class FlowPolicy(Policy):
         super().__init__()
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=shift)
+        self.scheduler = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=self.num_train_timesteps, shift=shift
+        )
 
     # -- to implement
     @abstractmethod
@@ -293,12 +311,16 @@ class FlowPolicy(Policy):
         batch = len(prompts)
         sig = self.sigmas(num_steps)
         if sde_windows is None:
-            stochastic = torch.tensor(_window_mask(num_steps, sde_window), device=self.device).expand(batch, -1)
+            stochastic = torch.tensor(_window_mask(num_steps, sde_window), device=self.device).expand(
+                batch, -1
+            )
         else:
             if sde_window is not None:
                 raise ValueError("give sde_window (one for the batch) or sde_windows (one per row), not both")
             if len(sde_windows) != batch:
-                raise ValueError(f"sde_windows has {len(sde_windows)} rows for {batch} prompts; give one window per row")
+                raise ValueError(
+                    f"sde_windows has {len(sde_windows)} rows for {batch} prompts; give one window per row"
+                )
             stochastic = _row_window_mask(num_steps, sde_windows).to(self.device)
         stochastic = stochastic & (noise_level > 0)  # `[B, T]`
         cond = self.encode_text(list(prompts))
@@ -307,8 +329,11 @@ class FlowPolicy(Policy):
             shared.check_prompts(list(prompts))
             shared.check_windows(stochastic)
         if latents is None:
-            latents = (self.initial_noise(batch, generator) if shared is None
-                       else shared.expand(self.initial_noise(shared.count, generator)))
+            latents = (
+                self.initial_noise(batch, generator)
+                if shared is None
+                else shared.expand(self.initial_noise(shared.count, generator))
+            )
         x = latents.to(self.device)
         # each group's first stochastic step (num_steps: none); before it the group's rows agree
         first_sde = torch.where(stochastic.any(1), stochastic.to(torch.int8).argmax(1), num_steps)
@@ -320,12 +345,23 @@ class FlowPolicy(Policy):
         for i in range(num_steps):
             pending = None if shared is None else shared.expand(group_start > i)  # `[B]` rows still shared
             # One row per pending group (in group order), then every row of the others.
-            rows = None if pending is None or not bool(pending.any()) else torch.cat(
-                [shared.first[group_start > i], (~pending).nonzero().flatten()])
+            rows = (
+                None
+                if pending is None or not bool(pending.any())
+                else torch.cat([shared.first[group_start > i], (~pending).nonzero().flatten()])
+            )
             xs, cs = (x, cond) if rows is None else (x[rows], cond.select(rows))
             v = self.velocity(xs, sig[i].expand(len(xs)), cs, cfg_scale=cfg_scale)
-            x_next, logp = self._step_rows(v, xs, sig[i], sig[i + 1], stochastic[:, i] if rows is None
-                                           else stochastic[rows, i], noise_level, kind, generator)
+            x_next, logp = self._step_rows(
+                v,
+                xs,
+                sig[i],
+                sig[i + 1],
+                stochastic[:, i] if rows is None else stochastic[rows, i],
+                noise_level,
+                kind,
+                generator,
+            )
             if rows is not None:  # scatter back; a pending group's rows all take its first row's step
                 x_full, logp_full = x.clone(), logp.new_zeros(batch)
                 x_full[rows], logp_full[rows] = x_next, logp
@@ -336,24 +372,49 @@ class FlowPolicy(Policy):
             log_probs.append(logp)
         train_mask = stochastic.any(0)
         return FlowRollout(
-            prompts=list(prompts), latents=torch.stack(states, 1), log_probs=torch.stack(log_probs, 1), sigmas=sig,
-            noise_levels=train_mask.float() * noise_level, train_mask=train_mask, cfg_scale=cfg_scale, kind=kind,
-            images=self.decode(x) if decode else None, row_mask=None if sde_windows is None else stochastic,
+            prompts=list(prompts),
+            latents=torch.stack(states, 1),
+            log_probs=torch.stack(log_probs, 1),
+            sigmas=sig,
+            noise_levels=train_mask.float() * noise_level,
+            train_mask=train_mask,
+            cfg_scale=cfg_scale,
+            kind=kind,
+            images=self.decode(x) if decode else None,
+            row_mask=None if sde_windows is None else stochastic,
         )
 
     @staticmethod
-    def _step_rows(v: Tensor, x: Tensor, sigma: Tensor, sigma_next: Tensor, stochastic: Tensor, noise_level: float,
-                   kind: str, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def _step_rows(
+        v: Tensor,
+        x: Tensor,
+        sigma: Tensor,
+        sigma_next: Tensor,
+        stochastic: Tensor,
+        noise_level: float,
+        kind: str,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, Tensor]:
         """One transition of rows `x` `[b, ...]`: SDE where `stochastic` (bool `[b]`), else Euler -> (x', log_prob `[b]`)."""
-        if bool(stochastic.all()) or not bool(stochastic.any()):  # one call: the random stream of a shared window
-            x_next, logp, _, _ = sde_step(v, x, sigma, sigma_next, noise_level=noise_level if bool(stochastic.any())
-                                          else 0.0, kind=kind, generator=generator)
+        if bool(stochastic.all()) or not bool(
+            stochastic.any()
+        ):  # one call: the random stream of a shared window
+            x_next, logp, _, _ = sde_step(
+                v,
+                x,
+                sigma,
+                sigma_next,
+                noise_level=noise_level if bool(stochastic.any()) else 0.0,
+                kind=kind,
+                generator=generator,
+            )
             return x_next, logp
         x_next, logp = torch.empty_like(x), x.new_zeros(len(x), dtype=torch.float32)
         for part, level in ((stochastic, noise_level), (~stochastic, 0.0)):
             idx = part.nonzero().flatten()
-            x_next[idx], logp[idx], _, _ = sde_step(v[idx], x[idx], sigma, sigma_next, noise_level=level, kind=kind,
-                                                    generator=generator)
+            x_next[idx], logp[idx], _, _ = sde_step(
+                v[idx], x[idx], sigma, sigma_next, noise_level=level, kind=kind, generator=generator
+            )
         return x_next, logp
 
     def step_log_prob(self, rollout: FlowRollout, step: int, cond: TextCondition | None = None) -> StepOutput:
@@ -363,11 +424,19 @@ class FlowPolicy(Policy):
         `cond` (batch `len(rollout)`) skips re-encoding the prompts.
         """
         cond = self.encode_text(rollout.prompts) if cond is None else cond
-        return self._rescore(rollout, rollout.latents[:, step], rollout.latents[:, step + 1], rollout.sigmas[step],
-                             rollout.sigmas[step + 1], float(rollout.noise_levels[step]), cond)
+        return self._rescore(
+            rollout,
+            rollout.latents[:, step],
+            rollout.latents[:, step + 1],
+            rollout.sigmas[step],
+            rollout.sigmas[step + 1],
+            float(rollout.noise_levels[step]),
+            cond,
+        )
 
-    def pairs_log_prob(self, rollout: FlowRollout, rows: Tensor, steps: Tensor,
-                       cond: TextCondition | None = None) -> StepOutput:
+    def pairs_log_prob(
+        self, rollout: FlowRollout, rows: Tensor, steps: Tensor, cond: TextCondition | None = None
+    ) -> StepOutput:
         """Re-score transitions `(rows[p], steps[p])` of `rollout` (long `[P]` each) in one batch of `P`,
         with gradient: per-row windows train every row's own steps in one forward, not one per step.
 
@@ -376,17 +445,36 @@ class FlowPolicy(Policy):
         """
         levels = rollout.noise_levels[steps]
         if not bool((levels == levels[0]).all()):
-            raise ValueError(f"pairs_log_prob: steps {sorted(set(steps.tolist()))} have different noise levels "
-                             f"{sorted(set(levels.tolist()))}; re-score them in separate calls")
+            raise ValueError(
+                f"pairs_log_prob: steps {sorted(set(steps.tolist()))} have different noise levels "
+                f"{sorted(set(levels.tolist()))}; re-score them in separate calls"
+            )
         cond = self.encode_text([rollout.prompts[r] for r in rows.tolist()]) if cond is None else cond
-        return self._rescore(rollout, rollout.latents[rows, steps], rollout.latents[rows, steps + 1],
-                             rollout.sigmas[steps], rollout.sigmas[steps + 1], float(levels[0]), cond)
+        return self._rescore(
+            rollout,
+            rollout.latents[rows, steps],
+            rollout.latents[rows, steps + 1],
+            rollout.sigmas[steps],
+            rollout.sigmas[steps + 1],
+            float(levels[0]),
+            cond,
+        )
 
-    def _rescore(self, rollout: FlowRollout, x: Tensor, x_next: Tensor, sigma: Tensor, sigma_next: Tensor,
-                 noise_level: float, cond: TextCondition) -> StepOutput:
+    def _rescore(
+        self,
+        rollout: FlowRollout,
+        x: Tensor,
+        x_next: Tensor,
+        sigma: Tensor,
+        sigma_next: Tensor,
+        noise_level: float,
+        cond: TextCondition,
+    ) -> StepOutput:
         """Log-prob of the transitions `x -> x_next` (`[b, ...]`; sigmas 0-d or `[b]`) with the rollout's CFG and kind."""
         v = self.velocity(x, sigma.expand(x.shape[0]), cond, cfg_scale=rollout.cfg_scale)
-        _, logp, mean, std = sde_step(v, x, sigma, sigma_next, noise_level=noise_level, kind=rollout.kind, prev_sample=x_next)
+        _, logp, mean, std = sde_step(
+            v, x, sigma, sigma_next, noise_level=noise_level, kind=rollout.kind, prev_sample=x_next
+        )
         return StepOutput(logp, v, mean, std)
 
     # -- LoRA: recipes add adapters after the warm start; the base model is then the reference
@@ -404,5 +492,3 @@ class FlowPolicy(Policy):
     def adapters_disabled(self) -> ContextManager[None]:
         """Context in which the policy computes as its base model (the LoRA reference)."""
         raise NotImplementedError(f"{type(self).__name__} has no LoRA adapter")
-
-

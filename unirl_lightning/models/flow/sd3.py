@@ -21,8 +21,11 @@ class SD3FlowPolicy(TransformerFlowPolicy):
     def forward_velocity(self, x: Tensor, sigma: Tensor, cond: TextCondition) -> Tensor:
         dtype = next(self.transformer.parameters()).dtype
         out = self.transformer(
-            hidden_states=x.to(dtype), encoder_hidden_states=cond.hidden.to(dtype),
-            pooled_projections=cond.pooled.to(dtype), timestep=sigma * self.num_train_timesteps, return_dict=False,
+            hidden_states=x.to(dtype),
+            encoder_hidden_states=cond.hidden.to(dtype),
+            pooled_projections=cond.pooled.to(dtype),
+            timestep=sigma * self.num_train_timesteps,
+            return_dict=False,
         )[0]
         return out
 
@@ -43,21 +46,39 @@ class DiffusersFlowPolicy(PipelineFlowPolicy, SD3FlowPolicy):
         drop_t5: load without the T5 encoder (SD3 then reads zeros in its place; saves memory).
     """
 
-    def __init__(self, pretrained: str, resolution: int = 512, torch_dtype: str = "bfloat16",
-                 max_sequence_length: int = 128, shift: float | None = None, drop_t5: bool = False):
+    def __init__(
+        self,
+        pretrained: str,
+        resolution: int = 512,
+        torch_dtype: str = "bfloat16",
+        max_sequence_length: int = 128,
+        shift: float | None = None,
+        drop_t5: bool = False,
+    ):
         from diffusers import StableDiffusion3Pipeline
 
         no_t5 = {"text_encoder_3": None, "tokenizer_3": None} if drop_t5 else {}
-        pipe = StableDiffusion3Pipeline.from_pretrained(pretrained, dtype=getattr(torch, torch_dtype), **no_t5)
+        pipe = StableDiffusion3Pipeline.from_pretrained(
+            pretrained, dtype=getattr(torch, torch_dtype), **no_t5
+        )
         super().__init__(shift=pipe.scheduler.config.shift if shift is None else shift)
-        self.pretrained, self.resolution, self.max_sequence_length = pretrained, resolution, max_sequence_length
+        self.pretrained, self.resolution, self.max_sequence_length = (
+            pretrained,
+            resolution,
+            max_sequence_length,
+        )
         self.torch_dtype, self.drop_t5 = torch_dtype, drop_t5
         self.adopt_pipeline(pipe)
 
     def options(self) -> dict[str, Any]:
-        return {"pretrained": self.pretrained, "resolution": self.resolution, "torch_dtype": self.torch_dtype,
-                "max_sequence_length": self.max_sequence_length, "shift": self.scheduler.config.shift,
-                "drop_t5": self.drop_t5}
+        return {
+            "pretrained": self.pretrained,
+            "resolution": self.resolution,
+            "torch_dtype": self.torch_dtype,
+            "max_sequence_length": self.max_sequence_length,
+            "shift": self.scheduler.config.shift,
+            "drop_t5": self.drop_t5,
+        }
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -68,6 +89,11 @@ class DiffusersFlowPolicy(PipelineFlowPolicy, SD3FlowPolicy):
     def encode_text(self, prompts: Sequence[Prompt]) -> TextCondition:
         texts = ["" if p is None else p for p in prompts]
         hidden, _, pooled, _ = self._pipe.encode_prompt(
-            prompt=texts, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False,
-            max_sequence_length=self.max_sequence_length)
+            prompt=texts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
         return TextCondition(hidden, pooled)

@@ -92,7 +92,9 @@ class WordTextEncoder(nn.Module):
 
     PAD, NULL, UNK = 0, 1, 2
 
-    def __init__(self, words: Sequence[str], dim: int, text_len: int, position_std: float = 1.0, layers: int = 0):
+    def __init__(
+        self, words: Sequence[str], dim: int, text_len: int, position_std: float = 1.0, layers: int = 0
+    ):
         super().__init__()
         self.tokenizer = WordTokenizer(words)
         self.text_len = text_len
@@ -100,8 +102,11 @@ class WordTextEncoder(nn.Module):
         # Joint attention has no text positions of its own: these are the only word-order signal.
         self.pos = nn.Parameter(torch.randn(text_len, dim) * position_std)
         self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(dim, max(dim // 32, 1), 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
-            for _ in range(layers))
+            nn.TransformerEncoderLayer(
+                dim, max(dim // 32, 1), 4 * dim, dropout=0.0, batch_first=True, norm_first=True
+            )
+            for _ in range(layers)
+        )
         self.norm = nn.LayerNorm(dim)
         self.pool = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
@@ -110,7 +115,11 @@ class WordTextEncoder(nn.Module):
         rows = []
         for p in prompts:
             # word ids shift by 3 past the specials; unknown words (-1) land on UNK (2)
-            ids = [self.NULL] * self.text_len if p is None else [i + 3 for i in self.tokenizer.encode(p, unk_id=-1)]
+            ids = (
+                [self.NULL] * self.text_len
+                if p is None
+                else [i + 3 for i in self.tokenizer.encode(p, unk_id=-1)]
+            )
             ids = ids[: self.text_len]
             rows.append(ids + [self.PAD] * (self.text_len - len(ids)))
         return torch.tensor(rows, dtype=torch.long, device=self.pos.device)
@@ -195,13 +204,21 @@ class TinyFlowModel(SD3FlowPolicy):
 
         self.config = cfg
         self.codec = CellCodec(cfg)
-        self.text_encoder = WordTextEncoder(cfg.words, cfg.text_dim, cfg.text_len, cfg.text_position_std,
-                                            cfg.text_layers)
+        self.text_encoder = WordTextEncoder(
+            cfg.words, cfg.text_dim, cfg.text_len, cfg.text_position_std, cfg.text_layers
+        )
         side, inner = cfg.canvas // cfg.cell, cfg.num_heads * cfg.head_dim
         self.transformer = SD3Transformer2DModel(
-            sample_size=side, patch_size=1, in_channels=self.codec.channels, out_channels=self.codec.channels,
-            num_layers=cfg.num_layers, attention_head_dim=cfg.head_dim, num_attention_heads=cfg.num_heads,
-            joint_attention_dim=cfg.text_dim, caption_projection_dim=inner, pooled_projection_dim=cfg.text_dim,
+            sample_size=side,
+            patch_size=1,
+            in_channels=self.codec.channels,
+            out_channels=self.codec.channels,
+            num_layers=cfg.num_layers,
+            attention_head_dim=cfg.head_dim,
+            num_attention_heads=cfg.num_heads,
+            joint_attention_dim=cfg.text_dim,
+            caption_projection_dim=inner,
+            pooled_projection_dim=cfg.text_dim,
             pos_embed_max_size=side,
         )
         self._set_image_positions(cfg, inner, side)
@@ -212,8 +229,17 @@ class TinyFlowModel(SD3FlowPolicy):
         from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
         patch = self.transformer.pos_embed
-        table = get_2d_sincos_pos_embed(inner, side, base_size=side, interpolation_scale=1.0 / cfg.image_position_spread,
-                                        output_type="pt").float().unsqueeze(0)  # [1, side*side, inner]
+        table = (
+            get_2d_sincos_pos_embed(
+                inner,
+                side,
+                base_size=side,
+                interpolation_scale=1.0 / cfg.image_position_spread,
+                output_type="pt",
+            )
+            .float()
+            .unsqueeze(0)
+        )  # [1, side*side, inner]
         del patch.pos_embed
         if cfg.image_position_learned:
             patch.pos_embed = nn.Parameter(table)

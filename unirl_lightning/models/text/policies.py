@@ -97,8 +97,14 @@ class TextPolicy(Policy):
         """Generated ids (EOS excluded) -> text."""
 
     @abstractmethod
-    def forward_logits(self, ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                       cache: Any = None, use_cache: bool = False) -> tuple[Tensor, Any]:
+    def forward_logits(
+        self,
+        ids: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor,
+        cache: Any = None,
+        use_cache: bool = False,
+    ) -> tuple[Tensor, Any]:
         """One causal pass over new tokens `ids` `[B, S]` (after `cache`'s tokens): attention_mask
         `[B, S_past + S]`, position_ids `[B, S]` -> logits `[B, S, V]` and the extended cache."""
 
@@ -117,11 +123,19 @@ class TextPolicy(Policy):
         return logits.log_softmax(-1)
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 16, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> TextRollout:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int = 16,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> TextRollout:
         """Sample one text per prompt (temperature 0: greedy) -> :class:`TextRollout` with `T <= max_new_tokens`."""
         if max_new_tokens < 1 or temperature < 0:
-            raise ValueError(f"need max_new_tokens >= 1 and temperature >= 0, got {max_new_tokens}, {temperature}")
+            raise ValueError(
+                f"need max_new_tokens >= 1 and temperature >= 0, got {max_new_tokens}, {temperature}"
+            )
         ids, am = self.encode_prompts(prompts)
         batch, dev = ids.shape[0], ids.device
         logits, cache = self.forward_logits(ids, am, positions(am), None, use_cache=True)
@@ -142,10 +156,14 @@ class TextPolicy(Policy):
                 break
             # Finished rows keep feeding pad (attended, like teacher forcing does; never scored).
             am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
-            logits, cache = self.forward_logits(tok[:, None], am, am.sum(-1, keepdim=True) - 1, cache, use_cache=True)
+            logits, cache = self.forward_logits(
+                tok[:, None], am, am.sum(-1, keepdim=True) - 1, cache, use_cache=True
+            )
         tok_t, mask_t = torch.stack(tokens, 1), torch.stack(masks, 1)
-        texts = [self.decode([t for t, m in zip(row, mrow) if m and t != self.eos_id])
-                 for row, mrow in zip(tok_t.tolist(), mask_t.tolist())]
+        texts = [
+            self.decode([t for t, m in zip(row, mrow) if m and t != self.eos_id])
+            for row, mrow in zip(tok_t.tolist(), mask_t.tolist())
+        ]
         return TextRollout(texts, tok_t, torch.stack(logps, 1), mask_t, float(temperature))
 
     def logprobs(self, prompts: Sequence[str], rollout: TextRollout) -> Tensor:
@@ -163,15 +181,20 @@ class TextPolicy(Policy):
         """Given texts as a rollout (ids + EOS, logprobs 0), to score them by `logprobs` (SFT)."""
         rows = [ids + [self.eos_id] for ids in self.encode_targets(texts)]
         t = max(len(r) for r in rows)
-        tokens = torch.tensor([r + [self.pad_id] * (t - len(r)) for r in rows], dtype=torch.long, device=self.device)
-        mask = torch.tensor([[i < len(r) for i in range(t)] for r in rows], dtype=torch.bool, device=self.device)
-        return TextRollout(list(texts), tokens, torch.zeros(tokens.shape, device=self.device), mask, temperature)
+        tokens = torch.tensor(
+            [r + [self.pad_id] * (t - len(r)) for r in rows], dtype=torch.long, device=self.device
+        )
+        mask = torch.tensor(
+            [[i < len(r) for i in range(t)] for r in rows], dtype=torch.bool, device=self.device
+        )
+        return TextRollout(
+            list(texts), tokens, torch.zeros(tokens.shape, device=self.device), mask, temperature
+        )
 
     @property
     def output_words(self) -> list[str] | None:
         """The words this policy may write (None: unrestricted), to check against an image model's vocabulary."""
         return None
-
 
 
 # ---- any transformers causal LM -------------------------------------------------------------------
@@ -198,13 +221,24 @@ class HFTextPolicy(TextPolicy):
         dtype: model dtype when loading ("float32", "bfloat16", ...).
     """
 
-    def __init__(self, pretrained: str | None = None, *, model: nn.Module | None = None, tokenizer: Any = None,
-                 allowed_words: list[str] | None = None, prompt_template: str = "{prompt}",
-                 chat_template: bool = False, max_prompt_len: int = 256, dtype: str = "float32"):
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        *,
+        model: nn.Module | None = None,
+        tokenizer: Any = None,
+        allowed_words: list[str] | None = None,
+        prompt_template: str = "{prompt}",
+        chat_template: bool = False,
+        max_prompt_len: int = 256,
+        dtype: str = "float32",
+    ):
         super().__init__()
         if model is None or tokenizer is None:
             if pretrained is None:
-                raise ValueError("HFTextPolicy needs `pretrained` (Hub id or folder) or both `model` and `tokenizer`")
+                raise ValueError(
+                    "HFTextPolicy needs `pretrained` (Hub id or folder) or both `model` and `tokenizer`"
+                )
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             model = model or AutoModelForCausalLM.from_pretrained(pretrained, dtype=getattr(torch, dtype))
@@ -212,7 +246,11 @@ class HFTextPolicy(TextPolicy):
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token: generation could not stop")
         self.pretrained, self.model, self.tokenizer = pretrained, model, tokenizer
-        self.prompt_template, self.chat_template, self.max_prompt_len = prompt_template, chat_template, max_prompt_len
+        self.prompt_template, self.chat_template, self.max_prompt_len = (
+            prompt_template,
+            chat_template,
+            max_prompt_len,
+        )
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         disable_dropout(model)
@@ -237,13 +275,18 @@ class HFTextPolicy(TextPolicy):
     def _format(self, prompt: str) -> str:
         text = self.prompt_template.format(prompt=prompt)
         if self.chat_template:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                      add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
         return text
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        rows = [self.tokenizer.encode(self._format(p), add_special_tokens=not self.chat_template)[-self.max_prompt_len:]
-                for p in prompts]
+        rows = [
+            self.tokenizer.encode(self._format(p), add_special_tokens=not self.chat_template)[
+                -self.max_prompt_len :
+            ]
+            for p in prompts
+        ]
         width = max(len(r) for r in rows)
         ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
         am = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
@@ -256,8 +299,13 @@ class HFTextPolicy(TextPolicy):
         return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
     def forward_logits(self, ids, attention_mask, position_ids, cache=None, use_cache=False):
-        out = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=use_cache)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=use_cache,
+        )
         return out.logits, (out.past_key_values if use_cache else None)
 
     def fsdp_units(self) -> list[nn.Module]:
@@ -268,12 +316,21 @@ class HFTextPolicy(TextPolicy):
         """Model and tokenizer (transformers format) plus this wrapper's options."""
         path = Path(path)
         if state_dict is not None:
-            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+            state_dict = {
+                k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")
+            }
         self.model.save_pretrained(path, state_dict=state_dict)
         self.tokenizer.save_pretrained(path)
-        (path / "text_policy.json").write_text(json.dumps({
-            "allowed_words": self._allowed_words, "prompt_template": self.prompt_template,
-            "chat_template": self.chat_template, "max_prompt_len": self.max_prompt_len}))
+        (path / "text_policy.json").write_text(
+            json.dumps(
+                {
+                    "allowed_words": self._allowed_words,
+                    "prompt_template": self.prompt_template,
+                    "chat_template": self.chat_template,
+                    "max_prompt_len": self.max_prompt_len,
+                }
+            )
+        )
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> "HFTextPolicy":
@@ -328,7 +385,9 @@ class TinyTextPolicy(TextPolicy):
         vocab = len(SPECIALS) + len(self.words)
         self.tok_emb = nn.Embedding(vocab, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
-        self.blocks = nn.ModuleList(CachedBlock(cfg.d_model, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(
+            CachedBlock(cfg.d_model, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers)
+        )
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, vocab, bias=False)
         for m in self.modules():
@@ -353,7 +412,9 @@ class TinyTextPolicy(TextPolicy):
         rows = [[BOS] + self._ids(p)[-keep:] + [SEP] for p in prompts]
         width = max(len(r) for r in rows)
         ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows], dtype=torch.long, device=self.device)
-        am = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=self.device)
+        am = torch.tensor(
+            [[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=self.device
+        )
         return ids, am
 
     def encode_targets(self, texts: Sequence[str]) -> list[list[int]]:
@@ -364,7 +425,9 @@ class TinyTextPolicy(TextPolicy):
 
     def forward_logits(self, ids, attention_mask, position_ids, cache=None, use_cache=False):
         if int(position_ids.max()) >= self.config.max_len:
-            raise ValueError(f"sequence longer than max_len={self.config.max_len}; raise it or generate fewer tokens")
+            raise ValueError(
+                f"sequence longer than max_len={self.config.max_len}; raise it or generate fewer tokens"
+            )
         s, total = ids.shape[1], attention_mask.shape[1]
         q_idx = torch.arange(total - s, total, device=ids.device)[:, None]
         k_idx = torch.arange(total, device=ids.device)[None]
