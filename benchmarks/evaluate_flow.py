@@ -1,10 +1,11 @@
 """Held-out synthetic GenEval of saved built-in flow policies, with the image-quality proxy.
 
-    python benchmarks/evaluate_flow.py NAME=FOLDER [NAME=FOLDER ...] [--samples 4] [--steps 20] [--cfg-scale 1]
+    python benchmarks/evaluate_flow.py NAME=FOLDER [NAME=FOLDER ...] [--samples 4] [--steps 20] \
+        [--cfg-scale 1]
 
 FOLDER is what `save_pretrained` wrote (a FlowGRPO run's `model.save_to`, or the flow warm-start
-cache). Images: the deterministic ODE sampler (noise 0; no CFG unless `--cfg-scale`) from seeded noise, `--samples` per
-held-out prompt (the DataModule's default validation prompts, never trained on). Columns: GenEval
+cache). Images: the deterministic ODE sampler (noise 0; no CFG unless `--cfg-scale`) from seeded noise,
+`--samples` per held-out prompt (the DataModule's default validation prompts, never trained on). Columns: GenEval
 per task and overall, partial credit, and `off_manifold` (mean distance of the final latent cells
 to the nearest code, 0 = every cell a clean rendered patch; 0.5 = half way to a wrong one).
 """

@@ -27,7 +27,8 @@ from unirl_lightning.models.flow import TinyFlowModel
 @torch.no_grad()
 def window_signal(policy, specs: list[dict], start: int, size: int, noise_level: float, group: int,
                   num_steps: int = 10, chunk: int = 16) -> dict[str, float]:
-    """Zero-std share, mean group std and mean reward of `specs` x `group` rollouts with the window at `start`."""
+    """Zero-std share, mean group std and mean reward of `specs` x `group` rollouts with the window at
+    `start`."""
     judge, zero, std, mean, solved, tags = GenEvalJudge(WorldDetector()), [], [], [], [], []
     for i in range(0, len(specs), chunk):
         part = specs[i : i + chunk]
@@ -84,7 +85,8 @@ def main() -> None:
         print("|---|---:|---:|---:|")
         for tag in sorted({k.split("/")[0] for k in res if "/" in k}):
             print(
-                f"| {tag} | {res[tag + '/groups']} | {res[tag + '/zero_std']:.2f} | {res[tag + '/tied_solved']:.2f} |"
+                f"| {tag} | {res[tag + '/groups']} | {res[tag + '/zero_std']:.2f} "
+                f"| {res[tag + '/tied_solved']:.2f} |"
             )
         return
     print("| window | zero-std groups | of them all-correct | group reward std | reward |")
@@ -92,7 +94,8 @@ def main() -> None:
     for start in range(10 - args.size):
         res = window_signal(policy, specs, start, args.size, args.noise_level, args.group)
         print(
-            f"| [{start}, {start + args.size}) | {res['zero_std']:.3f} | {res['tied_solved']:.2f} | {res['group_std']:.3f} "
+            f"| [{start}, {start + args.size}) | {res['zero_std']:.3f} | {res['tied_solved']:.2f} "
+            f"| {res['group_std']:.3f} "
             f"| {res['reward']:.3f} |",
             flush=True,
         )

@@ -59,7 +59,8 @@ def main() -> None:
     total = sum(med.values())
     n = args.prompts * args.group
     print(
-        f"GRPO step, built-in model ({args.order}), {args.prompts} prompts x {args.group} images, {args.threads} thread(s)\n"
+        f"GRPO step, built-in model ({args.order}), {args.prompts} prompts x {args.group} images, "
+        f"{args.threads} thread(s)\n"
     )
     print("| phase | seconds | share |\n|---|---:|---:|")
     for k, v in med.items():

@@ -40,7 +40,8 @@ class PromptBatch:
 
 
 def check_task_weights(weights: dict[str, float], field: str) -> None:
-    """Fails early on unknown tasks, negative weights or an all-zero mapping (`field` names the config key)."""
+    """Fails early on unknown tasks, negative weights or an all-zero mapping (`field` names the config
+    key)."""
     unknown = sorted(set(weights) - set(TASKS))
     if unknown:
         raise ValueError(f"{field}: unknown task(s) {unknown}; GenEval's tasks are {list(TASKS)}")
@@ -49,7 +50,8 @@ def check_task_weights(weights: dict[str, float], field: str) -> None:
 
 
 def reweight_by_task(specs: list[dict], weights: dict[str, float], seed: int) -> list[dict]:
-    """A list as long as `specs` whose task shares follow `weights` (sampled with replacement per task, seeded)."""
+    """A list as long as `specs` whose task shares follow `weights` (sampled with replacement per task,
+    seeded)."""
     by_task: dict[str, list[dict]] = {}
     for s in specs:
         by_task.setdefault(s.get("tag", ""), []).append(s)

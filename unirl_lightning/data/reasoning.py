@@ -149,7 +149,8 @@ def _riddles_of(spec: dict) -> list[tuple[str, str]]:
         out += [(f"a photo of {with_article(subj)} {rel} {r}", r) for r in SHAPE_RIDDLES[ref]]
     elif tag == "color_attr":
         (a, ca), (b, cb) = ((c["class"], c["color"]) for c in inc)
-        out += [(f"a photo of {with_article(a)} {r} and {with_article(cb)} {b}", r) for r in _color_riddles(ca)]
+        both = f"{with_article(cb)} {b}"
+        out += [(f"a photo of {with_article(a)} {r} and {both}", r) for r in _color_riddles(ca)]
         out += [
             (f"a photo of {with_article(ca)} {a} and {with_article(b)} {r}", r) for r in _color_riddles(cb)
         ]

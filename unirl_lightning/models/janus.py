@@ -392,7 +392,9 @@ class JanusPolicy(UnifiedPolicy):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if state_dict is not None:  # this module's keys -> the wrapped model's
-            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+            state_dict = {
+                k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")
+            }
         self.model.save_pretrained(path, state_dict=state_dict)
         self.processor.save_pretrained(path)
 

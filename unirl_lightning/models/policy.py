@@ -23,7 +23,8 @@ class Policy(nn.Module, ABC):
     fsdp_entry_points: tuple[str, ...] = ()
 
     def fsdp_units(self) -> list[nn.Module]:
-        """Sub-modules to shard one by one under FSDP (e.g. transformer blocks); the rest shard as the root."""
+        """Sub-modules to shard one by one under FSDP (e.g. transformer blocks); the rest shard as the
+        root."""
         return []
 
     def make_reference(self) -> "Policy":

@@ -89,7 +89,8 @@ class CachedBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, allowed: Tensor, cache: list[Tensor] | None = None) -> Tensor:
-        """x `[B, S, D]`; allowed bool `[B, 1, S, S_total]`; cache `[k, v]` of past keys, extended in place."""
+        """x `[B, S, D]`; allowed bool `[B, 1, S, S_total]`; cache `[k, v]` of past keys, extended in
+        place."""
         q, k, v = rearrange(
             self.qkv(self.ln1(x)), "b s (three h e) -> three b h s e", three=3, h=self.n_heads
         )
@@ -196,7 +197,8 @@ class TinyUnifiedModel(UnifiedPolicy):
         ]
         if max(map(len, rows)) > self.config.max_answer_len + 1:
             raise ValueError(
-                f"answer longer than max_answer_len={self.config.max_answer_len} words; raise it in TinyConfig"
+                f"answer longer than max_answer_len={self.config.max_answer_len} words; "
+                "raise it in TinyConfig"
             )
         width = max(map(len, rows))
         tokens = torch.full((len(rows), width), PAD, dtype=torch.long)
@@ -214,7 +216,8 @@ class TinyUnifiedModel(UnifiedPolicy):
         return self.words.decode(out)
 
     def _allowed(self, tokens_or_len: Tensor, total: int, past: int = 0) -> Tensor:
-        """Attention mask `[B, 1, S, past + S]`: causal, image block bidirectional in masked order, no pad keys."""
+        """Attention mask `[B, 1, S, past + S]`: causal, image block bidirectional in masked order, no pad
+        keys."""
         ids = tokens_or_len
         b, s = ids.shape[0], ids.shape[1]
         q = torch.arange(past, past + s, device=ids.device)[:, None]
@@ -408,7 +411,8 @@ class TinyUnifiedModel(UnifiedPolicy):
     def _understanding_prefix(
         self, images: ImageInput, questions: Sequence[str]
     ) -> tuple[Tensor, Tensor | None]:
-        """Tokens `[B, 1 + T + 1 + L + 1]` ending in [EOI], plus relaxed image embeddings `[B, L, D]` or None."""
+        """Tokens `[B, 1 + T + 1 + L + 1]` ending in [EOI], plus relaxed image embeddings `[B, L, D]` or
+        None."""
         head = self.encode_text(questions, UND)
         if images.dtype == torch.long:
             return torch.cat([head, images + self.image_offset, torch.full_like(head[:, :1], EOI)], 1), None

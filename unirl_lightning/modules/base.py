@@ -57,7 +57,8 @@ class RecipeModule(L.LightningModule):
         self.save_hyperparameters(ignore=list(self.hparams_ignore))
         if save_to and Path(save_to).is_dir() and any(Path(save_to).iterdir()) and not overwrite:
             raise FileExistsError(
-                f"model.save_to: {save_to} exists and is not empty; pick another folder or set overwrite: true"
+                f"model.save_to: {save_to} exists and is not empty; "
+                "pick another folder or set overwrite: true"
             )
         self.policy = policy
         self.judge = GenEvalJudge(detector or WorldDetector())

@@ -65,7 +65,8 @@ class FlowPolicyModule(RecipeModule):
             )
 
     def log_off_manifold(self, rollout, batch_size: int) -> None:
-        """Logs the policy's image-quality proxy of the final latents (drift the judge cannot see), if it has one."""
+        """Logs the policy's image-quality proxy of the final latents (drift the judge cannot see), if it has
+        one."""
         off = self.policy.off_manifold(rollout.latents[:, -1])
         if off is not None:
             self.log("val/off_manifold", off.mean(), batch_size=batch_size, sync_dist=True)

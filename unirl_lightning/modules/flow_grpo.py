@@ -67,7 +67,8 @@ def _random_window(window, num_steps: int, size: int) -> tuple[int, int]:
 
 
 def _check_task_window(task: str, window, num_steps: int, size: int) -> None:
-    """`model.sde_window_by_task` entry: a GenEval task and a `[lo, hi)` range that fits a window of `size`."""
+    """`model.sde_window_by_task` entry: a GenEval task and a `[lo, hi)` range that fits a window of
+    `size`."""
     field = f"model.sde_window_by_task.{task}"
     if task not in TASKS:
         raise ValueError(f"{field}: unknown task; GenEval's tasks are {list(TASKS)}")
@@ -254,7 +255,8 @@ class FlowGRPO(FlowPolicyModule):
         return self.scheduled(super().configure_optimizers())
 
     def scheduled(self, opt: torch.optim.Optimizer) -> dict:
-        """Lightning's optimiser config: `opt` with the warm-up and `lr_decay` schedule, per optimiser step."""
+        """Lightning's optimiser config: `opt` with the warm-up and `lr_decay` schedule, per optimiser
+        step."""
         hp = self.hparams
         sched = warmup_then_decay(
             opt, max(hp.warmup_steps, 0), hp.lr_decay, self._decay_end(), hp.lr_min_ratio
@@ -342,7 +344,8 @@ class FlowGRPO(FlowPolicyModule):
     def _penalty(
         self, out: StepOutput, ref: StepOutput, rollout: FlowRollout, step: int | torch.Tensor
     ) -> torch.Tensor:
-        """`[B]` regulariser of one step (or of `[B]` rows' own steps) against the reference at the same states."""
+        """`[B]` regulariser of one step (or of `[B]` rows' own steps) against the reference at the same
+        states."""
         name = self.hparams.regularizer
         s, s_next = rollout.sigmas[step], rollout.sigmas[step + 1]
         if name == "velocity_mse":

@@ -66,8 +66,8 @@ class UniGRPO(FlowGRPO):
         save_to: the flow policy is saved there and, when the text policy trains, the text policy
             in its `text_policy/` sub-folder.
         beta: weight of the velocity MSE (beta_v); clip_range: image ratio clip. Other arguments
-            (num_steps, noise_level, kind, sde_window(_size), step_weighting, num_iterations, rollouts_per_update, micro_batch_size,
-            scale, adv_clip, regularizer, track_reference, lr, warm_start, ...) as in `FlowGRPO`.
+            (num_steps, noise_level, kind, sde_window(_size), step_weighting, num_iterations,
+            rollouts_per_update, micro_batch_size, scale, adv_clip, regularizer, track_reference, lr, warm_start, ...) as in `FlowGRPO`.
             CFG is off in rollouts, training and validation (UniGRPO).
     """
 
@@ -342,7 +342,8 @@ class UniGRPO(FlowGRPO):
 
     # ---- evaluation ---------------------------------------------------------------------------
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        """Greedy text, `eval_repeats` ODE images per text (noise 0, no CFG), GenEval judge against the spec."""
+        """Greedy text, `eval_repeats` ODE images per text (noise 0, no CFG), GenEval judge against the
+        spec."""
         hp = self.hparams
         gen = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
         texts, _ = self.write(batch.specs, greedy=True)

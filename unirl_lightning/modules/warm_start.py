@@ -105,7 +105,8 @@ def cached_training(kind: str, policy, recipe: dict, train: Callable[[Path], Non
     if (target / "model.safetensors").is_file():
         return target
     print(
-        f"[unirl_lightning] no cached {kind.replace('_', ' ')} at {target}: training it ({recipe['max_steps']} steps, once)"
+        f"[unirl_lightning] no cached {kind.replace('_', ' ')} at {target}: "
+        f"training it ({recipe['max_steps']} steps, once)"
     )
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -259,7 +260,8 @@ def train_text_supervised(
     seed: int = 0,
     log_every: int = 100,
 ) -> list[float]:
-    """Teacher-force `policy` on (prompt, target) pairs for `steps` AdamW steps (cosine lr); returns the losses.
+    """Teacher-force `policy` on (prompt, target) pairs for `steps` AdamW steps (cosine lr); returns the
+    losses.
 
     Loss: mean negative log-prob per target token (EOS included).
     """
@@ -293,7 +295,8 @@ def greedy_accuracy(
     temperature: float = 0.0,
     seed: int = 0,
 ) -> float:
-    """Share of specs whose text from "reasoning_prompt" (greedy, or sampled at `temperature`) equals "prompt"."""
+    """Share of specs whose text from "reasoning_prompt" (greedy, or sampled at `temperature`) equals
+    "prompt"."""
     if not specs:
         return float("nan")
     hits, gen = 0, torch.Generator().manual_seed(seed)

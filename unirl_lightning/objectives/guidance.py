@@ -8,7 +8,8 @@ from torch import Tensor
 
 
 def cfg_combine(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
-    """`uncond + scale * (cond - uncond)` (Janus' and SD3's form; Show-o's `(1 + g) c - g u` is scale 1 + g)."""
+    """`uncond + scale * (cond - uncond)` (Janus' and SD3's form; Show-o's `(1 + g) c - g u` is scale 1 +
+    g)."""
     return uncond + scale * (cond - uncond)
 
 

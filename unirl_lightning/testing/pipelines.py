@@ -95,7 +95,8 @@ def tiny_sd3_pipeline(folder) -> None:
 
 
 def tiny_flux_pipeline(folder, guidance_embeds: bool = True) -> None:
-    """A random FLUX.1-dev-style pipeline (CLIP-L-like + T5 encoders, distilled guidance) saved to `folder`."""
+    """A random FLUX.1-dev-style pipeline (CLIP-L-like + T5 encoders, distilled guidance) saved to
+    `folder`."""
     from diffusers import FluxPipeline, FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 

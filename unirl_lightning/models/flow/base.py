@@ -164,7 +164,8 @@ class _GroupRows:
     def check_prompts(self, prompts: list[str]) -> None:
         if len(self.row_group) != len(prompts):
             raise ValueError(
-                f"groups has {len(self.row_group)} entries for {len(prompts)} prompts; give one group id per row"
+                f"groups has {len(self.row_group)} entries for {len(prompts)} prompts; "
+                "give one group id per row"
             )
         firsts = self.first[self.row_group].tolist()
         for row, first in enumerate(firsts):
@@ -395,7 +396,8 @@ class FlowPolicy(Policy):
         kind: str,
         generator: torch.Generator | None,
     ) -> tuple[Tensor, Tensor]:
-        """One transition of rows `x` `[b, ...]`: SDE where `stochastic` (bool `[b]`), else Euler -> (x', log_prob `[b]`)."""
+        """One transition of rows `x` `[b, ...]`: SDE where `stochastic` (bool `[b]`), else Euler -> (x',
+        log_prob `[b]`)."""
         if bool(stochastic.all()) or not bool(
             stochastic.any()
         ):  # one call: the random stream of a shared window
@@ -470,7 +472,8 @@ class FlowPolicy(Policy):
         noise_level: float,
         cond: TextCondition,
     ) -> StepOutput:
-        """Log-prob of the transitions `x -> x_next` (`[b, ...]`; sigmas 0-d or `[b]`) with the rollout's CFG and kind."""
+        """Log-prob of the transitions `x -> x_next` (`[b, ...]`; sigmas 0-d or `[b]`) with the rollout's CFG
+        and kind."""
         v = self.velocity(x, sigma.expand(x.shape[0]), cond, cfg_scale=rollout.cfg_scale)
         _, logp, mean, std = sde_step(
             v, x, sigma, sigma_next, noise_level=noise_level, kind=rollout.kind, prev_sample=x_next
@@ -482,7 +485,8 @@ class FlowPolicy(Policy):
     lora_scaling: float | None = None
 
     def add_lora(self, rank: int, alpha: float | None = None, targets: Sequence[str] | None = None) -> None:
-        """Freeze the policy and add a trainable LoRA adapter (rank `rank`, scale alpha / rank) on `targets`."""
+        """Freeze the policy and add a trainable LoRA adapter (rank `rank`, scale alpha / rank) on
+        `targets`."""
         raise NotImplementedError(f"{type(self).__name__} does not support LoRA")
 
     @property

@@ -86,7 +86,8 @@ class TextPolicy(Policy):
     # -- to implement
     @abstractmethod
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """Prompts -> left-padded ids long `[B, P]` and attention mask long `[B, P]`, on the policy's device."""
+        """Prompts -> left-padded ids long `[B, P]` and attention mask long `[B, P]`, on the policy's
+        device."""
 
     @abstractmethod
     def encode_targets(self, texts: Sequence[str]) -> list[list[int]]:
@@ -131,7 +132,8 @@ class TextPolicy(Policy):
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> TextRollout:
-        """Sample one text per prompt (temperature 0: greedy) -> :class:`TextRollout` with `T <= max_new_tokens`."""
+        """Sample one text per prompt (temperature 0: greedy) -> :class:`TextRollout` with `T <=
+        max_new_tokens`."""
         if max_new_tokens < 1 or temperature < 0:
             raise ValueError(
                 f"need max_new_tokens >= 1 and temperature >= 0, got {max_new_tokens}, {temperature}"
@@ -193,7 +195,8 @@ class TextPolicy(Policy):
 
     @property
     def output_words(self) -> list[str] | None:
-        """The words this policy may write (None: unrestricted), to check against an image model's vocabulary."""
+        """The words this policy may write (None: unrestricted), to check against an image model's
+        vocabulary."""
         return None
 
 
@@ -431,7 +434,8 @@ class TinyTextPolicy(TextPolicy):
         s, total = ids.shape[1], attention_mask.shape[1]
         q_idx = torch.arange(total - s, total, device=ids.device)[:, None]
         k_idx = torch.arange(total, device=ids.device)[None]
-        # Causal over real keys; a query always sees itself (left-pad rows would otherwise be all-masked -> NaN).
+        # Causal over real keys; a query always sees itself (left-pad rows would otherwise be all-masked ->
+        # NaN).
         allowed = ((k_idx <= q_idx) & attention_mask.bool()[:, None, :]) | (k_idx == q_idx)
         if use_cache and cache is None:
             cache = [[] for _ in self.blocks]
