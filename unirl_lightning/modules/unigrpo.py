@@ -67,7 +67,8 @@ class UniGRPO(FlowGRPO):
             in its `text_policy/` sub-folder.
         beta: weight of the velocity MSE (beta_v); clip_range: image ratio clip. Other arguments
             (num_steps, noise_level, kind, sde_window(_size), step_weighting, num_iterations,
-            rollouts_per_update, micro_batch_size, scale, adv_clip, regularizer, track_reference, lr, warm_start, ...) as in `FlowGRPO`.
+            rollouts_per_update, micro_batch_size, scale, adv_clip, regularizer, track_reference, lr,
+            warm_start, ...) as in `FlowGRPO`.
             CFG is off in rollouts, training and validation (UniGRPO).
     """
 
