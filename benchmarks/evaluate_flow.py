@@ -7,7 +7,8 @@ FOLDER is what `save_pretrained` wrote (a FlowGRPO run's `model.save_to`, or the
 cache). Images: the deterministic ODE sampler (noise 0; no CFG unless `--cfg-scale`) from seeded
 noise, `--samples` per held-out prompt (the DataModule's default validation prompts, never trained
 on). Columns: GenEval per task and overall, partial credit, and `off_manifold` (mean distance of
-the final latent cells to the nearest code, 0 = every cell a clean rendered patch; 0.5 = half way to a wrong one).
+the final latent cells to the nearest code, 0 = every cell a clean rendered patch; 0.5 = half way
+to a wrong one).
 """
 
 from __future__ import annotations
