@@ -15,13 +15,16 @@ import torch
 from unirl_lightning.data import OnPolicyDataModule, grade_answer, question_for
 from unirl_lightning.evaluation import GenEvalScore, ImbalanceScore
 from unirl_lightning.evaluation.judge import GenEvalJudge
+from unirl_lightning.worlds.detector import WorldDetector
 from unirl_lightning.models import TinyUnifiedModel
 from unirl_lightning.worlds.vocab import TASKS
 
 
 @torch.no_grad()
-def evaluate_policy(policy, specs: list[dict], samples: int, cfg_scale: float, seed: int = 0) -> dict[str, float]:
-    judge, geneval, imbalance = GenEvalJudge(), GenEvalScore(), ImbalanceScore()
+def evaluate_policy(
+    policy, specs: list[dict], samples: int, cfg_scale: float, seed: int = 0
+) -> dict[str, float]:
+    judge, geneval, imbalance = GenEvalJudge(WorldDetector()), GenEvalScore(), ImbalanceScore()
     specs = [s for s in specs for _ in range(samples)]
     gen = torch.Generator().manual_seed(seed)
     for i in range(0, len(specs), 120):
@@ -44,9 +47,13 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4, help="images per held-out prompt")
     ap.add_argument("--cfg", type=float, default=1.0)
     args = ap.parse_args()
-    print_table(args.runs, list(TASKS) + ["overall", "imbalance"],
-                lambda folder, specs: evaluate_policy(TinyUnifiedModel.from_pretrained(folder).eval(), specs,
-                                                      args.samples, args.cfg))
+    print_table(
+        args.runs,
+        list(TASKS) + ["overall", "imbalance"],
+        lambda folder, specs: evaluate_policy(
+            TinyUnifiedModel.from_pretrained(folder).eval(), specs, args.samples, args.cfg
+        ),
+    )
 
 
 def print_table(runs: list[str], cols: list[str], score) -> None:

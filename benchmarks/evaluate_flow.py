@@ -1,12 +1,14 @@
 """Held-out synthetic GenEval of saved built-in flow policies, with the image-quality proxy.
 
-    python benchmarks/evaluate_flow.py NAME=FOLDER [NAME=FOLDER ...] [--samples 4] [--steps 20] [--cfg-scale 1]
+    python benchmarks/evaluate_flow.py NAME=FOLDER [NAME=FOLDER ...] [--samples 4] [--steps 20] \
+        [--cfg-scale 1]
 
 FOLDER is what `save_pretrained` wrote (a FlowGRPO run's `model.save_to`, or the flow warm-start
-cache). Images: the deterministic ODE sampler (noise 0; no CFG unless `--cfg-scale`) from seeded noise, `--samples` per
-held-out prompt (the DataModule's default validation prompts, never trained on). Columns: GenEval
-per task and overall, partial credit, and `off_manifold` (mean distance of the final latent cells
-to the nearest code, 0 = every cell a clean rendered patch; 0.5 = half way to a wrong one).
+cache). Images: the deterministic ODE sampler (noise 0; no CFG unless `--cfg-scale`) from seeded
+noise, `--samples` per held-out prompt (the DataModule's default validation prompts, never trained
+on). Columns: GenEval per task and overall, partial credit, and `off_manifold` (mean distance of
+the final latent cells to the nearest code, 0 = every cell a clean rendered patch; 0.5 = half way
+to a wrong one).
 """
 
 from __future__ import annotations
@@ -18,21 +20,24 @@ import torch
 from evaluate import print_table  # the sibling script: run this file as `python benchmarks/evaluate_flow.py`
 from unirl_lightning.evaluation import GenEvalScore
 from unirl_lightning.evaluation.judge import GenEvalJudge
+from unirl_lightning.worlds.detector import WorldDetector
 from unirl_lightning.models.flow import TinyFlowModel
 from unirl_lightning.worlds.vocab import TASKS
 
 
 @torch.no_grad()
-def evaluate_flow(policy, specs: list[dict], samples: int, steps: int, seed: int = 0,
-                  cfg_scale: float = 1.0) -> dict[str, float]:
-    judge, geneval = GenEvalJudge(), GenEvalScore()
+def evaluate_flow(
+    policy, specs: list[dict], samples: int, steps: int, seed: int = 0, cfg_scale: float = 1.0
+) -> dict[str, float]:
+    judge, geneval = GenEvalJudge(WorldDetector()), GenEvalScore()
     specs = [s for s in specs for _ in range(samples)]
     gen = torch.Generator().manual_seed(seed)
     partial, off = [], []
     for i in range(0, len(specs), 120):
         chunk = specs[i : i + 120]
-        rollout = policy.sample([s["prompt"] for s in chunk], num_steps=steps, noise_level=0.0, generator=gen,
-                                cfg_scale=cfg_scale)
+        rollout = policy.sample(
+            [s["prompt"] for s in chunk], num_steps=steps, noise_level=0.0, generator=gen, cfg_scale=cfg_scale
+        )
         results = judge(rollout.images, chunk)
         geneval.update([s["tag"] for s in chunk], torch.tensor([r.correct for r in results]))
         partial += [float(r.partial) for r in results]
@@ -50,9 +55,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="ODE steps")
     ap.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = none)")
     args = ap.parse_args()
-    print_table(args.runs, list(TASKS) + ["overall", "partial", "off_manifold"],
-                lambda folder, specs: evaluate_flow(TinyFlowModel.from_pretrained(folder).eval(), specs,
-                                                    args.samples, args.steps, cfg_scale=args.cfg_scale))
+    print_table(
+        args.runs,
+        list(TASKS) + ["overall", "partial", "off_manifold"],
+        lambda folder, specs: evaluate_flow(
+            TinyFlowModel.from_pretrained(folder).eval(),
+            specs,
+            args.samples,
+            args.steps,
+            cfg_scale=args.cfg_scale,
+        ),
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -34,7 +34,9 @@ def swapped_prompt(spec: dict) -> str:
 
 
 @torch.no_grad()
-def binding_losses(policy: TinyFlowModel, specs: list[dict], n: int, seed: int = 0) -> dict[str, tuple[float, float]]:
+def binding_losses(
+    policy: TinyFlowModel, specs: list[dict], n: int, seed: int = 0
+) -> dict[str, tuple[float, float]]:
     """`{f"{task} s={s}": (loss with the true prompt, loss with the swapped one)}`."""
     out = {}
     for task in ("position", "color_attr"):
@@ -42,12 +44,16 @@ def binding_losses(policy: TinyFlowModel, specs: list[dict], n: int, seed: int =
         chosen = [pool[i % len(pool)] for i in range(n)]
         x0 = policy.encode_images(render_batch(chosen, list(range(n)), policy.world)[0])
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-        conds = [policy.encode_text([s["prompt"] for s in chosen]), policy.encode_text([swapped_prompt(s) for s in chosen])]
+        conds = [
+            policy.encode_text([s["prompt"] for s in chosen]),
+            policy.encode_text([swapped_prompt(s) for s in chosen]),
+        ]
         for level in LEVELS:
             x_s = level * noise + (1 - level) * x0
             sigma = torch.full((n,), level)
             out[f"{task} s={level}"] = tuple(
-                float((policy.velocity(x_s, sigma, c) - (noise - x0)).square().mean()) for c in conds)
+                float((policy.velocity(x_s, sigma, c) - (noise - x0)).square().mean()) for c in conds
+            )
     return out
 
 

@@ -46,7 +46,10 @@ def main() -> None:
     prompts = [s["prompt"] for s in specs for _ in range(args.group)]
     groups = torch.arange(args.prompts).repeat_interleave(args.group)
     starts = list(range(8))  # windows [k, k + 2) inside [0, 9]
-    print(f"torch threads: {torch.get_num_threads()}, batch {len(prompts)} = {args.prompts} prompts x {args.group}")
+    print(
+        f"torch threads: {torch.get_num_threads()}, "
+        f"batch {len(prompts)} = {args.prompts} prompts x {args.group}"
+    )
     print("| layers | window start | full (s) | grouped (s) | speed-up |")
     print("|---:|---:|---:|---:|---:|")
     for layers in args.layers:

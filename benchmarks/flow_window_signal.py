@@ -20,20 +20,27 @@ import torch
 
 from unirl_lightning.data import OnPolicyDataModule
 from unirl_lightning.evaluation.judge import GenEvalJudge
+from unirl_lightning.worlds.detector import WorldDetector
 from unirl_lightning.models.flow import TinyFlowModel
 
 
 @torch.no_grad()
 def window_signal(policy, specs: list[dict], start: int, size: int, noise_level: float, group: int,
                   num_steps: int = 10, chunk: int = 16) -> dict[str, float]:
-    """Zero-std share, mean group std and mean reward of `specs` x `group` rollouts with the window at `start`."""
-    judge, zero, std, mean, solved, tags = GenEvalJudge(), [], [], [], [], []
+    """Zero-std share, mean group std and mean reward of `specs` x `group` rollouts with the window at
+    `start`."""
+    judge, zero, std, mean, solved, tags = GenEvalJudge(WorldDetector()), [], [], [], [], []
     for i in range(0, len(specs), chunk):
         part = specs[i : i + chunk]
         rows = [s for s in part for _ in range(group)]
         latents = policy.initial_noise(len(part)).repeat_interleave(group, 0)
-        rollout = policy.sample([s["prompt"] for s in rows], num_steps=num_steps, noise_level=noise_level,
-                                sde_window=(start, start + size), latents=latents)
+        rollout = policy.sample(
+            [s["prompt"] for s in rows],
+            num_steps=num_steps,
+            noise_level=noise_level,
+            sde_window=(start, start + size),
+            latents=latents,
+        )
         results = judge(rollout.images, rows)
         rewards = torch.tensor([float(r.partial) for r in results]).view(len(part), group)
         solved.append(torch.tensor([bool(r.correct) for r in results]).view(len(part), group).all(1))
@@ -42,13 +49,18 @@ def window_signal(policy, specs: list[dict], start: int, size: int, noise_level:
         std.append(rewards.std(1))
         mean.append(rewards.mean(1))
     zero_t, solved_t = torch.cat(zero), torch.cat(solved)
-    out = {"zero_std": float(zero_t.float().mean()), "group_std": float(torch.cat(std).mean()),
-           "reward": float(torch.cat(mean).mean()),
-           "tied_solved": float(solved_t[zero_t].float().mean()) if zero_t.any() else float("nan")}
+    out = {
+        "zero_std": float(zero_t.float().mean()),
+        "group_std": float(torch.cat(std).mean()),
+        "reward": float(torch.cat(mean).mean()),
+        "tied_solved": float(solved_t[zero_t].float().mean()) if zero_t.any() else float("nan"),
+    }
     for tag in dict.fromkeys(tags):  # per task: tie share, and the share of ties that are all-correct
         rows = torch.tensor([t == tag for t in tags])
         out[f"{tag}/zero_std"] = float(zero_t[rows].float().mean())
-        out[f"{tag}/tied_solved"] = float(solved_t[rows & zero_t].float().mean()) if (rows & zero_t).any() else float("nan")
+        out[f"{tag}/tied_solved"] = (
+            float(solved_t[rows & zero_t].float().mean()) if (rows & zero_t).any() else float("nan")
+        )
         out[f"{tag}/groups"] = int(rows.sum())
     return out
 
@@ -72,14 +84,21 @@ def main() -> None:
         print("| task | groups | zero-std groups | of them all-correct |")
         print("|---|---:|---:|---:|")
         for tag in sorted({k.split("/")[0] for k in res if "/" in k}):
-            print(f"| {tag} | {res[tag + '/groups']} | {res[tag + '/zero_std']:.2f} | {res[tag + '/tied_solved']:.2f} |")
+            print(
+                f"| {tag} | {res[tag + '/groups']} | {res[tag + '/zero_std']:.2f} "
+                f"| {res[tag + '/tied_solved']:.2f} |"
+            )
         return
     print("| window | zero-std groups | of them all-correct | group reward std | reward |")
     print("|---|---:|---:|---:|---:|")
     for start in range(10 - args.size):
         res = window_signal(policy, specs, start, args.size, args.noise_level, args.group)
-        print(f"| [{start}, {start + args.size}) | {res['zero_std']:.3f} | {res['tied_solved']:.2f} | {res['group_std']:.3f} "
-              f"| {res['reward']:.3f} |", flush=True)
+        print(
+            f"| [{start}, {start + args.size}) | {res['zero_std']:.3f} | {res['tied_solved']:.2f} "
+            f"| {res['group_std']:.3f} "
+            f"| {res['reward']:.3f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -58,7 +58,10 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     total = sum(med.values())
     n = args.prompts * args.group
-    print(f"GRPO step, built-in model ({args.order}), {args.prompts} prompts x {args.group} images, {args.threads} thread(s)\n")
+    print(
+        f"GRPO step, built-in model ({args.order}), {args.prompts} prompts x {args.group} images, "
+        f"{args.threads} thread(s)\n"
+    )
     print("| phase | seconds | share |\n|---|---:|---:|")
     for k, v in med.items():
         print(f"| {k} | {v:.3f} | {v / total:.0%} |")

@@ -24,7 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from unirl_lightning.models.janus import JanusPolicy, tiny_janus_components  # noqa: E402
+from unirl_lightning.models.janus import JanusPolicy
+from unirl_lightning.testing import tiny_janus_components  # noqa: E402
 from unirl_lightning.models.tiny import TinyConfig, TinyUnifiedModel  # noqa: E402
 
 PROMPTS = ["a photo of a red square", "a photo of two blue circles",

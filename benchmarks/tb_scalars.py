@@ -32,7 +32,9 @@ def window_means(rows: list[tuple[int, float, float]], window: int) -> list[tupl
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("logdir")
     parser.add_argument("tags", nargs="*")
     parser.add_argument("--window", type=int, default=0, help="print means over windows of this many steps")

@@ -92,7 +92,7 @@ def main() -> None:
         print(f"| {task} | " + " | ".join(f"{ok:.3f} (score {s:.2f})" for ok, s in results) + " |")
     print("| **overall** | " + " | ".join(f"**{v:.3f}**" for v in (totals / len(TASKS)).tolist()) + " |")
     n_img = args.n * len(TASKS)
-    print(f"\nrate = GenEval correct rate; score = mean detector score over all detections (nan: none).")
+    print("\nrate = GenEval correct rate; score = mean detector score over all detections (nan: none).")
     print(f"time for {n_img} images: render {timing['render']:.2f}s, "
           f"encode+decode {timing['tokenizer']:.2f}s, "
           f"detect+score x5 conditions {timing['detect+score']:.2f}s")

@@ -19,7 +19,7 @@ from unirl_lightning.data import OnPolicyDataModule
 from unirl_lightning.data.reasoning import ReasoningDataModule
 from unirl_lightning.models.flow import TinyFlowConfig, TinyFlowModel
 from unirl_lightning.models.lora import merge_lora
-from unirl_lightning.models.text_policy import TinyTextConfig, TinyTextPolicy
+from unirl_lightning.models.text.policies import TinyTextConfig, TinyTextPolicy
 from unirl_lightning.modules.flow_grpo import FlowGRPO
 from unirl_lightning.modules.unigrpo import UniGRPO
 

@@ -12,12 +12,13 @@ from unirl_lightning.callbacks import PolicyEMA
 from unirl_lightning.data import OnPolicyDataModule, generate_specs
 from unirl_lightning.models.flow import TinyFlowConfig, TinyFlowModel
 from unirl_lightning.modules.flow_grpo import FlowGRPO
-from unirl_lightning.modules.shared import warmup_then_decay
-from unirl_lightning.modules.flow_pretrain import FlowSceneDataModule, FlowWarmStart
+from unirl_lightning.modules.training import warmup_then_decay
+from unirl_lightning.data import FlowSceneDataModule
+from unirl_lightning.modules.flow_pretrain import FlowWarmStart
 from unirl_lightning.worlds import render_batch
 from unirl_lightning.objectives import noise_aware_step_weights
 from grad_capture import LatentMeanReward, capture_backward_grads
-from tiny_pipelines import tiny_sd3_pipeline
+from unirl_lightning.testing import tiny_sd3_pipeline
 
 PROMPTS = ["a photo of a red square", "a photo of two circles", "a photo of a cross left of a triangle"]
 
@@ -595,19 +596,30 @@ def test_diffusers_flow_policy_on_a_tiny_local_sd3_pipeline(tmp_path):
 
 
 def test_auto_warm_start_is_trained_once_cached_and_loaded(tmp_path, monkeypatch):
-    from unirl_lightning import flow_warm_start
+    from unirl_lightning.modules import warm_start
 
     monkeypatch.setenv("UNIRL_CACHE", str(tmp_path / "cache"))
-    for key, value in {"max_steps": 2, "batch_size": 8, "num_train": 60, "warmup_steps": 1}.items():
-        monkeypatch.setitem(flow_warm_start.RECIPE, key, value)
+    recipe = {**warm_start.RECIPES["flow_warm_start"], "max_steps": 2, "batch_size": 8, "num_train": 60,
+              "warmup_steps": 1}
+    monkeypatch.setitem(warm_start.RECIPES, "flow_warm_start", recipe)
     module = FlowGRPO(_tiny(), warm_start="auto", num_steps=3)
     module.setup("fit")
-    folder = flow_warm_start.flow_warm_start_dir(module.policy)
+    folder = warm_start.warm_start_dir("flow_warm_start", module.policy)
     assert (folder / "model.safetensors").is_file()
     cached = TinyFlowModel.from_pretrained(folder)
     assert torch.equal(cached.transformer.proj_out.weight, module.policy.transformer.proj_out.weight)
     assert torch.equal(module.reference.transformer.proj_out.weight, module.policy.transformer.proj_out.weight)
-    assert flow_warm_start.ensure_flow_warm_start(module.policy) == folder  # cached: no retraining
+    assert warm_start.ensure_flow_warm_start(module.policy) == folder  # cached: no retraining
+
+
+def test_warm_start_recipes_keep_their_cache_keys():
+    """The cache key hashes the recipe: a changed recipe retrains the warm start and moves every
+    baseline in benchmarks/. These are the folders the published results started from."""
+    from unirl_lightning.models import TinyUnifiedModel
+    from unirl_lightning.modules.warm_start import warm_start_dir
+
+    assert warm_start_dir("warm_start", TinyUnifiedModel()).name == "d86a011aff5ad5eb"
+    assert warm_start_dir("flow_warm_start", TinyFlowModel()).name == "55b14be8df128a89"
 
 
 class _TiedReward(LatentMeanReward):

@@ -5,8 +5,8 @@ ratios are 1, LoRA and saving round-trip."""
 import pytest
 import torch
 
-from tiny_pipelines import tiny_flux_pipeline
-from unirl_lightning.models.flux import DiffusersFluxPolicy, dynamic_shift, image_ids, pack_latents, unpack_latents
+from unirl_lightning.testing import tiny_flux_pipeline
+from unirl_lightning.models.flow.flux import DiffusersFluxPolicy, dynamic_shift, image_ids, pack_latents, unpack_latents
 
 PROMPTS = ["a red square", "two circles"]
 
@@ -115,7 +115,7 @@ def test_real_model_flow_configs_instantiate_through_the_cli(name, tmp_path, flu
 
     import yaml
 
-    from tiny_pipelines import tiny_sd3_pipeline
+    from unirl_lightning.testing import tiny_sd3_pipeline
     from unirl_lightning.cli import cli_main
     from unirl_lightning.data import generate_specs, save_specs, world_vocabulary
     from unirl_lightning.models.flow import PipelineFlowPolicy

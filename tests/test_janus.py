@@ -16,7 +16,9 @@ import lightning as L
 import pytest
 import torch
 
-from unirl_lightning.models.janus import JanusPolicy, gumbel_noise, tiny_janus_components
+from unirl_lightning.models.janus import JanusPolicy
+from unirl_lightning.objectives import gumbel_noise
+from unirl_lightning.testing import tiny_janus_components
 from unirl_lightning.testing import PolicyTesterMixin
 
 GRID = 4  # 16 image tokens, 16x16 pixels: fast on 2 CPU cores
@@ -244,7 +246,8 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from unirl_lightning.data import OnPolicyDataModule
-from unirl_lightning.models.janus import JanusPolicy, tiny_janus_components
+from unirl_lightning.models.janus import JanusPolicy
+from unirl_lightning.testing import tiny_janus_components
 from unirl_lightning.modules import DiscreteGRPO
 from unirl_lightning.rewards import SelfUnderstandingReward
 from unirl_lightning.rewards.base import RewardFunction

@@ -14,7 +14,7 @@ from unirl_lightning.cli import cli_main
 from unirl_lightning.data import OnPolicyDataModule
 from unirl_lightning.models.flow import TinyFlowConfig, TinyFlowModel
 from unirl_lightning.modules.flow_grpo import FlowGRPO
-from unirl_lightning.modules.shared import expect_frozen_eval_modules
+from unirl_lightning.modules.training import expect_frozen_eval_modules
 
 
 def _flow_grpo() -> FlowGRPO:

@@ -159,7 +159,7 @@ def test_grpo_answer_sft_on_correct_uses_only_judged_correct_images(tmp_path):
         def __call__(self, images, specs):
             return [GenEvalResult(i % 3 == 0, "", False, 0.0) for i in range(len(specs))]
 
-    module.judge = EveryThird()
+    module.judge = EveryThird(detector=None)  # its verdicts are fixed: no detector runs
     sizes, real = [], policy.answer_logprobs
     policy.answer_logprobs = lambda tokens, questions, answers: (sizes.append(len(questions)), real(tokens, questions, answers))[1]
     trainer = _fit(module, tmp_path, steps=1, P=2, G=3)

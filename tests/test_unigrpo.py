@@ -17,10 +17,10 @@ from unirl_lightning.data.reasoning import (
 )
 from unirl_lightning.data.specs import validate_spec
 from unirl_lightning.models.flow import TinyFlowConfig, TinyFlowModel
-from unirl_lightning.models.text import split_words, world_words
-from unirl_lightning.models.text_policy import HFTextPolicy, TinyTextConfig, TinyTextPolicy, text_matches
+from unirl_lightning.worlds.words import split_words, world_words
+from unirl_lightning.models.text.policies import HFTextPolicy, TinyTextConfig, TinyTextPolicy, text_matches
 from unirl_lightning.modules.unigrpo import UniGRPO
-from unirl_lightning.text_warm_start import greedy_accuracy, train_text_supervised
+from unirl_lightning.modules.warm_start import greedy_accuracy, train_text_supervised
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -311,7 +311,7 @@ def test_print_config_parses(capsys):
     import yaml
 
     cfg = yaml.safe_load(capsys.readouterr().out)
-    assert cfg["model"]["class_path"] == "unirl_lightning.modules.unigrpo.UniGRPO"
+    assert cfg["model"]["class_path"] == "unirl_lightning.modules.UniGRPO"
     assert "cfg_scale" not in cfg["model"]["init_args"]  # no CFG in UniGRPO
     cli = cli_main(["--config", str(CONFIGS / "unigrpo.yaml"), "--model.init_args.warm_start", "null",
                     "--model.init_args.text_warm_start", "null"], run=False)

@@ -25,7 +25,9 @@ class UniRLCLI(LightningCLI):
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         given = config.get("callbacks") or []
         given = given if isinstance(given, list) else [given]
-        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in given
+        ):
             callbacks.append(StepProgress())
         return self._instantiate_trainer(config, callbacks)
 

@@ -9,6 +9,12 @@ from unirl_lightning.callbacks.progress import StepProgress
 from unirl_lightning.callbacks.save_on_exception import SaveOnException
 
 __all__ = [
-    "CPUTimeBudget", "GenEvalCallback", "PolicyEMA", "PolicyGenEvalCallback", "SaveOnException", "StepProgress",
-    "log_image_grid", "make_grid",
+    "CPUTimeBudget",
+    "GenEvalCallback",
+    "PolicyEMA",
+    "PolicyGenEvalCallback",
+    "SaveOnException",
+    "StepProgress",
+    "log_image_grid",
+    "make_grid",
 ]

@@ -43,7 +43,9 @@ class CPUTimeBudget(pl.Callback):
     #: CPU seconds so far (a test replaces it with a fake clock)
     clock: Callable[[], float] = staticmethod(process_cpu_seconds)
 
-    def __init__(self, minutes: float, since: Literal["process", "fit"] = "process", reserve_minutes: float = 0.1) -> None:
+    def __init__(
+        self, minutes: float, since: Literal["process", "fit"] = "process", reserve_minutes: float = 0.1
+    ) -> None:
         if minutes <= 0:
             raise ValueError(f"CPUTimeBudget: minutes must be > 0, got {minutes}")
         if since not in ("process", "fit"):
@@ -71,11 +73,14 @@ class CPUTimeBudget(pl.Callback):
         self.stopped_at = None
         used = self.used_seconds() / 60
         if used >= 0.5 * self.minutes:
-            rank_zero_warn(f"CPUTimeBudget: {used:.1f} of {self.minutes} CPU minutes were spent before training "
-                           "started (a warm start trained in this process?); set since: fit to count training only")
+            rank_zero_warn(
+                f"CPUTimeBudget: {used:.1f} of {self.minutes} CPU minutes were spent before training "
+                "started (a warm start trained in this process?); set since: fit to count training only"
+            )
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if (batch_idx + 1) % self._batches_per_update(pl_module) != 0:
             return
         now = self.clock()
@@ -91,5 +96,7 @@ class CPUTimeBudget(pl.Callback):
         if trainer.strategy.reduce_boolean_decision(over, all=False):
             self.stopped_at = batch_idx
             trainer.should_stop = True
-            rank_zero_info(f"CPUTimeBudget: stopping after training batch {batch_idx + 1}: {used / 60:.2f} CPU "
-                           f"minutes used, the next update (~{next_cost:.0f} s) would pass {self.minutes}")
+            rank_zero_info(
+                f"CPUTimeBudget: stopping after training batch {batch_idx + 1}: {used / 60:.2f} CPU "
+                f"minutes used, the next update (~{next_cost:.0f} s) would pass {self.minutes}"
+            )

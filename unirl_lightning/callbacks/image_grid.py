@@ -23,12 +23,20 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, upsca
     grid = torch.full((3, rows * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=torch.uint8)
     for i in range(n):
         r, c = divmod(i, cols)
-        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = imgs[i]
+        grid[
+            :, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w
+        ] = imgs[i]
     return grid
 
 
-def log_image_grid(logger, tag: str, images: torch.Tensor, prompts: Sequence[str], step: int,
-                   correct: torch.Tensor | None = None) -> None:
+def log_image_grid(
+    logger,
+    tag: str,
+    images: torch.Tensor,
+    prompts: Sequence[str],
+    step: int,
+    correct: torch.Tensor | None = None,
+) -> None:
     """Write a grid and its captions (row-major prompts, with the judge's verdict) to TensorBoard.
 
     No-op for loggers without a TensorBoard `SummaryWriter` (`experiment.add_image`).

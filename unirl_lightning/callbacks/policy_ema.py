@@ -44,7 +44,9 @@ class PolicyEMA(pl.Callback):
         if update_every < 1:
             raise ValueError(f"PolicyEMA.update_every must be >= 1, got {update_every}")
         if not attributes:
-            raise ValueError("PolicyEMA.attributes is empty: name at least one model attribute, e.g. [policy]")
+            raise ValueError(
+                "PolicyEMA.attributes is empty: name at least one model attribute, e.g. [policy]"
+            )
         self.decay, self.update_every, self.start_step, self.warmup = decay, update_every, start_step, warmup
         self.attributes = list(attributes)
         self.num_updates = 0
@@ -59,8 +61,10 @@ class PolicyEMA(pl.Callback):
         for name in self.attributes:
             model = getattr(pl_module, name, None)
             if not isinstance(model, nn.Module):
-                raise ValueError(f"PolicyEMA.attributes: {type(pl_module).__name__} has no model {name!r}; "
-                                 "name the attributes that hold the trained models (e.g. [policy])")
+                raise ValueError(
+                    f"PolicyEMA.attributes: {type(pl_module).__name__} has no model {name!r}; "
+                    "name the attributes that hold the trained models (e.g. [policy])"
+                )
             params += [p for p in model.parameters() if p.requires_grad]
         return params
 
@@ -89,16 +93,19 @@ class PolicyEMA(pl.Callback):
         params = self.parameters(pl_module)
         if self._restored is not None:  # resumed from a checkpoint
             if len(self._restored) != len(params):
-                raise ValueError(f"PolicyEMA: the checkpoint averages {len(self._restored)} tensors, the model "
-                                 f"trains {len(params)}; resume with the same model and attributes")
+                raise ValueError(
+                    f"PolicyEMA: the checkpoint averages {len(self._restored)} tensors, the model "
+                    f"trains {len(params)}; resume with the same model and attributes"
+                )
             self._average = [r.to(p.device, p.dtype) for r, p in zip(self._restored, params)]
             self._restored = None
         else:
             self._average = [p.detach().clone() for p in params]
         self._last_step = trainer.global_step
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step  # optimiser steps so far (rollouts_per_update batches make one)
         if step == self._last_step:
             return

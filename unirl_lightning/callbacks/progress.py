@@ -88,7 +88,9 @@ class StepProgress(ProgressBar):
         parts.append(f"elapsed {_clock(elapsed)}" + (f", left {_clock(left)}" if total > 0 else ""))
         metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
         if metrics:
-            parts.append(" ".join(f"{k} {_value(v) if not isinstance(v, str) else v}" for k, v in metrics.items()))
+            parts.append(
+                " ".join(f"{k} {_value(v) if not isinstance(v, str) else v}" for k, v in metrics.items())
+            )
         if self._val_line:
             parts.append(self._val_line)
         return " | ".join(parts)
@@ -112,8 +114,9 @@ class StepProgress(ProgressBar):
             total = f" of {trainer.max_steps}" if trainer.max_steps > 0 else ""
             self._write(f"{self.name}: training from step {trainer.global_step}{total}", redraw=False)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not self.is_enabled:
             return
         since = time.monotonic() - self._last_write
@@ -128,15 +131,20 @@ class StepProgress(ProgressBar):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        scores = {k.removeprefix("val/").removesuffix("/overall"): v for k, v in trainer.callback_metrics.items()
-                  if k.startswith("val/") and k.endswith("/overall")}
+        scores = {
+            k.removeprefix("val/").removesuffix("/overall"): v
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith("val/") and k.endswith("/overall")
+        }
         if not scores:
             return
         text = " ".join(f"{k} {_value(v)}" for k, v in scores.items())
         self._val_line = "val " + text
         if self.is_enabled:
             took = _clock(time.monotonic() - self._val_start)
-            self._write(f"{self.name} validation at step {trainer.global_step}: {text} ({took})", redraw=False)
+            self._write(
+                f"{self.name} validation at step {trainer.global_step}: {text} ({took})", redraw=False
+            )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.is_enabled:

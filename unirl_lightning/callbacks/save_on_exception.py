@@ -25,13 +25,20 @@ class SaveOnException(pl.Callback):
     crashed rank cannot join (use periodic checkpoints there).
     """
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         save_to = getattr(pl_module.hparams, "save_to", None)
         if not save_to or trainer.global_step == 0 or not hasattr(pl_module, "save_policies"):
             return
-        if any(getattr(m, "_fsdp_sharded", False) for m in pl_module.sharded_modules()) and trainer.world_size > 1:
-            rank_zero_warn(f"the run raised {type(exception).__name__}; sharded weights cannot be gathered from a "
-                           f"crashed run, so nothing was saved to {save_to}")
+        if (
+            any(getattr(m, "_fsdp_sharded", False) for m in pl_module.sharded_modules())
+            and trainer.world_size > 1
+        ):
+            rank_zero_warn(
+                f"the run raised {type(exception).__name__}; sharded weights cannot be gathered from a "
+                f"crashed run, so nothing was saved to {save_to}"
+            )
             return
         if not trainer.is_global_zero:
             return
@@ -40,8 +47,14 @@ class SaveOnException(pl.Callback):
         except Exception as error:  # the original exception matters more: report and let it propagate
             rank_zero_warn(f"saving the policy to {save_to} after the run raised failed too: {error!r}")
             return
-        state = {"finished": False, "global_step": trainer.global_step, "exception": repr(exception),
-                 "where": traceback.format_exception(exception)[-2].strip() if exception.__traceback__ else ""}
+        state = {
+            "finished": False,
+            "global_step": trainer.global_step,
+            "exception": repr(exception),
+            "where": traceback.format_exception(exception)[-2].strip() if exception.__traceback__ else "",
+        }
         (Path(save_to) / "training_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        rank_zero_warn(f"the run raised {type(exception).__name__} after {trainer.global_step} optimiser steps; "
-                       f"the policy of the last completed update is saved to {save_to}")
+        rank_zero_warn(
+            f"the run raised {type(exception).__name__} after {trainer.global_step} optimiser steps; "
+            f"the policy of the last completed update is saved to {save_to}"
+        )

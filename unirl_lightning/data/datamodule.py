@@ -40,7 +40,8 @@ class PromptBatch:
 
 
 def check_task_weights(weights: dict[str, float], field: str) -> None:
-    """Fails early on unknown tasks, negative weights or an all-zero mapping (`field` names the config key)."""
+    """Fails early on unknown tasks, negative weights or an all-zero mapping (`field` names the config
+    key)."""
     unknown = sorted(set(weights) - set(TASKS))
     if unknown:
         raise ValueError(f"{field}: unknown task(s) {unknown}; GenEval's tasks are {list(TASKS)}")
@@ -49,7 +50,8 @@ def check_task_weights(weights: dict[str, float], field: str) -> None:
 
 
 def reweight_by_task(specs: list[dict], weights: dict[str, float], seed: int) -> list[dict]:
-    """A list as long as `specs` whose task shares follow `weights` (sampled with replacement per task, seeded)."""
+    """A list as long as `specs` whose task shares follow `weights` (sampled with replacement per task,
+    seeded)."""
     by_task: dict[str, list[dict]] = {}
     for s in specs:
         by_task.setdefault(s.get("tag", ""), []).append(s)
@@ -74,7 +76,15 @@ def _collate(batch: list[PromptBatch]) -> PromptBatch:
 class PromptGroupStream(IterableDataset):
     """An endless, seeded stream of `PromptBatch`es; rank r of W draws its own, disjoint sequence."""
 
-    def __init__(self, specs: list[dict], prompts_per_step: int, group_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        specs: list[dict],
+        prompts_per_step: int,
+        group_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if not specs:
             raise ValueError("the prompt set is empty: give train_prompts a non-empty jsonl or num_train > 0")
         self.specs, self.P, self.G = specs, prompts_per_step, group_size
@@ -128,10 +138,14 @@ class OnPolicyDataModule(L.LightningDataModule):
         if train_task_weights is not None:
             check_task_weights(train_task_weights, "data.train_task_weights")
         if prompts_per_step < 1 or group_size < 1:
-            raise ValueError(f"prompts_per_step and group_size must be >= 1, got {prompts_per_step} and {group_size}")
+            raise ValueError(
+                f"prompts_per_step and group_size must be >= 1, got {prompts_per_step} and {group_size}"
+            )
         for name, path in (("train_prompts", train_prompts), ("val_prompts", val_prompts)):
             if path is not None and not Path(path).is_file():
-                raise FileNotFoundError(f"data.{name}: no such file {path!r}; give a GenEval evaluation_metadata.jsonl")
+                raise FileNotFoundError(
+                    f"data.{name}: no such file {path!r}; give a GenEval evaluation_metadata.jsonl"
+                )
         if vocabulary == "geneval":
             vocabulary = geneval_vocabulary()
         elif vocabulary == "shapes":
@@ -149,15 +163,24 @@ class OnPolicyDataModule(L.LightningDataModule):
         else:
             # Held-out prompts per task (a quarter of each small task's distinct prompts, at least
             # one), tasks balanced since GenEval's overall score is their unweighted mean.
-            train, val = split_specs(vocab, hp.num_train, hp.num_val, hp.seed, test_fraction=hp.val_fraction,
-                                     task_weights={t: 1.0 for t in TASKS}, allow_repeats=True)
+            train, val = split_specs(
+                vocab,
+                hp.num_train,
+                hp.num_val,
+                hp.seed,
+                test_fraction=hp.val_fraction,
+                task_weights={t: 1.0 for t in TASKS},
+                allow_repeats=True,
+            )
             self.train_specs = load_specs(hp.train_prompts, vocabulary=checked) if hp.train_prompts else train
             self.val_specs = load_specs(hp.val_prompts, vocabulary=checked) if hp.val_prompts else val
         if hp.train_task_weights is not None:
             self.train_specs = reweight_by_task(self.train_specs, hp.train_task_weights, hp.seed)
         overlap = {s["prompt"] for s in self.val_specs} & {s["prompt"] for s in self.train_specs}
         if overlap:
-            raise ValueError(f"{len(overlap)} prompts are in both train and validation sets, e.g. {sorted(overlap)[0]!r}")
+            raise ValueError(
+                f"{len(overlap)} prompts are in both train and validation sets, e.g. {sorted(overlap)[0]!r}"
+            )
 
     def _rank(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -165,8 +188,14 @@ class OnPolicyDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank()
-        stream = PromptGroupStream(self.train_specs, self.hparams.prompts_per_step, self.hparams.group_size,
-                                   self.hparams.seed, rank, world)
+        stream = PromptGroupStream(
+            self.train_specs,
+            self.hparams.prompts_per_step,
+            self.hparams.group_size,
+            self.hparams.seed,
+            rank,
+            world,
+        )
         return DataLoader(stream, batch_size=None, collate_fn=None)
 
     def val_dataloader(self) -> DataLoader:
@@ -182,7 +211,9 @@ class OnPolicyDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
-    def transfer_batch_to_device(self, batch: PromptBatch, device: torch.device, dataloader_idx: int) -> PromptBatch:
+    def transfer_batch_to_device(
+        self, batch: PromptBatch, device: torch.device, dataloader_idx: int
+    ) -> PromptBatch:
         batch.group_ids = batch.group_ids.to(device)
         return batch
 
@@ -193,6 +224,8 @@ class OnPolicyDataModule(L.LightningDataModule):
             module = trainer.lightning_module
             make = getattr(module, "make_rollouts", None)
             if make is None:
-                raise TypeError(f"{type(module).__name__} has no make_rollouts(batch); OnPolicyDataModule needs one")
+                raise TypeError(
+                    f"{type(module).__name__} has no make_rollouts(batch); OnPolicyDataModule needs one"
+                )
             batch.rollout = make(batch)
         return batch

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 
 from unirl_lightning.data.datamodule import OnPolicyDataModule
 from unirl_lightning.data.prompts import make_spec, plural, with_article
-from unirl_lightning.models.text import split_words, world_words
+from unirl_lightning.worlds.words import split_words, world_words
 from unirl_lightning.worlds.vocab import COLORS, POSITIONS, SHAPES, TASKS
 
 __all__ = [
@@ -149,8 +149,11 @@ def _riddles_of(spec: dict) -> list[tuple[str, str]]:
         out += [(f"a photo of {with_article(subj)} {rel} {r}", r) for r in SHAPE_RIDDLES[ref]]
     elif tag == "color_attr":
         (a, ca), (b, cb) = ((c["class"], c["color"]) for c in inc)
-        out += [(f"a photo of {with_article(a)} {r} and {with_article(cb)} {b}", r) for r in _color_riddles(ca)]
-        out += [(f"a photo of {with_article(ca)} {a} and {with_article(b)} {r}", r) for r in _color_riddles(cb)]
+        both = f"{with_article(cb)} {b}"
+        out += [(f"a photo of {with_article(a)} {r} and {both}", r) for r in _color_riddles(ca)]
+        out += [
+            (f"a photo of {with_article(ca)} {a} and {with_article(b)} {r}", r) for r in _color_riddles(cb)
+        ]
     else:
         raise ValueError(f"unknown task {tag!r}; expected one of {list(TASKS)}")
     return out
@@ -266,12 +269,19 @@ class ReasoningDataModule(OnPolicyDataModule):
         val_batch_size: int = 60,
         seed: int = 0,
     ):
-        super().__init__(num_train=num_train, num_val=num_val, val_fraction=val_fraction,
-                         prompts_per_step=prompts_per_step, group_size=group_size, val_batch_size=val_batch_size,
-                         seed=seed)
+        super().__init__(
+            num_train=num_train,
+            num_val=num_val,
+            val_fraction=val_fraction,
+            prompts_per_step=prompts_per_step,
+            group_size=group_size,
+            val_batch_size=val_batch_size,
+            seed=seed,
+        )
         self.tasks = _check_tasks(tasks or TASKS)
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
-        self.train_specs, self.val_specs = split_reasoning_specs(hp.num_train, hp.num_val, hp.seed,
-                                                                 val_fraction=hp.val_fraction, tasks=self.tasks)
+        self.train_specs, self.val_specs = split_reasoning_specs(
+            hp.num_train, hp.num_val, hp.seed, val_fraction=hp.val_fraction, tasks=self.tasks
+        )

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from unirl_lightning.evaluation.vocab import load_geneval_constants
 from unirl_lightning.worlds.vocab import COLORS, GENEVAL_DATA_DIR, POSITIONS, TASKS
 
 __all__ = [
@@ -174,7 +175,5 @@ def save_specs(specs: Iterable[dict], path: str | os.PathLike, overwrite: bool =
 
 def load_official_specs() -> list[dict]:
     """The official GenEval prompts (553), validated against GenEval's COCO vocabulary."""
-    from unirl_lightning.worlds.vocab import load_geneval_constants
-
     names = load_geneval_constants()["geneval_object_names"]
     return load_specs(OFFICIAL_METADATA, vocabulary=names)

@@ -19,6 +19,7 @@ __all__ = [
     "GenEvalScore",
     "ImbalanceScore",
     "TransformersDetector",
+    "PretrainedDetector",
     "evaluate",
     "relative_position",
     "validate_spec",
@@ -26,8 +27,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "TransformersDetector":
-        from unirl_lightning.evaluation.detectors import TransformersDetector
+    if name in ("TransformersDetector", "PretrainedDetector"):  # transformers on first use
+        from unirl_lightning.evaluation import detectors
 
-        return TransformersDetector
+        return getattr(detectors, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

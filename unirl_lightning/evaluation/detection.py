@@ -34,7 +34,9 @@ class Detection:
         missing = [k for k in ("label", "score", "box") if k not in d]
         if missing:
             raise ValueError(f"detection {dict(d)!r} lacks field(s) {missing}; expected label, score, box")
-        return cls(label=d["label"], score=d["score"], box=tuple(d["box"]), color=d.get("color"), mask=d.get("mask"))
+        return cls(
+            label=d["label"], score=d["score"], box=tuple(d["box"]), color=d.get("color"), mask=d.get("mask")
+        )
 
 
 @runtime_checkable
@@ -45,4 +47,6 @@ class Detector(Protocol):
     need them, closed ones may ignore them). Returns one list of detections per image.
     """
 
-    def __call__(self, images: torch.Tensor, classes: Sequence[str] | None = None) -> list[list[Detection]]: ...
+    def __call__(
+        self, images: torch.Tensor, classes: Sequence[str] | None = None
+    ) -> list[list[Detection]]: ...

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from unirl_lightning.evaluation.detection import Detection, Detector
-from unirl_lightning.worlds.vocab import BACKGROUND, COLORS, load_geneval_constants
+from unirl_lightning.evaluation.vocab import BACKGROUND, COLORS, load_geneval_constants
 
 __all__ = ["Detection", "Detector", "TransformersDetector", "COLOR_TEMPLATES"]
 
@@ -98,8 +98,10 @@ class TransformersDetector:
         clip_batch_size: int = 32,
     ) -> None:
         if importlib.util.find_spec("scipy") is None:  # OWLv2's image processor resizes with scipy
-            raise ImportError("TransformersDetector: OWLv2's image processor needs scipy; install the detector "
-                              "extra: pip install 'unirl-lightning[detectors]' (or pip install scipy)")
+            raise ImportError(
+                "TransformersDetector: OWLv2's image processor needs scipy; install the detector "
+                "extra: pip install 'unirl-lightning[detectors]' (or pip install scipy)"
+            )
         self.detector_model = detector_model.eval()
         self.detector_processor = detector_processor
         self.clip_model = clip_model.eval() if clip_model is not None else None
@@ -245,11 +247,17 @@ class TransformersDetector:
 class PretrainedDetector(TransformersDetector):
     """`TransformersDetector` built from paths, so a YAML config can name it:
 
-        detector:
-          class_path: unirl_lightning.evaluation.detectors.PretrainedDetector
-          init_args: {detector_path: google/owlv2-base-patch16-ensemble, clip_path: openai/clip-vit-large-patch14}
+    detector:
+      class_path: unirl_lightning.evaluation.PretrainedDetector
+      init_args: {detector_path: google/owlv2-base-patch16-ensemble, clip_path: openai/clip-vit-large-patch14}
     """
 
     def __init__(self, detector_path: str, clip_path: str | None = None, device: str = "cpu", **kwargs: Any):
         loaded = TransformersDetector.from_pretrained(detector_path, clip_path, device=device)
-        super().__init__(loaded.detector_model, loaded.detector_processor, loaded.clip_model, loaded.clip_processor, **kwargs)
+        super().__init__(
+            loaded.detector_model,
+            loaded.detector_processor,
+            loaded.clip_model,
+            loaded.clip_processor,
+            **kwargs,
+        )

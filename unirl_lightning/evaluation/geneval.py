@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from unirl_lightning.evaluation.detection import Box, Detection
-from unirl_lightning.worlds.vocab import COLORS, POSITIONS
+from unirl_lightning.evaluation.vocab import COLORS, POSITIONS
 
 
 def relative_position(box_a: Box, box_b: Box, margin: float = 0.1) -> set[str]:

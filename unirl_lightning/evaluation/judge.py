@@ -31,13 +31,10 @@ def score_images(
 
 
 class GenEvalJudge:
-    """Scores images against GenEval specs. Default detector: the synthetic world's exact one."""
+    """Scores images against GenEval specs with `detector` (e.g. `worlds.WorldDetector`, the synthetic
+    world's exact one, or `evaluation.PretrainedDetector`)."""
 
-    def __init__(self, detector: Detector | None = None):
-        if detector is None:
-            from unirl_lightning.worlds.detector import WorldDetector
-
-            detector = WorldDetector()
+    def __init__(self, detector: Detector):
         self.detector = detector
 
     def __call__(self, images: torch.Tensor, specs: Sequence[Mapping[str, Any]]) -> list[GenEvalResult]:

@@ -13,7 +13,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.imports import _MATPLOTLIB_AVAILABLE
 
-from unirl_lightning.worlds.vocab import TASKS
+from unirl_lightning.evaluation.vocab import TASKS
 
 #: GenEval's official prompt count, the default size of the per-prompt count tensors.
 GENEVAL_NUM_PROMPTS = 553
@@ -108,7 +108,9 @@ class GenEvalScore(Metric):
                 "raise max_prompts at construction"
             )
         self.prompt_images = self.prompt_images + torch.bincount(pid, minlength=self.max_prompts)
-        self.prompt_correct = self.prompt_correct + torch.bincount(pid, weights=ok, minlength=self.max_prompts).long()
+        self.prompt_correct = (
+            self.prompt_correct + torch.bincount(pid, weights=ok, minlength=self.max_prompts).long()
+        )
 
     def compute(self) -> dict[str, Tensor]:
         seen = self.total > 0

@@ -11,14 +11,14 @@ Actions. The RL objectives need per-action log-probs:
 
 from __future__ import annotations
 
-import copy
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from unirl_lightning.models.policy import Policy
 
 ImageOrder = Literal["autoregressive", "masked"]
 
@@ -80,7 +80,7 @@ ImageInput = Tensor
 float (straight-through Gumbel) whose gradient reaches the generation logits."""
 
 
-class UnifiedPolicy(nn.Module, ABC):
+class UnifiedPolicy(Policy):
     """Base class of every unified model behind the recipes.
 
     Subclasses implement the abstract methods; the base provides the frozen reference, the
@@ -92,12 +92,13 @@ class UnifiedPolicy(nn.Module, ABC):
     #: Methods that read parameters outside `forward`; under FSDP2 they are registered as forward
     #: methods so the sharded parameters are gathered for them (generation included).
     fsdp_entry_points: tuple[str, ...] = (
-        "generate_images", "image_logits", "image_logprobs", "relaxed_image_tokens", "answer", "answer_logprobs",
+        "generate_images",
+        "image_logits",
+        "image_logprobs",
+        "relaxed_image_tokens",
+        "answer",
+        "answer_logprobs",
     )
-
-    def fsdp_units(self) -> list[nn.Module]:
-        """Sub-modules to shard one by one under FSDP (e.g. transformer blocks); the rest shard as the root."""
-        return []
 
     # ---- generation -------------------------------------------------------------------
     @property
@@ -173,23 +174,36 @@ class UnifiedPolicy(nn.Module, ABC):
         """Answer one question per image. No gradient."""
 
     @abstractmethod
-    def answer_logprobs(self, images: ImageInput, questions: Sequence[str], answers: Sequence[str] | AnswerRollout) -> tuple[Tensor, Tensor]:
+    def answer_logprobs(
+        self, images: ImageInput, questions: Sequence[str], answers: Sequence[str] | AnswerRollout
+    ) -> tuple[Tensor, Tensor]:
         """Teacher-forced answer log-probs `[B, T]` and mask `[B, T]`, with gradient (through
         relaxed image one-hots too, when given)."""
 
-    # ---- reference and persistence ----------------------------------------------------
-    def make_reference(self) -> "UnifiedPolicy":
-        """A frozen copy of the current policy (the KL / regulariser anchor)."""
-        ref = copy.deepcopy(self)
-        ref.requires_grad_(False)
-        return ref.eval()
+    # ---- optional: images in, warm start, synthetic world ------------------------------------
+    #: The synthetic world the policy draws (the built-in models' `WorldConfig`); None for a real
+    #: model, whose validation then renders the default world's scenes.
+    world_config: Any = None
 
-    @abstractmethod
-    def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
-        """Save weights and config in the family's native format. `state_dict` (this module's keys)
-        replaces the live weights, e.g. the full weights gathered from FSDP shards."""
+    def encode_images(self, images: Tensor) -> Tensor | None:
+        """uint8 pixels `[B, 3, H, W]` -> image tokens `[B, L]`, for a model with an image tokenizer
+        (validation then also asks about rendered ground-truth scenes); None: it has none."""
+        return None
 
-    @classmethod
-    @abstractmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> "UnifiedPolicy":
-        """Load what `save_pretrained` wrote (or the family's released weights)."""
+    def generation_loss(
+        self, prompts: Sequence[str | None], image_tokens: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Mean NLL of `image_tokens` `[B, L]` given `prompts` (None: unconditional): the supervised
+        generation loss of `WarmStartPretrain`. Needed only to warm-start the model with it."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no supervised generation loss (WarmStartPretrain)"
+        )
+
+    def understanding_loss(
+        self, image_tokens: Tensor, questions: Sequence[str], answers: Sequence[str]
+    ) -> Tensor:
+        """Mean NLL per answer token of `answers` to `questions` about `image_tokens`: the supervised
+        understanding loss of `WarmStartPretrain`. Needed only to warm-start the model with it."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no supervised understanding loss (WarmStartPretrain)"
+        )

@@ -24,7 +24,9 @@ def read_config(path: str | Path, model_name: str) -> dict[str, Any]:
     """The saved config of a folder, with a clear error when `path` is not one of `model_name`'s."""
     file = Path(path) / "config.json"
     if not file.is_file():
-        raise FileNotFoundError(f"{path} holds no config.json: not a {model_name} folder (see save_pretrained)")
+        raise FileNotFoundError(
+            f"{path} holds no config.json: not a {model_name} folder (see save_pretrained)"
+        )
     return json.loads(file.read_text())
 
 

@@ -51,7 +51,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unirl_lightning.models.base import AnswerRollout, ImageInput, ImageRollout, UnifiedPolicy
+from unirl_lightning.models.base import (
+    AnswerRollout,
+    ImageInput,
+    ImageRollout,
+    UnifiedPolicy,
+)
+from unirl_lightning.objectives import guided_logits, gumbel_noise
 
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PILImageResampling -> F.interpolate mode
 
@@ -67,11 +73,6 @@ def _dtype(name: str | torch.dtype) -> torch.dtype | str:
     return dtype
 
 
-def gumbel_noise(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Standard Gumbel noise `shape`, drawn on the generator's device (CPU generators work on GPU)."""
-    where = generator.device if generator is not None else device
-    u = torch.rand(tuple(shape), generator=generator, device=where).clamp_(1e-20, 1.0 - 1e-7)
-    return (-torch.log(-torch.log(u))).to(device)
 
 
 class JanusPolicy(UnifiedPolicy):
@@ -194,16 +195,6 @@ class JanusPolicy(UnifiedPolicy):
         return torch.cat([ids, uncond]), torch.cat([mask, mask])
 
     # ---- generation -------------------------------------------------------------------
-    @staticmethod
-    def _guided(logits: Tensor, cfg_scale: float, temperature: float) -> Tensor:
-        """Head logits `[R, ..., K]` (rows [cond; uncond]) -> float32 u + w (c - u), / temperature.
-
-        temperature 0 (greedy) leaves the guided logits unscaled."""
-        logits = logits.float()
-        if cfg_scale != 1.0:
-            c, u = logits.chunk(2)
-            logits = u + cfg_scale * (c - u)
-        return logits / temperature if temperature > 0 else logits
 
     def _step(self, embeds: Tensor, mask: Tensor | None, cache: Any) -> Tensor:
         """One cached language-model call -> the last position's hidden state `[R, D]`."""
@@ -228,7 +219,7 @@ class JanusPolicy(UnifiedPolicy):
         logps = torch.empty(B, L, device=self.device)
         noises = []
         for l in range(L):
-            logits = self._guided(head(h), cfg_scale, temperature)  # [B, K]
+            logits = guided_logits(head(h), cfg_scale, temperature)  # [B, K]
             if temperature > 0:
                 g = gumbel_noise(logits.shape, generator, logits.device)
                 tok = (logits + g).argmax(-1)  # Gumbel-max: an exact draw from softmax(logits)
@@ -261,7 +252,7 @@ class JanusPolicy(UnifiedPolicy):
         h = self._lm(inputs_embeds=embeds, attention_mask=full, use_cache=False).last_hidden_state
         # outputs at <begin_of_image> .. image[L-2] predict image[0 .. L-1]
         logits = self.model.model.generation_head(h[:, S - 1 :])
-        return self._guided(logits, rollout.cfg_scale, rollout.temperature)
+        return guided_logits(logits, rollout.cfg_scale, rollout.temperature)
 
     # ---- images -----------------------------------------------------------------------
     def _pixels(self, images: ImageInput) -> Tensor:
@@ -401,7 +392,9 @@ class JanusPolicy(UnifiedPolicy):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if state_dict is not None:  # this module's keys -> the wrapped model's
-            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+            state_dict = {
+                k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")
+            }
         self.model.save_pretrained(path, state_dict=state_dict)
         self.processor.save_pretrained(path)
 
@@ -409,71 +402,3 @@ class JanusPolicy(UnifiedPolicy):
     def from_pretrained(cls, path: str | Path, **kwargs) -> "JanusPolicy":
         """Load a `save_pretrained` folder or released weights (Hub id); kwargs go to `__init__`."""
         return cls(str(path), **kwargs)
-
-
-# ---- a tiny random Janus, for tests and benchmarks (no downloads) ------------------------
-JANUS_SPECIAL_TOKENS = ("<｜▁pad▁｜>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<image_placeholder>",
-                        "<begin_of_image>", "<end_of_image>", "<|User|>", "<|Assistant|>", "[UNK]")
-
-
-def tiny_janus_components(
-    hidden_size: int = 32,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    grid: int = 8,
-    codebook_size: int = 64,
-    vq_channels: int = 32,
-    words: Sequence[str] | None = None,
-    seed: int = 0,
-) -> tuple[nn.Module, Any]:
-    """A random `JanusForConditionalGeneration` and a `JanusProcessor` built locally.
-
-    Word-level tokenizer over `words` (default: the synthetic world's words) plus Janus' special
-    tokens; image: `grid x grid` tokens from a `codebook_size` codebook, decoded to
-    `4 * grid` pixels; the vision encoder sees the same size in `grid x grid` patches.
-    """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import (JanusConfig, JanusForConditionalGeneration, JanusImageProcessorPil,
-                              JanusProcessor, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig,
-                              PreTrainedTokenizerFast)
-
-    from unirl_lightning.models.text import world_words
-
-    pad, bos, eos, image, boi, eoi, *_ = JANUS_SPECIAL_TOKENS
-    names = dict.fromkeys([*JANUS_SPECIAL_TOKENS, *(words or world_words()), ":"])
-    vocab = {t: i for i, t in enumerate(names)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    core.add_special_tokens(list(JANUS_SPECIAL_TOKENS))  # matched before normalising / splitting
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
-                                                        special_tokens=[(bos, vocab[bos])])
-    core.decoder = decoders.WordPiece()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token=bos, eos_token=eos, pad_token=pad, unk_token="[UNK]",
-        extra_special_tokens={"image_token": image, "boi_token": boi, "eoi_token": eoi})
-    size = 4 * grid
-    image_processor = JanusImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.5] * 3,
-                                             image_std=[0.5] * 3)
-    processor = JanusProcessor(image_processor, tokenizer, num_image_tokens=grid * grid)
-    config = JanusConfig(
-        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=hidden_size,
-                                intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
-                                num_attention_heads=num_heads,
-                                num_key_value_heads=max(1, num_heads // 2), max_position_embeddings=1024,
-                                pad_token_id=vocab[pad], bos_token_id=vocab[bos], eos_token_id=vocab[eos]),
-        vision_config=JanusVisionConfig(hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=2,
-                                        image_size=size, patch_size=4, projection_dim=hidden_size, depth=2,
-                                        num_image_tokens=grid * grid, mlp_ratio=2.0),
-        vq_config=JanusVQVAEConfig(embed_dim=8, num_embeddings=codebook_size, latent_channels=vq_channels,
-                                   base_channels=vq_channels, channel_multiplier=[1, 1, 2], num_res_blocks=1,
-                                   projection_dim=hidden_size, image_token_embed_dim=hidden_size),
-        image_token_id=vocab[image],
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = JanusForConditionalGeneration(config)
-    # what transformers' image generate() reads (Janus' released generation_config.json sets them)
-    model.generation_config.pad_token_id = vocab[pad]
-    model.generation_config.generation_kwargs = {"boi_token_id": vocab[boi]}
-    return model.eval(), processor

@@ -30,7 +30,9 @@ def add_lora(transformer: nn.Module, rank: int, alpha: float | None = None,
     try:
         from peft import LoraConfig
     except ImportError as err:
-        raise ImportError("LoRA needs peft: pip install 'unirl-lightning[lora]' (or pip install peft)") from err
+        raise ImportError(
+            "LoRA needs peft: pip install 'unirl-lightning[lora]' (or pip install peft)"
+        ) from err
     if targets is None:
         names = [name for name, _ in transformer.named_modules()]
         targets = [t for t in SD3_LORA_TARGETS if any(n.endswith("." + t) for n in names)]
@@ -47,8 +49,10 @@ def check_lora_targets(transformer: nn.Module, targets: Sequence[str]) -> None:
     names = [name for name, _ in transformer.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        raise ValueError(f"model.lora_target_modules: {missing} name no module of {type(transformer).__name__} "
-                         f"(e.g. {SD3_LORA_TARGETS[:4]}); fix the names or leave it null for the default")
+        raise ValueError(
+            f"model.lora_target_modules: {missing} name no module of {type(transformer).__name__} "
+            f"(e.g. {SD3_LORA_TARGETS[:4]}); fix the names or leave it null for the default"
+        )
 
 
 @contextmanager

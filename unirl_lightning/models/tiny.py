@@ -17,13 +17,21 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
+from unirl_lightning.models.base import (
+    AnswerRollout,
+    ImageInput,
+    ImageOrder,
+    ImageRollout,
+    UnifiedPolicy,
+)
 from unirl_lightning.models.folder import load_weights, read_config, save_folder
-from unirl_lightning.models.base import AnswerRollout, ImageInput, ImageOrder, ImageRollout, UnifiedPolicy
-from unirl_lightning.models.text import WordTokenizer, world_words
+from unirl_lightning.objectives import guided_logits, gumbel_noise
 from unirl_lightning.worlds.render import WorldConfig
 from unirl_lightning.worlds.tokenizer import PatchTokenizer
+from unirl_lightning.worlds.words import WordTokenizer, world_words
 
 SPECIALS = ("[PAD]", "[GEN]", "[UND]", "[SOI]", "[EOI]", "[MASK]", "[UNK]", "[EOS]")
 PAD, GEN, UND, SOI, EOI, MASK, UNK, EOS = range(len(SPECIALS))
@@ -75,19 +83,23 @@ class CachedBlock(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
         self.ln2 = nn.LayerNorm(d_model)
-        self.mlp = nn.Sequential(nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(), nn.Linear(mlp_ratio * d_model, d_model))
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(), nn.Linear(mlp_ratio * d_model, d_model)
+        )
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, allowed: Tensor, cache: list[Tensor] | None = None) -> Tensor:
-        """x `[B, S, D]`; allowed bool `[B, 1, S, S_total]`; cache `[k, v]` of past keys, extended in place."""
-        b, s, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, s, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        """x `[B, S, D]`; allowed bool `[B, 1, S, S_total]`; cache `[k, v]` of past keys, extended in
+        place."""
+        q, k, v = rearrange(
+            self.qkv(self.ln1(x)), "b s (three h e) -> three b h s e", three=3, h=self.n_heads
+        )
         if cache is not None:
             if cache:
                 k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
             cache[:] = [k, v]
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        x = x + self.drop(self.proj(att.transpose(1, 2).reshape(b, s, d)))
+        x = x + self.drop(self.proj(rearrange(att, "b h s e -> b s (h e)")))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
@@ -109,7 +121,9 @@ class TinyUnifiedModel(UnifiedPolicy):
         self.max_len = self.soi_pos + 1 + L + 1 + cfg.max_answer_len + 1
         self.tok_emb = nn.Embedding(self.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(self.max_len, cfg.d_model)
-        self.blocks = nn.ModuleList(CachedBlock(cfg.d_model, cfg.n_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(
+            CachedBlock(cfg.d_model, cfg.n_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.n_layers)
+        )
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, self.vocab_size, bias=False)
         if cfg.image_embedding == "codebook":
@@ -163,17 +177,29 @@ class TinyUnifiedModel(UnifiedPolicy):
         T = self.config.text_len
         rows = []
         for text in texts:
-            ids = [] if text is None else [self.word_offset + i for i in self.words.encode(text, unk_id=UNK - self.word_offset)]
+            ids = (
+                []
+                if text is None
+                else [self.word_offset + i for i in self.words.encode(text, unk_id=UNK - self.word_offset)]
+            )
             if len(ids) > T:
-                raise ValueError(f"text of {len(ids)} words exceeds text_len={T}: {text!r}; raise TinyConfig.text_len")
+                raise ValueError(
+                    f"text of {len(ids)} words exceeds text_len={T}: {text!r}; raise TinyConfig.text_len"
+                )
             rows.append([task] + [PAD] * (T - len(ids)) + ids + [SOI])
         return torch.tensor(rows, dtype=torch.long, device=self.device)
 
     def encode_answers(self, answers: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Answer ids + [EOS], right-padded: tokens `[B, Ta]`, mask `[B, Ta]`."""
-        rows = [[self.word_offset + i for i in self.words.encode(a, unk_id=UNK - self.word_offset)] + [EOS] for a in answers]
+        rows = [
+            [self.word_offset + i for i in self.words.encode(a, unk_id=UNK - self.word_offset)] + [EOS]
+            for a in answers
+        ]
         if max(map(len, rows)) > self.config.max_answer_len + 1:
-            raise ValueError(f"answer longer than max_answer_len={self.config.max_answer_len} words; raise it in TinyConfig")
+            raise ValueError(
+                f"answer longer than max_answer_len={self.config.max_answer_len} words; "
+                "raise it in TinyConfig"
+            )
         width = max(map(len, rows))
         tokens = torch.full((len(rows), width), PAD, dtype=torch.long)
         for i, r in enumerate(rows):
@@ -190,7 +216,8 @@ class TinyUnifiedModel(UnifiedPolicy):
         return self.words.decode(out)
 
     def _allowed(self, tokens_or_len: Tensor, total: int, past: int = 0) -> Tensor:
-        """Attention mask `[B, 1, S, past + S]`: causal, image block bidirectional in masked order, no pad keys."""
+        """Attention mask `[B, 1, S, past + S]`: causal, image block bidirectional in masked order, no pad
+        keys."""
         ids = tokens_or_len
         b, s = ids.shape[0], ids.shape[1]
         q = torch.arange(past, past + s, device=ids.device)[:, None]
@@ -202,8 +229,13 @@ class TinyUnifiedModel(UnifiedPolicy):
             allowed = allowed | (in_img(q) & in_img(k))
         return allowed[None, None].expand(b, 1, s, total)
 
-    def _forward(self, tokens: Tensor, image_embeds: Tensor | None = None, cache: list[list[Tensor]] | None = None,
-                 past: int = 0) -> Tensor:
+    def _forward(
+        self,
+        tokens: Tensor,
+        image_embeds: Tensor | None = None,
+        cache: list[list[Tensor]] | None = None,
+        past: int = 0,
+    ) -> Tensor:
         """Hidden states `[B, S, D]` for `tokens` `[B, S]` starting at position `past`.
 
         image_embeds `[B, L, D]` replace the image block's embeddings (relaxed tokens). Padding is
@@ -250,13 +282,6 @@ class TinyUnifiedModel(UnifiedPolicy):
         return slice(EOS, self.image_offset)
 
     # ---- generation -------------------------------------------------------------------
-    def _guided(self, logits: Tensor, cfg_scale: float, temperature: float) -> Tensor:
-        """Rows [cond; uncond] -> u + w (c - u), scaled by 1 / temperature (float32)."""
-        logits = logits.float()
-        if cfg_scale != 1.0:
-            c, u = logits.chunk(2)
-            logits = u + cfg_scale * (c - u)
-        return logits / temperature
 
     def _prefix(self, prompts: Sequence[str], cfg_scale: float) -> Tensor:
         cond = self.encode_text(prompts, GEN)
@@ -264,13 +289,10 @@ class TinyUnifiedModel(UnifiedPolicy):
             return cond
         return torch.cat([cond, self.encode_text([None] * len(prompts), GEN)])
 
-    @staticmethod
-    def _gumbel(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> Tensor:
-        u = torch.rand(shape, generator=generator, device=device).clamp_(1e-10, 1.0 - 1e-7)
-        return -torch.log(-torch.log(u))
-
     @torch.no_grad()
-    def generate_images(self, prompts, *, cfg_scale=1.0, temperature=1.0, generator=None, return_gumbel=False) -> ImageRollout:
+    def generate_images(
+        self, prompts, *, cfg_scale=1.0, temperature=1.0, generator=None, return_gumbel=False
+    ) -> ImageRollout:
         prompts = list(prompts)
         if self.image_order == "masked":
             return self._generate_masked(prompts, cfg_scale, temperature, generator, return_gumbel)
@@ -282,8 +304,8 @@ class TinyUnifiedModel(UnifiedPolicy):
         logps = torch.empty(B, L, device=self.device)
         noises = []
         for l in range(L):
-            logits = self._guided(self._logits(h[:, -1], self._img_vocab), cfg_scale, temperature)
-            g = self._gumbel(logits.shape, generator, logits.device)
+            logits = guided_logits(self._logits(h[:, -1], self._img_vocab), cfg_scale, temperature)
+            g = gumbel_noise(logits.shape, generator, logits.device)
             tok = (logits + g).argmax(-1)  # Gumbel-max: an exact sample of softmax(logits)
             tokens[:, l] = tok
             logps[:, l] = torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
@@ -293,8 +315,13 @@ class TinyUnifiedModel(UnifiedPolicy):
                 step = (tok + self.image_offset)[:, None].repeat(prefix.shape[0] // B, 1)
                 h = self._forward(step, cache=cache, past=prefix.shape[1] + l)
         return ImageRollout(
-            prompts=prompts, tokens=tokens, logprobs=logps, action_mask=torch.ones_like(tokens, dtype=torch.bool),
-            cfg_scale=cfg_scale, temperature=temperature, gumbel=torch.stack(noises, 1) if return_gumbel else None,
+            prompts=prompts,
+            tokens=tokens,
+            logprobs=logps,
+            action_mask=torch.ones_like(tokens, dtype=torch.bool),
+            cfg_scale=cfg_scale,
+            temperature=temperature,
+            gumbel=torch.stack(noises, 1) if return_gumbel else None,
         )
 
     def mask_schedule(self) -> list[int]:
@@ -318,8 +345,12 @@ class TinyUnifiedModel(UnifiedPolicy):
         noise_all = torch.zeros(B, L, self.image_vocab_size, device=self.device) if return_gumbel else None
         for t, n_left in enumerate(self.mask_schedule()):
             seq = self._masked_state(prefix, tokens.repeat(reps, 1), known.repeat(reps, 1))
-            logits = self._guided(self._logits(self._forward(seq)[:, self._image_slice], self._img_vocab), cfg_scale, temperature)
-            g = self._gumbel(logits.shape, generator, logits.device)
+            logits = guided_logits(
+                self._logits(self._forward(seq)[:, self._image_slice], self._img_vocab),
+                cfg_scale,
+                temperature,
+            )
+            g = gumbel_noise(logits.shape, generator, logits.device)
             sample = (logits + g).argmax(-1)
             logp = torch.log_softmax(logits, -1).gather(-1, sample[..., None]).squeeze(-1)
             # reveal the most confident masked positions (known ones never re-masked)
@@ -334,9 +365,14 @@ class TinyUnifiedModel(UnifiedPolicy):
                 noise_all = torch.where(new[..., None], g, noise_all)
             known = known | new
         return ImageRollout(
-            prompts=list(prompts), tokens=tokens, logprobs=step_logps,
-            action_mask=torch.ones_like(step_logps, dtype=torch.bool), cfg_scale=cfg_scale,
-            temperature=temperature, reveal_step=reveal, gumbel=noise_all,
+            prompts=list(prompts),
+            tokens=tokens,
+            logprobs=step_logps,
+            action_mask=torch.ones_like(step_logps, dtype=torch.bool),
+            cfg_scale=cfg_scale,
+            temperature=temperature,
+            reveal_step=reveal,
+            gumbel=noise_all,
         )
 
     def image_logits(self, rollout: ImageRollout) -> Tensor:
@@ -345,17 +381,21 @@ class TinyUnifiedModel(UnifiedPolicy):
         reps = prefix.shape[0] // B
         if self.image_order == "autoregressive":
             seq = torch.cat([prefix, rollout.tokens[:, :-1].repeat(reps, 1) + self.image_offset], 1)
-            h = self._forward(seq)[:, self.soi_pos :]  # outputs at [SOI] .. image[L-2] predict image[0 .. L-1]
-            return self._guided(self._logits(h, self._img_vocab), rollout.cfg_scale, rollout.temperature)
+            h = self._forward(seq)[
+                :, self.soi_pos :
+            ]  # outputs at [SOI] .. image[L-2] predict image[0 .. L-1]
+            return guided_logits(self._logits(h, self._img_vocab), rollout.cfg_scale, rollout.temperature)
         # masked: one sequence per step, holding that step's partially revealed state
         T = self.config.mask_steps
         steps = torch.arange(T, device=self.device)
         known = rollout.reveal_step[None] < steps[:, None, None]  # [T, B, L]
         tokens = rollout.tokens[None].expand(T, B, L)
         pre = prefix.view(reps, 1, B, -1).expand(reps, T, B, -1).reshape(reps * T * B, -1)
-        seq = self._masked_state(pre, tokens.repeat(reps, 1, 1).reshape(-1, L), known.repeat(reps, 1, 1).reshape(-1, L))
+        seq = self._masked_state(
+            pre, tokens.repeat(reps, 1, 1).reshape(-1, L), known.repeat(reps, 1, 1).reshape(-1, L)
+        )
         logits = self._logits(self._forward(seq)[:, self._image_slice], self._img_vocab)  # [reps*T*B, L, K]
-        logits = self._guided(logits, rollout.cfg_scale, rollout.temperature).view(T, B, L, -1)
+        logits = guided_logits(logits, rollout.cfg_scale, rollout.temperature).view(T, B, L, -1)
         # each token's row comes from the step that revealed it
         pick = rollout.reveal_step[None, :, :, None].expand(1, B, L, logits.shape[-1])
         return logits.gather(0, pick).squeeze(0)
@@ -368,19 +408,26 @@ class TinyUnifiedModel(UnifiedPolicy):
         return self.image_tokenizer.encode(images).to(self.device)
 
     # ---- understanding ----------------------------------------------------------------
-    def _understanding_prefix(self, images: ImageInput, questions: Sequence[str]) -> tuple[Tensor, Tensor | None]:
-        """Tokens `[B, 1 + T + 1 + L + 1]` ending in [EOI], plus relaxed image embeddings `[B, L, D]` or None."""
+    def _understanding_prefix(
+        self, images: ImageInput, questions: Sequence[str]
+    ) -> tuple[Tensor, Tensor | None]:
+        """Tokens `[B, 1 + T + 1 + L + 1]` ending in [EOI], plus relaxed image embeddings `[B, L, D]` or
+        None."""
         head = self.encode_text(questions, UND)
         if images.dtype == torch.long:
             return torch.cat([head, images + self.image_offset, torch.full_like(head[:, :1], EOI)], 1), None
         if images.shape[-1] != self.image_vocab_size:
-            raise ValueError(f"relaxed images must be [B, L, {self.image_vocab_size}], got {tuple(images.shape)}")
+            raise ValueError(
+                f"relaxed images must be [B, L, {self.image_vocab_size}], got {tuple(images.shape)}"
+            )
         embeds = images.to(self.tok_emb.weight.dtype) @ self.image_input_embeddings()
         placeholder = images.argmax(-1) + self.image_offset
         return torch.cat([head, placeholder, torch.full_like(head[:, :1], EOI)], 1), embeds
 
     @torch.no_grad()
-    def answer(self, images, questions, *, greedy=True, temperature=1.0, max_new_tokens=None, generator=None) -> AnswerRollout:
+    def answer(
+        self, images, questions, *, greedy=True, temperature=1.0, max_new_tokens=None, generator=None
+    ) -> AnswerRollout:
         max_new = min(max_new_tokens or self.config.max_answer_len + 1, self.config.max_answer_len + 1)
         prefix, embeds = self._understanding_prefix(images, questions)
         B = prefix.shape[0]
@@ -392,7 +439,11 @@ class TinyUnifiedModel(UnifiedPolicy):
         for t in range(max_new):
             logits = self._logits(h, self._ans_vocab).float() / (1.0 if greedy else temperature)
             logp_all = torch.log_softmax(logits, -1)
-            pick = logits.argmax(-1) if greedy else (logits + self._gumbel(logits.shape, generator, logits.device)).argmax(-1)
+            pick = (
+                logits.argmax(-1)
+                if greedy
+                else (logits + gumbel_noise(logits.shape, generator, logits.device)).argmax(-1)
+            )
             tok = pick + EOS
             mask.append(~done)
             toks.append(torch.where(done, torch.full_like(tok, PAD), tok))
@@ -405,8 +456,10 @@ class TinyUnifiedModel(UnifiedPolicy):
             h = self._forward(toks[-1][:, None], cache=cache, past=prefix.shape[1] + t)[:, -1]
         tokens = torch.stack(toks, 1)
         return AnswerRollout(
-            texts=[self.decode_answer_ids(r) for r in tokens], tokens=tokens,
-            logprobs=torch.stack(logps, 1), mask=torch.stack(mask, 1),
+            texts=[self.decode_answer_ids(r) for r in tokens],
+            tokens=tokens,
+            logprobs=torch.stack(logps, 1),
+            mask=torch.stack(mask, 1),
         )
 
     def answer_logprobs(self, images, questions, answers) -> tuple[Tensor, Tensor]:
@@ -422,7 +475,9 @@ class TinyUnifiedModel(UnifiedPolicy):
         return logp * mask, mask
 
     # ---- pretraining losses (warm start) -------------------------------------------------
-    def generation_loss(self, prompts: Sequence[str | None], image_tokens: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def generation_loss(
+        self, prompts: Sequence[str | None], image_tokens: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Cross-entropy of image tokens given prompts (None = unconditional, for CFG dropout).
 
         Autoregressive: next-token. Masked: MaskGIT, a random cosine-schedule ratio of positions masked.
@@ -430,8 +485,12 @@ class TinyUnifiedModel(UnifiedPolicy):
         prefix = self.encode_text(prompts, GEN)
         B, L = image_tokens.shape
         if self.image_order == "autoregressive":
-            h = self._forward(torch.cat([prefix, image_tokens[:, :-1] + self.image_offset], 1))[:, self.soi_pos :]
-            return F.cross_entropy(self._logits(h, self._img_vocab).flatten(0, 1).float(), image_tokens.flatten())
+            h = self._forward(torch.cat([prefix, image_tokens[:, :-1] + self.image_offset], 1))[
+                :, self.soi_pos :
+            ]
+            return F.cross_entropy(
+                self._logits(h, self._img_vocab).flatten(0, 1).float(), image_tokens.flatten()
+            )
         r = torch.rand(B, 1, generator=generator, device=self.device)
         n_mask = torch.clamp((L * torch.cos(math.pi / 2 * r)).ceil(), min=1)
         rank = torch.rand(B, L, generator=generator, device=self.device).argsort(-1).argsort(-1)
@@ -440,7 +499,9 @@ class TinyUnifiedModel(UnifiedPolicy):
         logits = self._logits(h, self._img_vocab).float()
         return F.cross_entropy(logits[masked], image_tokens[masked])
 
-    def understanding_loss(self, image_tokens: Tensor, questions: Sequence[str], answers: Sequence[str]) -> Tensor:
+    def understanding_loss(
+        self, image_tokens: Tensor, questions: Sequence[str], answers: Sequence[str]
+    ) -> Tensor:
         """Mean answer-token NLL."""
         logp, mask = self.answer_logprobs(image_tokens, questions, answers)
         return -(logp.sum() / mask.sum())

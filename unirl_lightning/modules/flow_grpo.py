@@ -12,14 +12,28 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Literal
 
 import torch
 
 from unirl_lightning.data.datamodule import PromptBatch
-from unirl_lightning.models.flow import FlowPolicy, FlowRollout, StepOutput, TextCondition, _GroupRows
+from unirl_lightning.models.flow.base import (
+    FlowPolicy,
+    FlowRollout,
+    StepOutput,
+    TextCondition,
+    _GroupRows,
+)
 from unirl_lightning.models.lora import check_lora_targets
-from unirl_lightning.modules.flow_common import FlowPolicyModule
+from unirl_lightning.modules.flow_base import FlowPolicyModule
+from unirl_lightning.modules.training import (
+    check_lr_decay,
+    guarded_step,
+    rank_advantages,
+    warmup_then_decay,
+)
+from unirl_lightning.modules.warm_start import ensure_flow_warm_start
 from unirl_lightning.objectives import (
     exact_latent_kl,
     latent_kl,
@@ -27,8 +41,9 @@ from unirl_lightning.objectives import (
     policy_loss,
     velocity_mse,
 )
-from unirl_lightning.modules.shared import check_lr_decay, guarded_step, rank_advantages, warmup_then_decay
 from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards
+from unirl_lightning.rewards.geneval import GenEvalReward
+from unirl_lightning.worlds.vocab import TASKS
 
 REGULARIZERS = ("velocity_mse", "latent_kl", "exact_kl", "none")
 STEP_WEIGHTINGS = ("uniform", "noise_std", "noise_var")
@@ -38,7 +53,9 @@ def _window_range(window: tuple[int, int] | None, num_steps: int) -> tuple[int, 
     """`[lo, hi)`: the steps of `window` a random window may cover (never the last, ODE step)."""
     lo, hi = (0, num_steps) if window is None else (int(window[0]), int(window[1]))
     if not 0 <= lo < hi <= num_steps:
-        raise ValueError(f"model.sde_window must satisfy 0 <= start < end <= num_steps={num_steps}, got {window}")
+        raise ValueError(
+            f"model.sde_window must satisfy 0 <= start < end <= num_steps={num_steps}, got {window}"
+        )
     return lo, min(hi, num_steps - 1)
 
 
@@ -50,9 +67,8 @@ def _random_window(window, num_steps: int, size: int) -> tuple[int, int]:
 
 
 def _check_task_window(task: str, window, num_steps: int, size: int) -> None:
-    """`model.sde_window_by_task` entry: a GenEval task and a `[lo, hi)` range that fits a window of `size`."""
-    from unirl_lightning.worlds.vocab import TASKS
-
+    """`model.sde_window_by_task` entry: a GenEval task and a `[lo, hi)` range that fits a window of
+    `size`."""
     field = f"model.sde_window_by_task.{task}"
     if task not in TASKS:
         raise ValueError(f"{field}: unknown task; GenEval's tasks are {list(TASKS)}")
@@ -60,8 +76,10 @@ def _check_task_window(task: str, window, num_steps: int, size: int) -> None:
         raise ValueError(f"{field}: give a [lo, hi) range of window starts' steps, got {window}")
     lo, hi = _window_range(tuple(window), num_steps)
     if hi - lo < size:
-        raise ValueError(f"{field}: [{lo}, {hi}) (the last step never trains) cannot hold a window of "
-                         f"sde_window_size {size}; widen it")
+        raise ValueError(
+            f"{field}: [{lo}, {hi}) (the last step never trains) cannot hold a window of "
+            f"sde_window_size {size}; widen it"
+        )
 
 
 class FlowGRPO(FlowPolicyModule):
@@ -170,24 +188,32 @@ class FlowGRPO(FlowPolicyModule):
         if regularizer == "exact_kl" and kind != "sde":
             raise ValueError("model.regularizer 'exact_kl' is the closed form of kind 'sde'; use kind: sde")
         if min(num_iterations, micro_batch_size, rollouts_per_update) < 1 or num_steps < 2:
-            raise ValueError("model.num_iterations, rollouts_per_update and micro_batch_size must be >= 1, num_steps >= 2")
+            raise ValueError(
+                "model.num_iterations, rollouts_per_update and micro_batch_size must be >= 1, num_steps >= 2"
+            )
         if num_iterations > 1 and rollouts_per_update > 1:
-            raise ValueError("model.num_iterations > 1 needs rollouts_per_update == 1 (each pass steps the optimiser)")
+            raise ValueError(
+                "model.num_iterations > 1 needs rollouts_per_update == 1 (each pass steps the optimiser)"
+            )
         if sde_window_size is not None:
             lo, hi = _window_range(sde_window, num_steps)
             if not 1 <= sde_window_size <= hi - lo:
-                raise ValueError(f"model.sde_window_size must be in 1..{hi - lo} (the trainable steps of sde_window "
-                                 f"[{lo}, {hi}) with num_steps {num_steps}), got {sde_window_size}")
+                raise ValueError(
+                    f"model.sde_window_size must be in 1..{hi - lo} (the trainable steps of sde_window "
+                    f"[{lo}, {hi}) with num_steps {num_steps}), got {sde_window_size}"
+                )
         if (sde_window_per_group or sde_window_by_task) and sde_window_size is None:
-            raise ValueError("model.sde_window_per_group / sde_window_by_task draw random windows: set sde_window_size too")
+            raise ValueError(
+                "model.sde_window_per_group / sde_window_by_task draw random windows: set sde_window_size too"
+            )
         for task, window in (sde_window_by_task or {}).items():
             _check_task_window(task, window, num_steps, sde_window_size)
-        check_lr_decay(lr_decay, warmup_steps, None if lr_decay == "constant" else math.inf)  # the name; max_steps at setup
+        check_lr_decay(
+            lr_decay, warmup_steps, None if lr_decay == "constant" else math.inf
+        )  # the name; max_steps at setup
         if not 0 <= lr_min_ratio <= 1:
             raise ValueError(f"model.lr_min_ratio must be in [0, 1], got {lr_min_ratio}")
         if rewards is None:
-            from unirl_lightning.rewards.geneval import GenEvalReward
-
             rewards = [GenEvalReward("partial")]
         self.rewards = rewards
         self.automatic_optimization = False  # mu passes, micro-batches and one backward per step
@@ -210,6 +236,9 @@ class FlowGRPO(FlowPolicyModule):
     def has_reference(self) -> bool:
         return self.uses_reference and (self.reference is not None or self.policy.has_lora)
 
+    def auto_warm_start(self) -> Path | None:
+        return ensure_flow_warm_start(self.policy)  # the built-in model's cached warm start; None for others
+
     def on_warm_started(self) -> None:
         if self.uses_reference and not self.hparams.lora_rank:
             self.reference = self.policy.make_reference().to(self.device)
@@ -226,9 +255,12 @@ class FlowGRPO(FlowPolicyModule):
         return self.scheduled(super().configure_optimizers())
 
     def scheduled(self, opt: torch.optim.Optimizer) -> dict:
-        """Lightning's optimiser config: `opt` with the warm-up and `lr_decay` schedule, per optimiser step."""
+        """Lightning's optimiser config: `opt` with the warm-up and `lr_decay` schedule, per optimiser
+        step."""
         hp = self.hparams
-        sched = warmup_then_decay(opt, max(hp.warmup_steps, 0), hp.lr_decay, self._decay_end(), hp.lr_min_ratio)
+        sched = warmup_then_decay(
+            opt, max(hp.warmup_steps, 0), hp.lr_decay, self._decay_end(), hp.lr_min_ratio
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _decay_end(self) -> int | None:
@@ -253,9 +285,18 @@ class FlowGRPO(FlowPolicyModule):
         hp = self.hparams
         by_task = hp.sde_window_by_task or {}
         groups = _GroupRows(batch.group_ids, torch.device("cpu"))
-        return groups.expand(torch.tensor([
-            _random_window(by_task.get(batch.specs[first].get("tag"), hp.sde_window), hp.num_steps, hp.sde_window_size)
-            for first in groups.first.tolist()]))
+        return groups.expand(
+            torch.tensor(
+                [
+                    _random_window(
+                        by_task.get(batch.specs[first].get("tag"), hp.sde_window),
+                        hp.num_steps,
+                        hp.sde_window_size,
+                    )
+                    for first in groups.first.tolist()
+                ]
+            )
+        )
 
     @torch.no_grad()
     def make_rollouts(self, batch: PromptBatch) -> RolloutContext:
@@ -263,27 +304,48 @@ class FlowGRPO(FlowPolicyModule):
         t0 = time.perf_counter()
         # One initial noise per group: the ODE steps before the SDE window then run once per prompt.
         groups = batch.group_ids if hp.same_latent else None
-        windows = dict(sde_windows=self.group_windows(batch)) if self.windows_per_group else dict(sde_window=self.sde_window())
-        rollout = self.policy.sample(batch.prompts, num_steps=hp.num_steps, noise_level=hp.noise_level,
-                                     cfg_scale=hp.cfg_scale, kind=hp.kind, groups=groups, **windows)
+        windows = (
+            dict(sde_windows=self.group_windows(batch))
+            if self.windows_per_group
+            else dict(sde_window=self.sde_window())
+        )
+        rollout = self.policy.sample(
+            batch.prompts,
+            num_steps=hp.num_steps,
+            noise_level=hp.noise_level,
+            cfg_scale=hp.cfg_scale,
+            kind=hp.kind,
+            groups=groups,
+            **windows,
+        )
         ctx = RolloutContext(specs=batch.specs, rollout=rollout, images=rollout.images)
         ctx.cache["rollout_s"] = time.perf_counter() - t0
         return ctx
 
     # ---- training -------------------------------------------------------------------------
     @torch.no_grad()
-    def _reference_step(self, rollout: FlowRollout, step: int | tuple[torch.Tensor, torch.Tensor]) -> StepOutput:
+    def _reference_step(
+        self, rollout: FlowRollout, step: int | tuple[torch.Tensor, torch.Tensor]
+    ) -> StepOutput:
         """The reference's output at one step of every row, or at `(rows, steps)` pairs."""
+
         def score(policy: FlowPolicy) -> StepOutput:
-            return policy.step_log_prob(rollout, step) if isinstance(step, int) else policy.pairs_log_prob(rollout, *step)
+            return (
+                policy.step_log_prob(rollout, step)
+                if isinstance(step, int)
+                else policy.pairs_log_prob(rollout, *step)
+            )
 
         if self.reference is not None:
             return score(self.reference)
         with self.policy.adapters_disabled():
             return score(self.policy)
 
-    def _penalty(self, out: StepOutput, ref: StepOutput, rollout: FlowRollout, step: int | torch.Tensor) -> torch.Tensor:
-        """`[B]` regulariser of one step (or of `[B]` rows' own steps) against the reference at the same states."""
+    def _penalty(
+        self, out: StepOutput, ref: StepOutput, rollout: FlowRollout, step: int | torch.Tensor
+    ) -> torch.Tensor:
+        """`[B]` regulariser of one step (or of `[B]` rows' own steps) against the reference at the same
+        states."""
         name = self.hparams.regularizer
         s, s_next = rollout.sigmas[step], rollout.sigmas[step + 1]
         if name == "velocity_mse":
@@ -302,24 +364,34 @@ class FlowGRPO(FlowPolicyModule):
             return [1.0] * len(steps)
         power = 2.0 if hp.step_weighting == "noise_var" else 1.0
         if hp.sde_window_size is None:
-            return noise_aware_step_weights(rollout.sigmas, rollout.noise_levels, steps, rollout.kind, power).tolist()
+            return noise_aware_step_weights(
+                rollout.sigmas, rollout.noise_levels, steps, rollout.kind, power
+            ).tolist()
         # A random window is weighted against every step a window can cover: a one-step window
         # (TempFlow-GRPO's branching) early in the schedule then outweighs one late in it.
         candidates = self._coverable_steps()
         levels = torch.full((hp.num_steps,), float(hp.noise_level))
-        return noise_aware_step_weights(rollout.sigmas, levels, steps, rollout.kind, power, normalize_over=candidates).tolist()
+        return noise_aware_step_weights(
+            rollout.sigmas, levels, steps, rollout.kind, power, normalize_over=candidates
+        ).tolist()
 
     def _coverable_steps(self) -> list[int]:
         """Every step a random window can cover (`sde_window`'s range and each task's)."""
         hp = self.hparams
         ranges = [hp.sde_window, *(hp.sde_window_by_task or {}).values()]
-        return sorted({j for r in ranges for j in range(*_window_range(None if r is None else tuple(r), hp.num_steps))})
+        return sorted(
+            {j for r in ranges for j in range(*_window_range(None if r is None else tuple(r), hp.num_steps))}
+        )
 
     @torch.no_grad()
     def _frozen_condition(self, rollout: FlowRollout, rows: torch.Tensor) -> TextCondition | None:
         """Rows' prompts encoded once, without gradient, when the text encoder is frozen (else None:
         the policy encodes them in the graph)."""
-        return None if self.policy.text_trainable else self.policy.encode_text([rollout.prompts[r] for r in rows.tolist()])
+        return (
+            None
+            if self.policy.text_trainable
+            else self.policy.encode_text([rollout.prompts[r] for r in rows.tolist()])
+        )
 
     def _trained_rows(self, adv: torch.Tensor) -> torch.Tensor:
         """Rows to back-propagate, long `[m]`: all, or (`train_tied_groups: False`) those with a
@@ -338,7 +410,9 @@ class FlowGRPO(FlowPolicyModule):
         rollout: FlowRollout = ctx.rollout
         t0 = time.perf_counter()
         rewards, logs = combine_rewards(self.rewards, ctx)
-        adv, zero_frac = rank_advantages(self, rewards, batch.group_ids, scale=self.hparams.scale, clip=self.hparams.adv_clip)
+        adv, zero_frac = rank_advantages(
+            self, rewards, batch.group_ids, scale=self.hparams.scale, clip=self.hparams.adv_clip
+        )
         steps = rollout.trained_steps
         weights = self.step_weights(rollout, steps)
         per_row = rollout.steps_per_row  # each row's loss averages over its own trained steps
@@ -365,16 +439,25 @@ class FlowGRPO(FlowPolicyModule):
             row_idx, pair_steps = rollout.row_mask[trained].nonzero(as_tuple=True)
             step_weight = torch.zeros(rollout.num_steps, device=adv.device)
             step_weight[steps] = torch.tensor(weights, device=adv.device)
-            parts = [(rows, at, step_weight[at], self._frozen_condition(rollout, rows))
-                     for rows, at in zip(trained[row_idx].split(hp.micro_batch_size), pair_steps.split(hp.micro_batch_size))]
+            parts = [
+                (rows, at, step_weight[at], self._frozen_condition(rollout, rows))
+                for rows, at in zip(
+                    trained[row_idx].split(hp.micro_batch_size), pair_steps.split(hp.micro_batch_size)
+                )
+            ]
         ref_cache: dict[int, StepOutput] = {}
         acc: dict[str, list[float]] = {}
         for _ in range(hp.num_iterations):
             for c, (rows, at, weight, cond) in enumerate(parts):
                 out, old = self.policy.pairs_log_prob(rollout, rows, at, cond), rollout.log_probs[rows, at]
                 # a positive weight scales the clipped surrogate -min(rA, clip(r)A) exactly as it scales A
-                loss, stats = policy_loss(out.log_prob[:, None], old[:, None], weight * adv[rows],
-                                          torch.ones_like(old, dtype=torch.bool)[:, None], epsilon_low=hp.clip_range)
+                loss, stats = policy_loss(
+                    out.log_prob[:, None],
+                    old[:, None],
+                    weight * adv[rows],
+                    torch.ones_like(old, dtype=torch.bool)[:, None],
+                    epsilon_low=hp.clip_range,
+                )
                 loss = loss * len(rows) / n  # untrained rows: advantage 0, no gradient
                 stats["approx_kl"] = 0.5 * (out.log_prob.detach() - old).square().mean()
                 if self.has_reference:
@@ -394,18 +477,20 @@ class FlowGRPO(FlowPolicyModule):
             guarded_step(self, opt, hp.gradient_clip_val)
             self.lr_schedulers().step()  # per optimiser step, as trainer.max_steps counts
         logs.update({f"policy/{k}": sum(v) / len(v) for k, v in acc.items()})
-        logs.update({
-            "reward/total": rewards.mean().item(),
-            "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
-            "train/zero_std_frac": zero_frac,
-            "train/skipped_steps": float(self.skipped_steps),
-            "train/empty_batches": float(self.empty_batches),
-            "train/adv_abs": adv.abs().mean().item(),
-            "train/trained_steps": float(per_row),
-            "train/trained_rows_frac": m / n,
-            "train/lr": opt.param_groups[0]["lr"],
-            "time/rollout_s": ctx.cache.get("rollout_s", math.nan),
-            "time/train_s": time.perf_counter() - t0,
-        })
+        logs.update(
+            {
+                "reward/total": rewards.mean().item(),
+                "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
+                "train/zero_std_frac": zero_frac,
+                "train/skipped_steps": float(self.skipped_steps),
+                "train/empty_batches": float(self.empty_batches),
+                "train/adv_abs": adv.abs().mean().item(),
+                "train/trained_steps": float(per_row),
+                "train/trained_rows_frac": m / n,
+                "train/lr": opt.param_groups[0]["lr"],
+                "time/rollout_s": ctx.cache.get("rollout_s", math.nan),
+                "time/train_s": time.perf_counter() - t0,
+            }
+        )
         self.log_dict(logs, prog_bar=False, batch_size=n)
         self.log("reward", rewards.mean().item(), prog_bar=True, batch_size=n)

@@ -11,11 +11,9 @@ from typing import Literal
 
 import torch
 
-from unirl_lightning.data.rendered import RenderedSceneDataModule
 from unirl_lightning.models.flow import FlowPolicy
-from unirl_lightning.modules.shared import warmup_cosine
-from unirl_lightning.modules.flow_common import FlowPolicyModule
-from unirl_lightning.worlds.render import WorldConfig
+from unirl_lightning.modules.training import warmup_cosine
+from unirl_lightning.modules.flow_base import FlowPolicyModule
 
 
 def sample_sigmas(n: int, how: str, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
@@ -67,19 +65,7 @@ class FlowWarmStart(FlowPolicyModule):
 
     def configure_optimizers(self):
         opt = super().configure_optimizers()
-        return {"optimizer": opt, "lr_scheduler": warmup_cosine(opt, self.hparams.warmup_steps, self.hparams.max_steps)}
-
-
-class FlowSceneDataModule(RenderedSceneDataModule):
-    """`RenderedSceneDataModule` on a chosen placement grid.
-
-    The built-in flow model's latent cells each hold one whole object, so its scenes are placed
-    on a `grid` = cell-size grid (default 8 px) with `gap` free cells between objects; the
-    default world places 8-px shapes on a 4-px grid, where objects straddle cells.
-    """
-
-    def __init__(self, grid: int = 8, gap: int = 1, batch_size: int = 64, canvas: int = 32,
-                 sizes: tuple[int, ...] = (8,), **kwargs):
-        super().__init__(batch_size=batch_size, canvas=canvas, sizes=sizes, **kwargs)
-        self.save_hyperparameters()
-        self.world = WorldConfig(canvas=canvas, sizes=tuple(sizes), grid=grid, gap=gap)
+        return {
+            "optimizer": opt,
+            "lr_scheduler": warmup_cosine(opt, self.hparams.warmup_steps, self.hparams.max_steps),
+        }

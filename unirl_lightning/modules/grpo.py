@@ -9,6 +9,7 @@ tokens into actions.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -16,10 +17,12 @@ import torch.distributed as dist
 
 from unirl_lightning.data.datamodule import PromptBatch
 from unirl_lightning.models.base import UnifiedPolicy
-from unirl_lightning.modules.common import PolicyModule
+from unirl_lightning.modules.training import guarded_step, rank_advantages
+from unirl_lightning.modules.unified import PolicyModule
+from unirl_lightning.modules.warm_start import ensure_warm_start
 from unirl_lightning.objectives import policy_loss
-from unirl_lightning.modules.shared import guarded_step, rank_advantages
 from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards
+from unirl_lightning.rewards.geneval import GenEvalReward
 
 
 class DiscreteGRPO(PolicyModule):
@@ -74,22 +77,27 @@ class DiscreteGRPO(PolicyModule):
     ):
         super().__init__(policy, **kwargs)
         if image_weight <= 0 and answer_weight <= 0 and answer_sft_weight <= 0:
-            raise ValueError("model.image_weight, answer_weight and answer_sft_weight are all 0: nothing would train")
+            raise ValueError(
+                "model.image_weight, answer_weight and answer_sft_weight are all 0: nothing would train"
+            )
         if num_iterations < 1 or micro_batch_size < 1:
             raise ValueError("model.num_iterations and model.micro_batch_size must be >= 1")
         if rewards is None:
-            from unirl_lightning.rewards.geneval import GenEvalReward
-
             rewards = [GenEvalReward("binary")]
         self.rewards = rewards
         if answer_reward_terms is not None:
             names = [fn.name for fn in rewards]
             unknown = sorted(set(answer_reward_terms) - set(names))
             if unknown or not answer_reward_terms:
-                raise ValueError(f"model.answer_reward_terms: {unknown or 'empty list'} not among the configured "
-                                 f"reward names {names}; give some of those names, or null for the total reward")
+                raise ValueError(
+                    f"model.answer_reward_terms: {unknown or 'empty list'} not among the configured "
+                    f"reward names {names}; give some of those names, or null for the total reward"
+                )
         self.automatic_optimization = False  # mu passes and micro-batches per rollout
         self.reference = policy.make_reference() if beta > 0 else None
+
+    def auto_warm_start(self) -> Path | None:
+        return ensure_warm_start(self.policy)  # the built-in model's cached warm start
 
     def on_warm_started(self) -> None:
         if self.hparams.beta > 0:
@@ -103,11 +111,17 @@ class DiscreteGRPO(PolicyModule):
     @torch.no_grad()
     def make_rollouts(self, batch: PromptBatch) -> RolloutContext:
         hp = self.hparams
-        rollout = self.policy.generate_images(batch.prompts, cfg_scale=hp.cfg_scale, temperature=hp.temperature)
-        ctx = RolloutContext(specs=batch.specs, rollout=rollout, images=self.policy.decode_images(rollout.tokens))
+        rollout = self.policy.generate_images(
+            batch.prompts, cfg_scale=hp.cfg_scale, temperature=hp.temperature
+        )
+        ctx = RolloutContext(
+            specs=batch.specs, rollout=rollout, images=self.policy.decode_images(rollout.tokens)
+        )
         if self.needs_answers:
             questions, _ = self.qa(batch.specs)
-            ctx.answers = self.policy.answer(rollout.tokens, questions, greedy=False, temperature=hp.answer_temperature)
+            ctx.answers = self.policy.answer(
+                rollout.tokens, questions, greedy=False, temperature=hp.answer_temperature
+            )
         return ctx
 
     # ---- training ---------------------------------------------------------------------
@@ -120,7 +134,9 @@ class DiscreteGRPO(PolicyModule):
         if hp.answer_weight > 0 and hp.answer_reward_terms:
             terms = ctx.cache["reward_terms"]
             answer_rewards = sum(terms[name] for name in hp.answer_reward_terms)
-            advantages["answer"] = rank_advantages(self, answer_rewards, batch.group_ids, scale=hp.scale, clip=hp.adv_clip)[0]
+            advantages["answer"] = rank_advantages(
+                self, answer_rewards, batch.group_ids, scale=hp.scale, clip=hp.adv_clip
+            )[0]
         keep = torch.arange(len(adv), device=self.device)
         if hp.filter_zero_std:
             keep = keep[self._nonzero_std_rows(rewards, batch.group_ids)]
@@ -135,9 +151,17 @@ class DiscreteGRPO(PolicyModule):
                 for rows, live, old, ref, mask in fns["chunks"]:
                     logp = fns["logp"](rows)
                     loss, stats = policy_loss(
-                        logp, old if old is not None else logp.detach(), advantages[name][rows], mask, loss_type=hp.loss_type,
-                        epsilon_low=hp.epsilon_low, epsilon_high=hp.epsilon_high, beta=hp.beta, ref_logp=ref,
-                        num_items_in_batch=fns["num_items"])
+                        logp,
+                        old if old is not None else logp.detach(),
+                        advantages[name][rows],
+                        mask,
+                        loss_type=hp.loss_type,
+                        epsilon_low=hp.epsilon_low,
+                        epsilon_high=hp.epsilon_high,
+                        beta=hp.beta,
+                        ref_logp=ref,
+                        num_items_in_batch=fns["num_items"],
+                    )
                     # dapo already divides by the global token count; the others are means over chunk rows
                     share = 1.0 if hp.loss_type == "dapo" else len(rows) / fns["n_rows"]
                     self.manual_backward(weight * loss * share * float(live))
@@ -150,9 +174,16 @@ class DiscreteGRPO(PolicyModule):
                 stats_acc.setdefault("answer_sft/loss", []).append(float(sft.detach()))
             guarded_step(self, opt, hp.gradient_clip_val)
         logs.update({k: sum(v) / len(v) for k, v in stats_acc.items()})
-        logs.update({"reward/total": rewards.mean().item(), "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
-                     "train/zero_std_frac": zero_frac, "train/skipped_steps": float(self.skipped_steps),
-                     "train/empty_batches": float(self.empty_batches), "train/trained_rows_frac": len(keep) / len(adv)})
+        logs.update(
+            {
+                "reward/total": rewards.mean().item(),
+                "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
+                "train/zero_std_frac": zero_frac,
+                "train/skipped_steps": float(self.skipped_steps),
+                "train/empty_batches": float(self.empty_batches),
+                "train/trained_rows_frac": len(keep) / len(adv),
+            }
+        )
         self.log_dict(logs, prog_bar=False, batch_size=len(batch))
         self.log("reward", rewards.mean().item(), prog_bar=True, batch_size=len(batch))
 
@@ -190,7 +221,9 @@ class DiscreteGRPO(PolicyModule):
             chunks += [(keep.new_zeros(1), False)] * (most - len(chunks))
         return chunks
 
-    def _streams(self, ctx: RolloutContext, keep: torch.Tensor, row_chunks: list[tuple[torch.Tensor, bool]]) -> list:
+    def _streams(
+        self, ctx: RolloutContext, keep: torch.Tensor, row_chunks: list[tuple[torch.Tensor, bool]]
+    ) -> list:
         """Per loss stream: a log-prob function of rows, and micro-batches `(rows, live, old, ref, mask)`
         with stored old / ref log-probs."""
         hp, out = self.hparams, []
@@ -203,9 +236,15 @@ class DiscreteGRPO(PolicyModule):
         def answer_logp(rows, policy=None):
             sub = rows.tolist()
             answers = ctx.answers
-            picked = type(answers)(texts=[answers.texts[i] for i in sub], tokens=answers.tokens[rows],
-                                   logprobs=answers.logprobs[rows], mask=answers.mask[rows])
-            return (policy or self.policy).answer_logprobs(rollout.tokens[rows], [questions[i] for i in sub], picked)[0]
+            picked = type(answers)(
+                texts=[answers.texts[i] for i in sub],
+                tokens=answers.tokens[rows],
+                logprobs=answers.logprobs[rows],
+                mask=answers.mask[rows],
+            )
+            return (policy or self.policy).answer_logprobs(
+                rollout.tokens[rows], [questions[i] for i in sub], picked
+            )[0]
 
         specs = []
         if hp.image_weight > 0:
@@ -222,5 +261,11 @@ class DiscreteGRPO(PolicyModule):
             num_items = full_mask[keep].sum().clamp(min=1)
             if hp.loss_type == "dapo" and dist.is_available() and dist.is_initialized():
                 num_items = self.all_gather(num_items).sum()
-            out.append((name, weight, {"logp": fn, "chunks": chunks, "n_rows": max(len(keep), 1), "num_items": num_items}))
+            out.append(
+                (
+                    name,
+                    weight,
+                    {"logp": fn, "chunks": chunks, "n_rows": max(len(keep), 1), "num_items": num_items},
+                )
+            )
         return out

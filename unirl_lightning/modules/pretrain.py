@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from unirl_lightning.models.base import UnifiedPolicy
-from unirl_lightning.modules.shared import warmup_cosine
-from unirl_lightning.modules.common import PolicyModule
+from unirl_lightning.modules.training import warmup_cosine
+from unirl_lightning.modules.unified import PolicyModule
 
 
 class WarmStartPretrain(PolicyModule):
@@ -44,9 +44,14 @@ class WarmStartPretrain(PolicyModule):
         gen_loss = policy.generation_loss(prompts, tokens)
         und_loss = policy.understanding_loss(tokens, batch["questions"], batch["answers"])
         loss = gen_loss + self.hparams.understanding_weight * und_loss
-        self.log_dict({"train/gen_loss": gen_loss, "train/und_loss": und_loss}, prog_bar=True, batch_size=len(tokens))
+        self.log_dict(
+            {"train/gen_loss": gen_loss, "train/und_loss": und_loss}, prog_bar=True, batch_size=len(tokens)
+        )
         return loss
 
     def configure_optimizers(self):
         opt = super().configure_optimizers()
-        return {"optimizer": opt, "lr_scheduler": warmup_cosine(opt, self.hparams.warmup_steps, self.hparams.max_steps)}
+        return {
+            "optimizer": opt,
+            "lr_scheduler": warmup_cosine(opt, self.hparams.warmup_steps, self.hparams.max_steps),
+        }

@@ -4,12 +4,15 @@ Gumbel image tokens. No external image data."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from unirl_lightning.data.datamodule import PromptBatch
 from unirl_lightning.data.qa import grade_answer
 from unirl_lightning.models.base import UnifiedPolicy
-from unirl_lightning.modules.common import PolicyModule
+from unirl_lightning.modules.unified import PolicyModule
+from unirl_lightning.modules.warm_start import ensure_warm_start
 
 
 class UniRLSFT(PolicyModule):
@@ -37,6 +40,9 @@ class UniRLSFT(PolicyModule):
     ):
         super().__init__(policy, **kwargs)
 
+    def auto_warm_start(self) -> Path | None:
+        return ensure_warm_start(self.policy)  # the built-in model's cached warm start
+
     def make_rollouts(self, batch: PromptBatch):
         """Called by the DataModule on device: one image per spec from the current policy."""
         hp = self.hparams
@@ -46,7 +52,11 @@ class UniRLSFT(PolicyModule):
     def training_step(self, batch: PromptBatch, batch_idx: int) -> torch.Tensor:
         rollout = batch.rollout if batch.rollout is not None else self.make_rollouts(batch)
         questions, answers = self.qa(batch.specs)
-        images = self.policy.relaxed_image_tokens(rollout, self.hparams.gumbel_tau) if self.hparams.end_to_end else rollout.tokens
+        images = (
+            self.policy.relaxed_image_tokens(rollout, self.hparams.gumbel_tau)
+            if self.hparams.end_to_end
+            else rollout.tokens
+        )
         logp, mask = self.policy.answer_logprobs(images, questions, answers)
         loss = -(logp.sum() / mask.sum())
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
@@ -62,8 +72,12 @@ class UniRLSFT(PolicyModule):
         questions, _ = self.qa(batch.specs)
         answers = self.policy.answer(rollout.tokens, questions, greedy=True)
         grades = [grade_answer(s, a) for s, a in zip(batch.specs, answers.texts)]
-        self.log_dict({
-            "train/geneval": gen_ok.mean(),
-            "train/answer_acc": torch.tensor([g.correct for g in grades], dtype=torch.float).mean(),
-            "train/answer_score": torch.tensor([g.score for g in grades], dtype=torch.float).mean(),
-        }, prog_bar=True, batch_size=len(batch))
+        self.log_dict(
+            {
+                "train/geneval": gen_ok.mean(),
+                "train/answer_acc": torch.tensor([g.correct for g in grades], dtype=torch.float).mean(),
+                "train/answer_score": torch.tensor([g.score for g in grades], dtype=torch.float).mean(),
+            },
+            prog_bar=True,
+            batch_size=len(batch),
+        )

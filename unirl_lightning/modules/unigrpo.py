@@ -23,11 +23,13 @@ from typing import Literal
 
 import torch
 
+from unirl_lightning.callbacks.image_grid import log_image_grid
 from unirl_lightning.data.datamodule import PromptBatch
-from unirl_lightning.modules.shared import guarded_step, rank_advantages
 from unirl_lightning.models.flow import FlowPolicy, FlowRollout
-from unirl_lightning.models.text_policy import TextPolicy, TextRollout, text_matches
+from unirl_lightning.models.text.policies import TextPolicy, TextRollout, text_matches
 from unirl_lightning.modules.flow_grpo import FlowGRPO
+from unirl_lightning.modules.training import guarded_step, rank_advantages
+from unirl_lightning.modules.warm_start import ensure_text_warm_start
 from unirl_lightning.objectives import kl_k3, policy_loss, velocity_mse
 from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards
 
@@ -52,7 +54,7 @@ class UniGRPO(FlowGRPO):
             (the raw riddle) or "prompt" (the plain GenEval prompt, an oracle); the text policy is
             neither run nor trained unless "text".
         text_warm_start: "auto" (built-in `TinyTextPolicy`: the cached supervised riddle -> prompt
-            warm start, see `text_warm_start.py`; a no-op for other policies), a `save_pretrained`
+            warm start, see `modules/warm_start.py`; a no-op for other policies), a `save_pretrained`
             folder, or None.
         max_new_tokens / text_temperature: the text sampler of rollouts (validation is greedy);
             temperature 0 (greedy rollouts) is only allowed with `train_text=False`.
@@ -64,8 +66,9 @@ class UniGRPO(FlowGRPO):
         save_to: the flow policy is saved there and, when the text policy trains, the text policy
             in its `text_policy/` sub-folder.
         beta: weight of the velocity MSE (beta_v); clip_range: image ratio clip. Other arguments
-            (num_steps, noise_level, kind, sde_window(_size), step_weighting, num_iterations, rollouts_per_update, micro_batch_size,
-            scale, adv_clip, regularizer, track_reference, lr, warm_start, ...) as in `FlowGRPO`.
+            (num_steps, noise_level, kind, sde_window(_size), step_weighting, num_iterations,
+            rollouts_per_update, micro_batch_size, scale, adv_clip, regularizer, track_reference, lr,
+            warm_start, ...) as in `FlowGRPO`.
             CFG is off in rollouts, training and validation (UniGRPO).
     """
 
@@ -94,14 +97,20 @@ class UniGRPO(FlowGRPO):
         # No CFG anywhere (UniGRPO): one velocity forward per step in rollouts, training and validation.
         super().__init__(flow_policy, rewards=rewards, cfg_scale=1.0, eval_cfg_scale=1.0, **kwargs)
         if not self.hparams.train_tied_groups:
-            raise ValueError("model.train_tied_groups: False is FlowGRPO's; UniGRPO trains every row (remove it)")
+            raise ValueError(
+                "model.train_tied_groups: False is FlowGRPO's; UniGRPO trains every row (remove it)"
+            )
         if self.windows_per_group:
-            raise ValueError("model.sde_window_per_group / sde_window_by_task are FlowGRPO's; UniGRPO draws one window "
-                             "per rollout (remove them)")
+            raise ValueError(
+                "model.sde_window_per_group / sde_window_by_task are FlowGRPO's; UniGRPO draws one window "
+                "per rollout (remove them)"
+            )
         if image_condition not in CONDITIONS:
             raise ValueError(f"model.image_condition must be one of {CONDITIONS}, got {image_condition!r}")
         if text_temperature < 0 or (text_temperature == 0 and train_text and image_condition == "text"):
-            raise ValueError("model.text_temperature must be > 0 when the text policy trains (0 = greedy: frozen only)")
+            raise ValueError(
+                "model.text_temperature must be > 0 when the text policy trains (0 = greedy: frozen only)"
+            )
         _check_vocabulary(text_policy, flow_policy, image_condition)
         self.text_policy = text_policy
         if not self.trains_text:
@@ -126,18 +135,18 @@ class UniGRPO(FlowGRPO):
             return
         self._text_warm_started = True
         if source == "auto":
-            if getattr(self.text_policy, "config", None) is None:
-                return  # a pretrained LM is its own warm start
-            from unirl_lightning.text_warm_start import ensure_text_warm_start
-
             source = ensure_text_warm_start(self.text_policy)
+            if source is None:
+                return  # a pretrained LM is its own warm start
         loaded = type(self.text_policy).from_pretrained(source)
         self.text_policy.load_state_dict(loaded.state_dict())
         self.text_reference = self._make_text_reference()
 
     # ---- sharding and saving -----------------------------------------------------------------
     def sharded_modules(self) -> list[torch.nn.Module]:
-        return super().sharded_modules() + [m for m in (self.text_policy, self.text_reference) if m is not None]
+        return super().sharded_modules() + [
+            m for m in (self.text_policy, self.text_reference) if m is not None
+        ]
 
     def save_policies(self, path: str | Path) -> None:
         super().save_policies(path)
@@ -148,22 +157,33 @@ class UniGRPO(FlowGRPO):
         hp = self.hparams
         groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": hp.lr}]
         if self.trains_text:
-            groups.append({"params": [p for p in self.text_policy.parameters() if p.requires_grad],
-                           "lr": hp.text_lr if hp.text_lr is not None else hp.lr})
-        return self.scheduled(torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas)))
+            groups.append(
+                {
+                    "params": [p for p in self.text_policy.parameters() if p.requires_grad],
+                    "lr": hp.text_lr if hp.text_lr is not None else hp.lr,
+                }
+            )
+        return self.scheduled(
+            torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        )
 
     # ---- rollout ------------------------------------------------------------------------------
     @torch.no_grad()
-    def write(self, specs: list[dict], *, greedy: bool = False,
-              generator: torch.Generator | None = None) -> tuple[list[str], TextRollout | None]:
+    def write(
+        self, specs: list[dict], *, greedy: bool = False, generator: torch.Generator | None = None
+    ) -> tuple[list[str], TextRollout | None]:
         """The flow model's conditions for `specs`, and the text rollout that wrote them (if any)."""
         hp = self.hparams
         if hp.image_condition == "prompt":
             return [s["prompt"] for s in specs], None
         if hp.image_condition == "riddle":
             return _riddles(specs), None
-        text = self.text_policy.generate(_riddles(specs), max_new_tokens=hp.max_new_tokens,
-                                         temperature=0.0 if greedy else hp.text_temperature, generator=generator)
+        text = self.text_policy.generate(
+            _riddles(specs),
+            max_new_tokens=hp.max_new_tokens,
+            temperature=0.0 if greedy else hp.text_temperature,
+            generator=generator,
+        )
         return text.texts, text
 
     @torch.no_grad()
@@ -174,8 +194,15 @@ class UniGRPO(FlowGRPO):
         t1 = time.perf_counter()
         # One noise per group; its rows write different prompts, so no shared ODE prefix (`groups=`).
         latents = self.policy.group_noise(batch.group_ids) if hp.same_latent else None
-        rollout = self.policy.sample(texts, num_steps=hp.num_steps, noise_level=hp.noise_level, cfg_scale=1.0,
-                                     sde_window=self.sde_window(), kind=hp.kind, latents=latents)
+        rollout = self.policy.sample(
+            texts,
+            num_steps=hp.num_steps,
+            noise_level=hp.noise_level,
+            cfg_scale=1.0,
+            sde_window=self.sde_window(),
+            kind=hp.kind,
+            latents=latents,
+        )
         ctx = RolloutContext(specs=batch.specs, rollout=rollout, images=rollout.images)
         ctx.cache.update(text=text, texts=texts, text_s=t1 - t0, rollout_s=time.perf_counter() - t0)
         return ctx
@@ -185,8 +212,15 @@ class UniGRPO(FlowGRPO):
         """lambda_text * L_text + beta_text * KL_text of one micro-batch, and its stats."""
         hp = self.hparams
         logp = self.text_policy.logprobs(riddles, text)
-        loss, stats = policy_loss(logp, text.logprobs, adv, text.mask, loss_type=hp.text_loss_type,
-                                  epsilon_low=hp.text_clip_range, ref_logp=ref)
+        loss, stats = policy_loss(
+            logp,
+            text.logprobs,
+            adv,
+            text.mask,
+            loss_type=hp.text_loss_type,
+            epsilon_low=hp.text_clip_range,
+            ref_logp=ref,
+        )
         total = hp.lambda_text * loss
         if hp.beta_text > 0:
             m = text.mask.float()
@@ -195,8 +229,9 @@ class UniGRPO(FlowGRPO):
         stats["loss"] = loss.detach()
         return total, stats
 
-    def _image_loss(self, sub: FlowRollout, step: int, adv: torch.Tensor, cond, ref_cache: dict, key,
-                    weight: float = 1.0):
+    def _image_loss(
+        self, sub: FlowRollout, step: int, adv: torch.Tensor, cond, ref_cache: dict, key, weight: float = 1.0
+    ):
         """lambda_img * weight * L_img + beta * L_reg of one trained step of one micro-batch, and its
         stats (`weight`: the step's `step_weighting` weight)."""
         hp = self.hparams
@@ -227,11 +262,15 @@ class UniGRPO(FlowGRPO):
         riddles = _riddles(batch.specs)
         t0 = time.perf_counter()
         rewards, logs = combine_rewards(self.rewards, ctx)
-        adv, zero_frac = rank_advantages(self, rewards, batch.group_ids, scale=self.hparams.scale, clip=self.hparams.adv_clip)  # one A_i per trajectory, both streams
+        adv, zero_frac = rank_advantages(
+            self, rewards, batch.group_ids, scale=self.hparams.scale, clip=self.hparams.adv_clip
+        )  # one A_i per trajectory, both streams
         steps, n = rollout.trained_steps, len(rollout)
         weights = self.step_weights(rollout)
-        chunks = [torch.arange(i, min(i + hp.micro_batch_size, n), device=self.device)
-                  for i in range(0, n, hp.micro_batch_size)]
+        chunks = [
+            torch.arange(i, min(i + hp.micro_batch_size, n), device=self.device)
+            for i in range(0, n, hp.micro_batch_size)
+        ]
         subs = [rollout.select(rows) for rows in chunks]
         train_text = self.trains_text and text is not None
         opt = self.optimizers()
@@ -247,8 +286,11 @@ class UniGRPO(FlowGRPO):
                     sub_text, sub_riddles = text.select(rows), [riddles[i] for i in rows.tolist()]
                     if c not in text_ref:
                         with torch.no_grad():
-                            text_ref[c] = (None if self.text_reference is None
-                                           else self.text_reference.logprobs(sub_riddles, sub_text))
+                            text_ref[c] = (
+                                None
+                                if self.text_reference is None
+                                else self.text_reference.logprobs(sub_riddles, sub_text)
+                            )
                     loss, stats = self._text_loss(sub_riddles, sub_text, adv[rows], text_ref[c])
                     self.manual_backward(loss * share)
                     for k, v in stats.items():
@@ -268,23 +310,27 @@ class UniGRPO(FlowGRPO):
             self.lr_schedulers().step()
         logs.update({k: sum(v) / len(v) for k, v in acc.items()})
         logs.update(self._text_logs(batch.specs, ctx.cache["texts"], text, rewards))
-        logs.update({
-            "reward/total": rewards.mean().item(),
-            "reward/std": rewards.std().item() if n > 1 else 0.0,
-            "train/zero_std_frac": zero_frac,
-            "train/skipped_steps": float(self.skipped_steps),
-            "train/adv_abs": adv.abs().mean().item(),
-            "train/trained_steps": float(len(steps)),
-            "train/lr": opt.param_groups[0]["lr"],
-            "time/text_s": ctx.cache.get("text_s", float("nan")),
-            "time/rollout_s": ctx.cache.get("rollout_s", float("nan")),
-            "time/train_s": time.perf_counter() - t0,
-        })
+        logs.update(
+            {
+                "reward/total": rewards.mean().item(),
+                "reward/std": rewards.std().item() if n > 1 else 0.0,
+                "train/zero_std_frac": zero_frac,
+                "train/skipped_steps": float(self.skipped_steps),
+                "train/adv_abs": adv.abs().mean().item(),
+                "train/trained_steps": float(len(steps)),
+                "train/lr": opt.param_groups[0]["lr"],
+                "time/text_s": ctx.cache.get("text_s", float("nan")),
+                "time/rollout_s": ctx.cache.get("rollout_s", float("nan")),
+                "time/train_s": time.perf_counter() - t0,
+            }
+        )
         self.log_dict(logs, prog_bar=False, batch_size=n)
         self.log("reward", rewards.mean().item(), prog_bar=True, batch_size=n)
 
     @staticmethod
-    def _text_logs(specs: list[dict], texts: list[str], text: TextRollout | None, rewards: torch.Tensor) -> dict:
+    def _text_logs(
+        specs: list[dict], texts: list[str], text: TextRollout | None, rewards: torch.Tensor
+    ) -> dict:
         """Share of conditions equal to the plain GenEval prompt, text length, reward split by it."""
         exact = torch.tensor([text_matches(t, s["prompt"]) for t, s in zip(texts, specs)])
         logs = {"text/exact_prompt": exact.float().mean().item()}
@@ -297,15 +343,19 @@ class UniGRPO(FlowGRPO):
 
     # ---- evaluation ---------------------------------------------------------------------------
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        """Greedy text, `eval_repeats` ODE images per text (noise 0, no CFG), GenEval judge against the spec."""
+        """Greedy text, `eval_repeats` ODE images per text (noise 0, no CFG), GenEval judge against the
+        spec."""
         hp = self.hparams
         gen = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
         texts, _ = self.write(batch.specs, greedy=True)
-        exact = torch.tensor([text_matches(t, s["prompt"]) for t, s in zip(texts, batch.specs)]).float().mean()
+        exact = (
+            torch.tensor([text_matches(t, s["prompt"]) for t, s in zip(texts, batch.specs)]).float().mean()
+        )
         k = hp.eval_repeats  # greedy text is deterministic: one text, k images from different noise
         specs = [s for s in batch.specs for _ in range(k)]
-        rollout = self.policy.sample([t for t in texts for _ in range(k)], num_steps=hp.eval_num_steps,
-                                     noise_level=0.0, generator=gen)
+        rollout = self.policy.sample(
+            [t for t in texts for _ in range(k)], num_steps=hp.eval_num_steps, noise_level=0.0, generator=gen
+        )
         results = self.judge(rollout.images, specs)
         correct = torch.tensor([r.correct for r in results], dtype=torch.bool)
         self.val_geneval.update([s["tag"] for s in specs], correct.to(self.device))
@@ -315,11 +365,16 @@ class UniGRPO(FlowGRPO):
         self.log("val/text_exact", exact, batch_size=size, sync_dist=True)
         self.log_off_manifold(rollout, size)
         if batch_idx == 0:
-            from unirl_lightning.callbacks.image_grid import log_image_grid
-
             n = hp.grid_size
             captions = [f"{r} -> {t}" for r, t in zip(_riddles(batch.specs[:n]), texts[:n])]
-            log_image_grid(self.logger, "val/images", rollout.images[::k][:n], captions, self.global_step, correct[::k][:n])
+            log_image_grid(
+                self.logger,
+                "val/images",
+                rollout.images[::k][:n],
+                captions,
+                self.global_step,
+                correct[::k][:n],
+            )
 
     test_step = validation_step
 
@@ -332,5 +387,7 @@ def _check_vocabulary(text_policy: TextPolicy, flow_policy: FlowPolicy, image_co
         return
     missing = sorted(set(words) - set(known))
     if missing:
-        raise ValueError(f"the text policy can write words the flow model's text encoder does not know: {missing[:8]}; "
-                         "restrict its output (TinyTextConfig.output_words / HFTextPolicy.allowed_words)")
+        raise ValueError(
+            f"the text policy can write words the flow model's text encoder does not know: {missing[:8]}; "
+            "restrict its output (TinyTextConfig.output_words / HFTextPolicy.allowed_words)"
+        )

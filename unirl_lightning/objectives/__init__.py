@@ -2,7 +2,11 @@
 flow SDE steps with log-probs, flow regularisers, straight-through Gumbel. No Lightning, no models.
 """
 
-from unirl_lightning.objectives.advantages import SCALES, group_advantages, zero_std_fraction
+from unirl_lightning.objectives.advantages import (
+    SCALES,
+    group_advantages,
+    zero_std_fraction,
+)
 from unirl_lightning.objectives.flow_sde import (
     REDUCTIONS,
     SDE_KINDS,
@@ -11,18 +15,26 @@ from unirl_lightning.objectives.flow_sde import (
     sde_step,
     transition_std,
 )
-from unirl_lightning.objectives.gumbel import straight_through_gumbel
+from unirl_lightning.objectives.guidance import cfg_combine, guided_logits
+from unirl_lightning.objectives.gumbel import gumbel_noise, straight_through_gumbel
 from unirl_lightning.objectives.kl import kl_k1, kl_k2, kl_k3
 from unirl_lightning.objectives.policy_loss import LOSS_TYPES, policy_loss
-from unirl_lightning.objectives.regularizers import exact_latent_kl, latent_kl, velocity_mse
+from unirl_lightning.objectives.regularizers import (
+    exact_latent_kl,
+    latent_kl,
+    velocity_mse,
+)
 
 __all__ = [
     "LOSS_TYPES",
     "REDUCTIONS",
     "SCALES",
     "SDE_KINDS",
+    "cfg_combine",
     "exact_latent_kl",
     "group_advantages",
+    "guided_logits",
+    "gumbel_noise",
     "kl_k1",
     "kl_k2",
     "kl_k3",

@@ -68,7 +68,9 @@ def sde_sigma_t(sigma: Tensor, sigma_next: Tensor, noise_level: float) -> Tensor
 
 def _diffusion_coefficient(sigma: Tensor, sigma_next: Tensor, noise_level: float, kind: str) -> Tensor:
     """sigma_t of the "sde" (Flow-GRPO) and "dance" (constant) kinds."""
-    return sde_sigma_t(sigma, sigma_next, noise_level) if kind == "sde" else torch.full_like(sigma, noise_level)
+    return (
+        sde_sigma_t(sigma, sigma_next, noise_level) if kind == "sde" else torch.full_like(sigma, noise_level)
+    )
 
 
 def transition_std(sigma: Tensor, sigma_next: Tensor, noise_level: float, kind: str = "sde") -> Tensor:
@@ -78,8 +80,14 @@ def transition_std(sigma: Tensor, sigma_next: Tensor, noise_level: float, kind: 
     return _diffusion_coefficient(sigma, sigma_next, noise_level, kind) * (sigma - sigma_next).sqrt()
 
 
-def noise_aware_step_weights(sigmas: Tensor, noise_levels: Tensor, steps: list[int], kind: str = "sde",
-                             power: float = 1.0, normalize_over: list[int] | None = None) -> Tensor:
+def noise_aware_step_weights(
+    sigmas: Tensor,
+    noise_levels: Tensor,
+    steps: list[int],
+    kind: str = "sde",
+    power: float = 1.0,
+    normalize_over: list[int] | None = None,
+) -> Tensor:
     """`[len(steps)]` per-step loss weights proportional to each step's transition std ** power, mean 1
     over `steps`, or over `normalize_over` (e.g. every step a random window can cover, so that
     a window's weights keep their size relative to the other windows'; `noise_levels` must then
@@ -97,7 +105,9 @@ def noise_aware_step_weights(sigmas: Tensor, noise_levels: Tensor, steps: list[i
 
     def weights(of: list[int]) -> Tensor:
         s, s_next = sigmas.float()[of], sigmas.float()[[j + 1 for j in of]]
-        std = torch.stack([transition_std(s[i], s_next[i], float(noise_levels[j]), kind) for i, j in enumerate(of)])
+        std = torch.stack(
+            [transition_std(s[i], s_next[i], float(noise_levels[j]), kind) for i, j in enumerate(of)]
+        )
         if not bool((std > 0).all()):
             raise ValueError(f"noise_aware_step_weights: steps {of} include a deterministic step (std 0)")
         return std**power

@@ -6,9 +6,22 @@ the embeddings of the sampled tokens, while the answer loss reaches the generati
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def gumbel_noise(shape: Sequence[int], generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> Tensor:
+    """Standard Gumbel noise `-log(-log U)`, float32 `shape`: `argmax(logits + g)` samples from
+    `softmax(logits)`. Drawn on the generator's device and moved to `device`, so a CPU generator
+    seeds sampling on a GPU the same way."""
+    where = generator.device if generator is not None else device
+    u = torch.rand(tuple(shape), generator=generator, device=where, dtype=torch.float32)
+    # rand is in [0, 1): clamping away 0 keeps g finite (1 - 2^-24 still gives a finite -log U).
+    return (-(-u.clamp_min(torch.finfo(torch.float32).tiny).log()).log()).to(device or where)
 
 
 def straight_through_gumbel(
@@ -32,11 +45,8 @@ def straight_through_gumbel(
     """
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
-    device = generator.device if generator is not None else logits.device
     z = logits.float()
-    u = torch.rand(z.shape, generator=generator, device=device, dtype=torch.float32).to(z.device)
-    # rand is in [0, 1): clamping away 0 keeps g finite.
-    g = -(-u.clamp_min(torch.finfo(torch.float32).tiny).log()).log()
+    g = gumbel_noise(z.shape, generator, z.device)
     y_soft = ((z + g) / tau).softmax(-1)
     index = y_soft.argmax(-1)
     if not hard:

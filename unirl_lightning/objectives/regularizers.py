@@ -14,7 +14,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from unirl_lightning.objectives.flow_sde import _compute_dtype, _per_sample, _reduce, sde_sigma_t
+from unirl_lightning.objectives.flow_sde import (
+    _compute_dtype,
+    _per_sample,
+    _reduce,
+    sde_sigma_t,
+)
 
 
 def _check_pair(a: Tensor, b: Tensor, names: str) -> None:

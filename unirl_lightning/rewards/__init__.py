@@ -4,4 +4,11 @@ from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine
 from unirl_lightning.rewards.geneval import GenEvalReward
 from unirl_lightning.rewards.understanding import SelfUnderstandingReward, corl_rewards
 
-__all__ = ["RewardFunction", "RolloutContext", "combine_rewards", "GenEvalReward", "SelfUnderstandingReward", "corl_rewards"]
+__all__ = [
+    "RewardFunction",
+    "RolloutContext",
+    "combine_rewards",
+    "GenEvalReward",
+    "SelfUnderstandingReward",
+    "corl_rewards",
+]

@@ -43,7 +43,9 @@ class RewardFunction(ABC):
     def __call__(self, ctx: RolloutContext) -> torch.Tensor: ...
 
 
-def combine_rewards(rewards: list[RewardFunction], ctx: RolloutContext) -> tuple[torch.Tensor, dict[str, float]]:
+def combine_rewards(
+    rewards: list[RewardFunction], ctx: RolloutContext
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted sum `[N]` of the terms, each term's mean for logging (`reward/<name>`), and the sum's
     mean per GenEval task (`reward_by_task/<tag>`, for specs that carry a tag): the overall mean hides
     which tasks learn. Each weighted term is also kept in `ctx.cache["reward_terms"]`."""
@@ -54,7 +56,9 @@ def combine_rewards(rewards: list[RewardFunction], ctx: RolloutContext) -> tuple
     for fn in rewards:
         r = fn(ctx).float().cpu()
         if r.shape != total.shape:
-            raise ValueError(f"reward {fn.name} returned shape {tuple(r.shape)}, expected ({len(ctx.specs)},)")
+            raise ValueError(
+                f"reward {fn.name} returned shape {tuple(r.shape)}, expected ({len(ctx.specs)},)"
+            )
         total += fn.weight * r
         ctx.cache.setdefault("reward_terms", {})[fn.name] = fn.weight * r  # weighted, for per-stream credit
         logs[f"reward/{fn.name}"] = r.mean().item()

@@ -9,6 +9,7 @@ import torch
 from unirl_lightning.evaluation.detection import Detector
 from unirl_lightning.evaluation.judge import GenEvalJudge
 from unirl_lightning.rewards.base import RewardFunction, RolloutContext
+from unirl_lightning.worlds.detector import WorldDetector
 
 
 class GenEvalReward(RewardFunction):
@@ -18,13 +19,18 @@ class GenEvalReward(RewardFunction):
     partial credit per clause (gives early groups a signal when nothing is fully right).
     """
 
-    def __init__(self, mode: Literal["binary", "strict", "partial"] = "binary", detector: Detector | None = None,
-                 weight: float = 1.0, name: str | None = None):
+    def __init__(
+        self,
+        mode: Literal["binary", "strict", "partial"] = "binary",
+        detector: Detector | None = None,
+        weight: float = 1.0,
+        name: str | None = None,
+    ):
         if mode not in ("binary", "strict", "partial"):
             raise ValueError(f"GenEvalReward.mode must be binary, strict or partial, got {mode!r}")
         super().__init__(weight, name or f"geneval_{mode}")
         self.mode = mode
-        self.judge = GenEvalJudge(detector)
+        self.judge = GenEvalJudge(detector or WorldDetector())
 
     def results(self, ctx: RolloutContext):
         if "geneval" not in ctx.cache:  # one detector pass per step, shared by every GenEval term

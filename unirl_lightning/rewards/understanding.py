@@ -7,6 +7,7 @@ import torch
 
 from unirl_lightning.data.qa import grade_answer
 from unirl_lightning.rewards.base import RewardFunction, RolloutContext
+from unirl_lightning.rewards.geneval import GenEvalReward
 
 
 class SelfUnderstandingReward(RewardFunction):
@@ -19,12 +20,17 @@ class SelfUnderstandingReward(RewardFunction):
 
     def __call__(self, ctx: RolloutContext) -> torch.Tensor:
         if ctx.answers is None:
-            raise ValueError("SelfUnderstandingReward needs the policy's answers; the recipe must sample them")
+            raise ValueError(
+                "SelfUnderstandingReward needs the policy's answers; the recipe must sample them"
+            )
         return torch.tensor([grade_answer(s, a).score for s, a in zip(ctx.specs, ctx.answers.texts)])
 
 
-def corl_rewards(generation_weight: float = 1.0, understanding_weight: float = 0.8, mode: str = "binary") -> list[RewardFunction]:
+def corl_rewards(
+    generation_weight: float = 1.0, understanding_weight: float = 0.8, mode: str = "binary"
+) -> list[RewardFunction]:
     """CoRL-style combination: generation reward + 0.8 x understanding reward."""
-    from unirl_lightning.rewards.geneval import GenEvalReward
-
-    return [GenEvalReward(mode=mode, weight=generation_weight), SelfUnderstandingReward(weight=understanding_weight)]
+    return [
+        GenEvalReward(mode=mode, weight=generation_weight),
+        SelfUnderstandingReward(weight=understanding_weight),
+    ]

@@ -15,8 +15,16 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from unirl_lightning.evaluation.detection import Detection
+from unirl_lightning.evaluation.geneval import relative_position
 from unirl_lightning.worlds.shapes import shape_mask
-from unirl_lightning.worlds.vocab import BACKGROUND, COLORS, DEFAULT_CANVAS, PALETTE, POSITIONS, SHAPES
+from unirl_lightning.worlds.vocab import (
+    BACKGROUND,
+    COLORS,
+    DEFAULT_CANVAS,
+    PALETTE,
+    POSITIONS,
+    SHAPES,
+)
 
 Seed = int | torch.Generator | None
 
@@ -147,8 +155,6 @@ def _randint(n: int, gen: torch.Generator | None) -> int:
 
 def _relations(box_a: tuple[float, ...], box_b: tuple[float, ...]) -> set[str]:
     # Imported late: evaluation.geneval imports worlds.vocab, whose package imports this module.
-    from unirl_lightning.evaluation.geneval import relative_position
-
     return relative_position(box_a, box_b)
 
 

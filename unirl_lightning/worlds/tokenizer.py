@@ -9,6 +9,7 @@ scenes exactly; `encode` snaps any other patch to the nearest code (L2).
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 
 from unirl_lightning.worlds.render import WorldConfig
 from unirl_lightning.worlds.shapes import shape_mask
@@ -83,9 +84,8 @@ class PatchTokenizer:
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 `[N, 3, H, W]` -> float `[N, L, 3*p*p]` in [0, 1], raster order."""
         self._check_images(images)
-        n, p, (gh, gw) = images.shape[0], self.patch, self.grid_hw
-        x = images.float().div_(255.0).view(n, 3, gh, p, gw, p)
-        return x.permute(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, 3 * p * p)
+        return rearrange(images.float().div_(255.0), "n c (gh p) (gw q) -> n (gh gw) (c p q)", p=self.patch,
+                         q=self.patch)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 `[N, 3, H, W]` -> LongTensor `[N, L]`, each patch's nearest code by L2."""
@@ -105,6 +105,5 @@ class PatchTokenizer:
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.codebook_size):
             lo, hi = int(tokens.min()), int(tokens.max())
             raise ValueError(f"token ids must lie in [0, {self.codebook_size}), got values in [{lo}, {hi}]")
-        n, p, (gh, gw) = tokens.shape[0], self.patch, self.grid_hw
         x = self._patches.to(tokens.device)[tokens.long()]  # [N, L, 3, p, p]
-        return x.view(n, gh, gw, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n, 3, gh * p, gw * p)
+        return rearrange(x, "n (gh gw) c p q -> n c (gh p) (gw q)", gh=self.grid_hw[0])

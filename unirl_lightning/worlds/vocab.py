@@ -1,9 +1,18 @@
-"""The synthetic world's vocabulary: shape classes, GenEval's ten colours, the canvas."""
+"""The synthetic world's vocabulary: shape classes, the RGB of GenEval's ten colours, the canvas;
+GenEval's own vocabulary (colours, relations, tasks) is re-exported from `evaluation.vocab`."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from unirl_lightning.evaluation.vocab import (  # noqa: F401  (the world speaks GenEval's vocabulary)
+    BACKGROUND,
+    COLORS,
+    GENEVAL_DATA_DIR,
+    NUMBERS,
+    OPPOSITE_POSITION,
+    POSITIONS,
+    TASKS,
+    load_geneval_constants,
+)
 
 #: Shape classes of the synthetic world (its "object names", like COCO's 80 for real models).
 SHAPES: tuple[str, ...] = ("square", "circle", "triangle", "cross")
@@ -22,30 +31,6 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "black": (10, 10, 10),
     "white": (250, 250, 250),
 }
-COLORS: tuple[str, ...] = tuple(PALETTE)
-
-#: GenEval's background grey (#999).
-BACKGROUND: tuple[int, int, int] = (153, 153, 153)
-
-#: GenEval's relations, numbers and templates (the official constants, for the prompt generator).
-POSITIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
-#: Each relation's mirror: "A left of B" says what "B right of A" says.
-OPPOSITE_POSITION: dict[str, str] = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-NUMBERS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-
-#: GenEval's six tasks.
-TASKS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+assert tuple(PALETTE) == COLORS
 
 DEFAULT_CANVAS = 32
-
-
-#: The official GenEval prompt metadata (553 prompts) and constants, shipped with the package.
-GENEVAL_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "geneval"
-
-
-def load_geneval_constants(path: str | Path | None = None) -> dict:
-    """GenEval's constants.json (COCO names, colours, templates, defaults)."""
-    path = Path(path) if path is not None else GENEVAL_DATA_DIR / "constants.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"GenEval constants not found at {path}; pass the path to constants.json")
-    return json.loads(path.read_text())

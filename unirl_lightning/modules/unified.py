@@ -8,16 +8,16 @@ prompt (understanding accuracy). Scalars and an image grid go to the logger.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
 
 import torch
 
+from unirl_lightning.callbacks.image_grid import log_image_grid
 from unirl_lightning.data.datamodule import PromptBatch
 from unirl_lightning.data.qa import answer_for, grade_answer, question_for
 from unirl_lightning.evaluation.metrics import ImbalanceScore
 from unirl_lightning.models.base import UnifiedPolicy
-from unirl_lightning.modules.recipe import RecipeModule
+from unirl_lightning.modules.base import RecipeModule
+from unirl_lightning.worlds.render import WorldConfig, render_batch
 
 
 class PolicyModule(RecipeModule):
@@ -41,22 +41,23 @@ class PolicyModule(RecipeModule):
         super().__init__(policy, warm_start=warm_start, lr=lr, **kwargs)
         self.val_imbalance = ImbalanceScore()
 
-    def auto_warm_start(self) -> Path:
-        from unirl_lightning.warm_start import ensure_warm_start
-
-        return ensure_warm_start(self.policy)
-
     # ---- shared evaluation ------------------------------------------------------------
     def understanding_correct(self, image_tokens: torch.Tensor, specs: list[dict]) -> torch.Tensor:
         """bool `[N]`: the policy's greedy answer to each spec's question about the given images."""
         answers = self.policy.answer(image_tokens, [question_for(s) for s in specs], greedy=True)
-        return torch.tensor([grade_answer(s, a).correct for s, a in zip(specs, answers.texts)], dtype=torch.bool)
+        return torch.tensor(
+            [grade_answer(s, a).correct for s, a in zip(specs, answers.texts)], dtype=torch.bool
+        )
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         specs = batch.specs
         gen = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
         rollout = self.policy.generate_images(
-            batch.prompts, cfg_scale=self.hparams.eval_cfg_scale, temperature=self.hparams.eval_temperature, generator=gen)
+            batch.prompts,
+            cfg_scale=self.hparams.eval_cfg_scale,
+            temperature=self.hparams.eval_temperature,
+            generator=gen,
+        )
         images = self.policy.decode_images(rollout.tokens)
         tasks = [s["tag"] for s in specs]
         gen_ok = self.judge.correct(images, specs)
@@ -69,26 +70,19 @@ class PolicyModule(RecipeModule):
             acc = self.understanding_correct(rendered, specs).float().mean()
             self.log("val/answer_acc_rendered", acc, batch_size=len(specs), sync_dist=True)
         if batch_idx == 0:
-            from unirl_lightning.callbacks.image_grid import log_image_grid
-
             n = self.hparams.grid_size
-            log_image_grid(self.logger, "val/images", images[:n], batch.prompts[:n], self.global_step, gen_ok[:n])
+            log_image_grid(
+                self.logger, "val/images", images[:n], batch.prompts[:n], self.global_step, gen_ok[:n]
+            )
 
     def rendered_tokens(self, specs: list[dict], seed: int = 0) -> torch.Tensor | None:
-        """Ground-truth images of the specs as policy tokens, when the policy has an image encoder."""
-        encode = getattr(self.policy, "encode_images", None)
-        if encode is None:
-            return None
-        from unirl_lightning.worlds.render import render_batch
-
+        """Ground-truth images of the specs as policy tokens (None when the policy has no image encoder)."""
         images, _ = render_batch(specs, [seed * 100_003 + i for i in range(len(specs))], self.world_config())
-        return encode(images)
+        return self.policy.encode_images(images)
 
-    def world_config(self) -> Any:
+    def world_config(self) -> WorldConfig:
         """The policy's synthetic world (its `world_config`), or the default one."""
-        from unirl_lightning.worlds.render import WorldConfig
-
-        return getattr(self.policy, "world_config", None) or WorldConfig()
+        return self.policy.world_config or WorldConfig()
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict({f"val/{k}": v for k, v in self.val_geneval.compute().items()}, sync_dist=False)

@@ -17,7 +17,8 @@ from unirl_lightning.callbacks.save_on_exception import SaveOnException
 from unirl_lightning.evaluation.detection import Detector
 from unirl_lightning.evaluation.judge import GenEvalJudge
 from unirl_lightning.evaluation.metrics import GenEvalScore
-from unirl_lightning.modules.shared import expect_frozen_eval_modules
+from unirl_lightning.modules.training import expect_frozen_eval_modules
+from unirl_lightning.worlds.detector import WorldDetector
 
 
 class RecipeModule(L.LightningModule):
@@ -55,9 +56,12 @@ class RecipeModule(L.LightningModule):
         # arguments of the whole chain, defaults included.
         self.save_hyperparameters(ignore=list(self.hparams_ignore))
         if save_to and Path(save_to).is_dir() and any(Path(save_to).iterdir()) and not overwrite:
-            raise FileExistsError(f"model.save_to: {save_to} exists and is not empty; pick another folder or set overwrite: true")
+            raise FileExistsError(
+                f"model.save_to: {save_to} exists and is not empty; "
+                "pick another folder or set overwrite: true"
+            )
         self.policy = policy
-        self.judge = GenEvalJudge(detector)
+        self.judge = GenEvalJudge(detector or WorldDetector())
         self.val_geneval = GenEvalScore()
         self._warm_started = False
         self.skipped_steps = 0  # optimiser steps skipped for non-finite gradients (shared.guarded_step)
@@ -78,7 +82,9 @@ class RecipeModule(L.LightningModule):
             if source is None:
                 return
         if not Path(source).is_dir():
-            raise FileNotFoundError(f"model.warm_start: {source!r} is not a folder written by save_pretrained")
+            raise FileNotFoundError(
+                f"model.warm_start: {source!r} is not a folder written by save_pretrained"
+            )
         loaded = type(self.policy).from_pretrained(source)
         self.policy.load_state_dict(loaded.state_dict())
         self.on_warm_started()
@@ -108,7 +114,9 @@ class RecipeModule(L.LightningModule):
         if getattr(model, "_fsdp_sharded", False):  # every rank joins the gather; rank 0 writes
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            full = get_model_state_dict(
+                model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
         if self.trainer.is_global_zero:
             if full is None:
                 model.save_pretrained(path)
@@ -144,5 +152,9 @@ class RecipeModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
-                                 betas=tuple(self.hparams.betas))
+        return torch.optim.AdamW(
+            params,
+            lr=self.hparams.lr,
+            weight_decay=self.hparams.weight_decay,
+            betas=tuple(self.hparams.betas),
+        )

@@ -9,13 +9,12 @@ policy does not have.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
+from unirl_lightning.callbacks.image_grid import log_image_grid
 from unirl_lightning.data.datamodule import PromptBatch
 from unirl_lightning.models.flow import FlowPolicy
-from unirl_lightning.modules.recipe import RecipeModule
+from unirl_lightning.modules.base import RecipeModule
 
 
 class FlowPolicyModule(RecipeModule):
@@ -42,21 +41,17 @@ class FlowPolicyModule(RecipeModule):
     ):
         super().__init__(policy, warm_start=warm_start, lr=lr, **kwargs)
 
-    def auto_warm_start(self) -> Path | None:
-        if getattr(self.policy, "config", None) is None:
-            return None  # a pretrained model (e.g. DiffusersFlowPolicy) is its own warm start
-        from unirl_lightning.flow_warm_start import ensure_flow_warm_start
-
-        return ensure_flow_warm_start(self.policy)
-
     # ---- evaluation -------------------------------------------------------------------
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         hp = self.hparams
-        gen = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)  # same noise every validation
+        gen = torch.Generator(device=self.device).manual_seed(
+            10_000 + batch_idx
+        )  # same noise every validation
         specs = [s for s in batch.specs for _ in range(hp.eval_repeats)]
         prompts = [s["prompt"] for s in specs]
-        rollout = self.policy.sample(prompts, num_steps=hp.eval_num_steps, noise_level=0.0,
-                                     cfg_scale=hp.eval_cfg_scale, generator=gen)
+        rollout = self.policy.sample(
+            prompts, num_steps=hp.eval_num_steps, noise_level=0.0, cfg_scale=hp.eval_cfg_scale, generator=gen
+        )
         results = self.judge(rollout.images, specs)
         correct = torch.tensor([r.correct for r in results], dtype=torch.bool)
         self.val_geneval.update([s["tag"] for s in specs], correct.to(self.device))
@@ -64,13 +59,14 @@ class FlowPolicyModule(RecipeModule):
         self.log("val/geneval_partial", partial, batch_size=len(results), sync_dist=True)
         self.log_off_manifold(rollout, len(results))
         if batch_idx == 0:
-            from unirl_lightning.callbacks.image_grid import log_image_grid
-
             n = hp.grid_size
-            log_image_grid(self.logger, "val/images", rollout.images[:n], prompts[:n], self.global_step, correct[:n])
+            log_image_grid(
+                self.logger, "val/images", rollout.images[:n], prompts[:n], self.global_step, correct[:n]
+            )
 
     def log_off_manifold(self, rollout, batch_size: int) -> None:
-        """Logs the policy's image-quality proxy of the final latents (drift the judge cannot see), if it has one."""
+        """Logs the policy's image-quality proxy of the final latents (drift the judge cannot see), if it has
+        one."""
         off = self.policy.off_manifold(rollout.latents[:, -1])
         if off is not None:
             self.log("val/off_manifold", off.mean(), batch_size=batch_size, sync_dist=True)

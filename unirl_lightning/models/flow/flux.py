@@ -14,25 +14,27 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from einops import rearrange
 from torch import Tensor
 
-from unirl_lightning.models.flow import PipelineFlowPolicy, Prompt, TextCondition, TransformerFlowPolicy
+from unirl_lightning.models.flow.base import Prompt, TextCondition
+from unirl_lightning.models.flow.transformer import (
+    PipelineFlowPolicy,
+    TransformerFlowPolicy,
+)
 
 
 def pack_latents(latents: Tensor) -> Tensor:
     """`[B, C, H, W]` -> Flux tokens `[B, (H/2)(W/2), 4C]` (row-major 2x2 patches, channels outer)."""
-    b, c, h, w = latents.shape
+    h, w = latents.shape[-2:]
     if h % 2 or w % 2:
         raise ValueError(f"Flux packs 2x2 latent patches: latent side must be even, got {h}x{w}")
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+    return rearrange(latents, "b c (h p) (w q) -> b (h w) (c p q)", p=2, q=2)
 
 
 def unpack_latents(tokens: Tensor, height: int, width: int) -> Tensor:
     """Inverse of `pack_latents`: `[B, (H/2)(W/2), 4C]` -> `[B, C, H, W]`."""
-    b, _, d = tokens.shape
-    x = tokens.view(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, d // 4, height, width)
+    return rearrange(tokens, "b (h w) (c p q) -> b c (h p) (w q)", h=height // 2, p=2, q=2)
 
 
 def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> Tensor:

@@ -19,9 +19,8 @@ so a row's positions do not depend on its padding.
 
 from __future__ import annotations
 
-import copy
 import json
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,9 +28,12 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from unirl_lightning.data.reasoning import reasoning_words
 from unirl_lightning.models.folder import load_weights, read_config, save_folder
-from unirl_lightning.models.text import WordTokenizer, split_words, world_words
+from unirl_lightning.models.policy import Policy
 from unirl_lightning.models.tiny import CachedBlock
+from unirl_lightning.objectives import gumbel_noise
+from unirl_lightning.worlds.words import WordTokenizer, split_words, world_words
 
 
 @dataclass
@@ -56,11 +58,6 @@ class TextRollout:
                        logprobs=self.logprobs[idx], mask=self.mask[idx])
 
 
-def gumbel_noise(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Standard Gumbel noise `-log(-log U)` (float32); argmax(logp + g) samples from softmax(logp)."""
-    gen_device = generator.device if generator is not None else device
-    u = torch.rand(*shape, generator=generator, device=gen_device).to(device)
-    return -torch.log(-torch.log(u))  # u = 0 gives -inf: never chosen, never NaN
 
 
 def positions(attention_mask: Tensor) -> Tensor:
@@ -73,7 +70,7 @@ def text_matches(text: str, target: str) -> bool:
     return split_words(text) == split_words(target)
 
 
-class TextPolicy(nn.Module, ABC):
+class TextPolicy(Policy):
     """Base class of text policies (see the module docstring).
 
     Subclasses set `eos_id`, `pad_id` and optionally the buffer `output_mask` (bool `[V]`: tokens
@@ -84,17 +81,13 @@ class TextPolicy(nn.Module, ABC):
     pad_id: int
     output_mask: Tensor | None
 
-    #: Methods that read parameters outside `forward`, registered under FSDP2 so they gather them.
     fsdp_entry_points: tuple[str, ...] = ("generate", "logprobs")
-
-    def fsdp_units(self) -> list[nn.Module]:
-        """Sub-modules to shard one by one under FSDP (the decoder layers); the rest shard as the root."""
-        return []
 
     # -- to implement
     @abstractmethod
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """Prompts -> left-padded ids long `[B, P]` and attention mask long `[B, P]`, on the policy's device."""
+        """Prompts -> left-padded ids long `[B, P]` and attention mask long `[B, P]`, on the policy's
+        device."""
 
     @abstractmethod
     def encode_targets(self, texts: Sequence[str]) -> list[list[int]]:
@@ -105,8 +98,14 @@ class TextPolicy(nn.Module, ABC):
         """Generated ids (EOS excluded) -> text."""
 
     @abstractmethod
-    def forward_logits(self, ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                       cache: Any = None, use_cache: bool = False) -> tuple[Tensor, Any]:
+    def forward_logits(
+        self,
+        ids: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor,
+        cache: Any = None,
+        use_cache: bool = False,
+    ) -> tuple[Tensor, Any]:
         """One causal pass over new tokens `ids` `[B, S]` (after `cache`'s tokens): attention_mask
         `[B, S_past + S]`, position_ids `[B, S]` -> logits `[B, S, V]` and the extended cache."""
 
@@ -125,11 +124,20 @@ class TextPolicy(nn.Module, ABC):
         return logits.log_softmax(-1)
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 16, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> TextRollout:
-        """Sample one text per prompt (temperature 0: greedy) -> :class:`TextRollout` with `T <= max_new_tokens`."""
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int = 16,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> TextRollout:
+        """Sample one text per prompt (temperature 0: greedy) -> :class:`TextRollout` with `T <=
+        max_new_tokens`."""
         if max_new_tokens < 1 or temperature < 0:
-            raise ValueError(f"need max_new_tokens >= 1 and temperature >= 0, got {max_new_tokens}, {temperature}")
+            raise ValueError(
+                f"need max_new_tokens >= 1 and temperature >= 0, got {max_new_tokens}, {temperature}"
+            )
         ids, am = self.encode_prompts(prompts)
         batch, dev = ids.shape[0], ids.device
         logits, cache = self.forward_logits(ids, am, positions(am), None, use_cache=True)
@@ -150,10 +158,14 @@ class TextPolicy(nn.Module, ABC):
                 break
             # Finished rows keep feeding pad (attended, like teacher forcing does; never scored).
             am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
-            logits, cache = self.forward_logits(tok[:, None], am, am.sum(-1, keepdim=True) - 1, cache, use_cache=True)
+            logits, cache = self.forward_logits(
+                tok[:, None], am, am.sum(-1, keepdim=True) - 1, cache, use_cache=True
+            )
         tok_t, mask_t = torch.stack(tokens, 1), torch.stack(masks, 1)
-        texts = [self.decode([t for t, m in zip(row, mrow) if m and t != self.eos_id])
-                 for row, mrow in zip(tok_t.tolist(), mask_t.tolist())]
+        texts = [
+            self.decode([t for t, m in zip(row, mrow) if m and t != self.eos_id])
+            for row, mrow in zip(tok_t.tolist(), mask_t.tolist())
+        ]
         return TextRollout(texts, tok_t, torch.stack(logps, 1), mask_t, float(temperature))
 
     def logprobs(self, prompts: Sequence[str], rollout: TextRollout) -> Tensor:
@@ -171,29 +183,21 @@ class TextPolicy(nn.Module, ABC):
         """Given texts as a rollout (ids + EOS, logprobs 0), to score them by `logprobs` (SFT)."""
         rows = [ids + [self.eos_id] for ids in self.encode_targets(texts)]
         t = max(len(r) for r in rows)
-        tokens = torch.tensor([r + [self.pad_id] * (t - len(r)) for r in rows], dtype=torch.long, device=self.device)
-        mask = torch.tensor([[i < len(r) for i in range(t)] for r in rows], dtype=torch.bool, device=self.device)
-        return TextRollout(list(texts), tokens, torch.zeros(tokens.shape, device=self.device), mask, temperature)
-
-    def make_reference(self) -> "TextPolicy":
-        """A frozen copy (the text KL's anchor)."""
-        ref = copy.deepcopy(self)
-        ref.requires_grad_(False)
-        return ref.eval()
+        tokens = torch.tensor(
+            [r + [self.pad_id] * (t - len(r)) for r in rows], dtype=torch.long, device=self.device
+        )
+        mask = torch.tensor(
+            [[i < len(r) for i in range(t)] for r in rows], dtype=torch.bool, device=self.device
+        )
+        return TextRollout(
+            list(texts), tokens, torch.zeros(tokens.shape, device=self.device), mask, temperature
+        )
 
     @property
     def output_words(self) -> list[str] | None:
-        """The words this policy may write (None: unrestricted), to check against an image model's vocabulary."""
+        """The words this policy may write (None: unrestricted), to check against an image model's
+        vocabulary."""
         return None
-
-    def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
-        """Save in the family's format; `state_dict` (this module's keys) replaces the live weights,
-        e.g. the full weights gathered from FSDP shards."""
-        raise NotImplementedError(f"{type(self).__name__} cannot save itself")
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> "TextPolicy":
-        raise NotImplementedError(f"{cls.__name__} cannot load a folder")
 
 
 # ---- any transformers causal LM -------------------------------------------------------------------
@@ -220,13 +224,24 @@ class HFTextPolicy(TextPolicy):
         dtype: model dtype when loading ("float32", "bfloat16", ...).
     """
 
-    def __init__(self, pretrained: str | None = None, *, model: nn.Module | None = None, tokenizer: Any = None,
-                 allowed_words: list[str] | None = None, prompt_template: str = "{prompt}",
-                 chat_template: bool = False, max_prompt_len: int = 256, dtype: str = "float32"):
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        *,
+        model: nn.Module | None = None,
+        tokenizer: Any = None,
+        allowed_words: list[str] | None = None,
+        prompt_template: str = "{prompt}",
+        chat_template: bool = False,
+        max_prompt_len: int = 256,
+        dtype: str = "float32",
+    ):
         super().__init__()
         if model is None or tokenizer is None:
             if pretrained is None:
-                raise ValueError("HFTextPolicy needs `pretrained` (Hub id or folder) or both `model` and `tokenizer`")
+                raise ValueError(
+                    "HFTextPolicy needs `pretrained` (Hub id or folder) or both `model` and `tokenizer`"
+                )
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             model = model or AutoModelForCausalLM.from_pretrained(pretrained, dtype=getattr(torch, dtype))
@@ -234,7 +249,11 @@ class HFTextPolicy(TextPolicy):
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token: generation could not stop")
         self.pretrained, self.model, self.tokenizer = pretrained, model, tokenizer
-        self.prompt_template, self.chat_template, self.max_prompt_len = prompt_template, chat_template, max_prompt_len
+        self.prompt_template, self.chat_template, self.max_prompt_len = (
+            prompt_template,
+            chat_template,
+            max_prompt_len,
+        )
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         disable_dropout(model)
@@ -259,13 +278,18 @@ class HFTextPolicy(TextPolicy):
     def _format(self, prompt: str) -> str:
         text = self.prompt_template.format(prompt=prompt)
         if self.chat_template:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                      add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
         return text
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        rows = [self.tokenizer.encode(self._format(p), add_special_tokens=not self.chat_template)[-self.max_prompt_len:]
-                for p in prompts]
+        rows = [
+            self.tokenizer.encode(self._format(p), add_special_tokens=not self.chat_template)[
+                -self.max_prompt_len :
+            ]
+            for p in prompts
+        ]
         width = max(len(r) for r in rows)
         ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
         am = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
@@ -278,8 +302,13 @@ class HFTextPolicy(TextPolicy):
         return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
     def forward_logits(self, ids, attention_mask, position_ids, cache=None, use_cache=False):
-        out = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=use_cache)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=use_cache,
+        )
         return out.logits, (out.past_key_values if use_cache else None)
 
     def fsdp_units(self) -> list[nn.Module]:
@@ -290,12 +319,21 @@ class HFTextPolicy(TextPolicy):
         """Model and tokenizer (transformers format) plus this wrapper's options."""
         path = Path(path)
         if state_dict is not None:
-            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+            state_dict = {
+                k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")
+            }
         self.model.save_pretrained(path, state_dict=state_dict)
         self.tokenizer.save_pretrained(path)
-        (path / "text_policy.json").write_text(json.dumps({
-            "allowed_words": self._allowed_words, "prompt_template": self.prompt_template,
-            "chat_template": self.chat_template, "max_prompt_len": self.max_prompt_len}))
+        (path / "text_policy.json").write_text(
+            json.dumps(
+                {
+                    "allowed_words": self._allowed_words,
+                    "prompt_template": self.prompt_template,
+                    "chat_template": self.chat_template,
+                    "max_prompt_len": self.max_prompt_len,
+                }
+            )
+        )
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> "HFTextPolicy":
@@ -307,12 +345,6 @@ class HFTextPolicy(TextPolicy):
 # ---- the built-in model --------------------------------------------------------------------------
 SPECIALS = ("[PAD]", "[BOS]", "[SEP]", "[EOS]", "[UNK]")
 PAD, BOS, SEP, EOS, UNK = range(len(SPECIALS))
-
-
-def _reasoning_words() -> list[str]:
-    from unirl_lightning.data.reasoning import reasoning_words  # lazy: data imports models
-
-    return reasoning_words()
 
 
 @dataclass
@@ -329,7 +361,7 @@ class TinyTextConfig:
     mlp_ratio: int = 4
     max_len: int = 48
     max_prompt_len: int = 24
-    words: list[str] = field(default_factory=_reasoning_words)
+    words: list[str] = field(default_factory=reasoning_words)
     output_words: list[str] = field(default_factory=world_words)
 
     def __post_init__(self) -> None:
@@ -356,7 +388,9 @@ class TinyTextPolicy(TextPolicy):
         vocab = len(SPECIALS) + len(self.words)
         self.tok_emb = nn.Embedding(vocab, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
-        self.blocks = nn.ModuleList(CachedBlock(cfg.d_model, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(
+            CachedBlock(cfg.d_model, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers)
+        )
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, vocab, bias=False)
         for m in self.modules():
@@ -381,7 +415,9 @@ class TinyTextPolicy(TextPolicy):
         rows = [[BOS] + self._ids(p)[-keep:] + [SEP] for p in prompts]
         width = max(len(r) for r in rows)
         ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows], dtype=torch.long, device=self.device)
-        am = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=self.device)
+        am = torch.tensor(
+            [[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=self.device
+        )
         return ids, am
 
     def encode_targets(self, texts: Sequence[str]) -> list[list[int]]:
@@ -392,11 +428,14 @@ class TinyTextPolicy(TextPolicy):
 
     def forward_logits(self, ids, attention_mask, position_ids, cache=None, use_cache=False):
         if int(position_ids.max()) >= self.config.max_len:
-            raise ValueError(f"sequence longer than max_len={self.config.max_len}; raise it or generate fewer tokens")
+            raise ValueError(
+                f"sequence longer than max_len={self.config.max_len}; raise it or generate fewer tokens"
+            )
         s, total = ids.shape[1], attention_mask.shape[1]
         q_idx = torch.arange(total - s, total, device=ids.device)[:, None]
         k_idx = torch.arange(total, device=ids.device)[None]
-        # Causal over real keys; a query always sees itself (left-pad rows would otherwise be all-masked -> NaN).
+        # Causal over real keys; a query always sees itself (left-pad rows would otherwise be all-masked ->
+        # NaN).
         allowed = ((k_idx <= q_idx) & attention_mask.bool()[:, None, :]) | (k_idx == q_idx)
         if use_cache and cache is None:
             cache = [[] for _ in self.blocks]

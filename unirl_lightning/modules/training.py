@@ -38,7 +38,9 @@ def rank_advantages(module: L.LightningModule, rewards: torch.Tensor, group_ids:
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int) -> dict:
     """Lightning scheduler config: linear warm-up, then cosine decay to 10% of the LR, per step.
     A `max_steps` within the warm-up is tolerated (the decay then ends one step after it)."""
-    scheduler = warmup_then_decay(optimizer, warmup_steps, "cosine", max(max_steps, warmup_steps + 1), min_ratio=0.1)
+    scheduler = warmup_then_decay(
+        optimizer, warmup_steps, "cosine", max(max_steps, warmup_steps + 1), min_ratio=0.1
+    )
     return {"scheduler": scheduler, "interval": "step"}
 
 
@@ -50,12 +52,19 @@ def check_lr_decay(decay: str, warmup_steps: int, total_steps: int | None) -> No
     if decay not in LR_DECAYS:
         raise ValueError(f"model.lr_decay must be one of {LR_DECAYS}, got {decay!r}")
     if decay != "constant" and (total_steps is None or total_steps <= warmup_steps):
-        raise ValueError(f"model.lr_decay {decay!r} decays to trainer.max_steps, which must exceed warmup_steps "
-                         f"({warmup_steps}); got max_steps {total_steps}. Set trainer.max_steps or use lr_decay: constant")
+        raise ValueError(
+            f"model.lr_decay {decay!r} decays to trainer.max_steps, which must exceed warmup_steps "
+            f"({warmup_steps}); got max_steps {total_steps}. Set trainer.max_steps or use lr_decay: constant"
+        )
 
 
-def warmup_then_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, decay: str, total_steps: int | None,
-                      min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_then_decay(
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    decay: str,
+    total_steps: int | None,
+    min_ratio: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over `warmup_steps`, then the LR held ("constant") or decayed ("linear",
     "cosine") to `min_ratio` x LR at `total_steps` (optimiser steps) and held there."""
     check_lr_decay(decay, warmup_steps, total_steps)
@@ -74,8 +83,12 @@ def warmup_then_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, decay
 
 def grads_finite(module: L.LightningModule, optimizer: torch.optim.Optimizer) -> bool:
     """Whether every gradient the optimiser would apply is finite, on every rank (one sync)."""
-    flags = [torch.isfinite(g.to_local() if hasattr(g, "to_local") else g).all()
-             for group in optimizer.param_groups for p in group["params"] if (g := p.grad) is not None]
+    flags = [
+        torch.isfinite(g.to_local() if hasattr(g, "to_local") else g).all()
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if (g := p.grad) is not None
+    ]
     ok = bool(torch.stack(flags).all()) if flags else True
     return bool(module.trainer.strategy.reduce_boolean_decision(ok, all=True))
 
@@ -90,11 +103,15 @@ def guarded_step(module: L.LightningModule, optimizer, gradient_clip_val: float 
     finite = grads_finite(module, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
     if finite:
         if gradient_clip_val:
-            module.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm="norm")
+            module.clip_gradients(
+                optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm="norm"
+            )
     else:
         module.skipped_steps += 1
-        rank_zero_warn(f"{type(module).__name__}: non-finite gradients at step {module.global_step}; the optimiser "
-                       f"step is skipped ({module.skipped_steps} so far, logged as train/skipped_steps)")
+        rank_zero_warn(
+            f"{type(module).__name__}: non-finite gradients at step {module.global_step}; the optimiser "
+            f"step is skipped ({module.skipped_steps} so far, logged as train/skipped_steps)"
+        )
         # No gradients: the step below updates nothing (torch optimisers skip parameters without
         # one), but still counts, so trainer.global_step and max_steps advance.
         optimizer.zero_grad(set_to_none=True)
@@ -114,5 +131,6 @@ def expect_frozen_eval_modules(module: L.LightningModule) -> None:
     tops = [name for name in in_eval if name and training.get(name.rpartition(".")[0], True)]
     frozen = all(not any(p.requires_grad for p in module.get_submodule(name).parameters()) for name in tops)
     if in_eval and "" not in in_eval and frozen:
-        warnings.filterwarnings("ignore", message=rf"Found {len(in_eval)} module\(s\) in eval mode",
-                                category=PossibleUserWarning)
+        warnings.filterwarnings(
+            "ignore", message=rf"Found {len(in_eval)} module\(s\) in eval mode", category=PossibleUserWarning
+        )

@@ -1,4 +1,5 @@
-"""A word-level tokenizer for the built-in model's closed vocabulary (prompts, questions, answers)."""
+"""The synthetic world's words and a word-level tokenizer for the built-in models' closed vocabulary
+(prompts, questions, answers)."""
 
 from __future__ import annotations
 
