@@ -64,11 +64,14 @@ def draw(kind: str, folder: str, specs: list[dict], seed: int) -> torch.Tensor:
     return policy.decode_images(policy.generate_images(prompts, generator=gen).tokens)
 
 
-def before_after_grid(kind: str, policies: list[tuple[str, str]], out: Path, per_task: int, seed: int) -> None:
+def before_after_grid(
+    kind: str, policies: list[tuple[str, str]], out: Path, per_task: int, seed: int
+) -> None:
     specs = held_out_specs(per_task)
     judge = GenEvalJudge(WorldDetector())
-    fig, axes = plt.subplots(len(policies), len(specs), figsize=(1.6 * len(specs), 2.0 * len(policies) + 0.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(policies), len(specs), figsize=(1.6 * len(specs), 2.0 * len(policies) + 0.4), squeeze=False
+    )
     for row, (name, folder) in enumerate(policies):
         images = draw(kind, folder, specs, seed)
         verdicts = judge.correct(images, specs)
@@ -111,7 +114,9 @@ def curves(runs: list[tuple[str, str]], tag: str, window: int, out: Path, title:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     grid = sub.add_parser("grid")
     grid.add_argument("--kind", choices=["flow", "unified"], required=True)

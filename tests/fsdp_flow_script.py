@@ -55,24 +55,51 @@ def main(out_dir: str, recipe: str) -> None:
     if recipe == "unigrpo":
         text = TinyTextPolicy(TinyTextConfig(d_model=32, n_layers=2, n_heads=2))
         module = UniGRPO(text, flow, text_warm_start=None, max_new_tokens=4, **common)
-        data = ReasoningDataModule(num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6)
+        data = ReasoningDataModule(
+            num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6
+        )
     elif recipe == "flow_grpo_skip_tied":  # rank 0's groups all tie, rank 1's do not: equal backward counts
         module = FlowGRPO(flow, rewards=[RankTiedReward()], train_tied_groups=False, **common)
-        data = OnPolicyDataModule(num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6)
+        data = OnPolicyDataModule(
+            num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6
+        )
     elif recipe == "flow_grpo_all_tied":  # every group ties on both ranks: nothing to train anywhere
         module = FlowGRPO(flow, rewards=[AllTiedReward()], train_tied_groups=False, **common)
-        data = OnPolicyDataModule(num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6)
-    elif recipe == "flow_grpo_row_windows":  # per-group windows: rank 0 trains steps 0 and 1, rank 1 only step 1
-        module = FlowGRPO(flow, sde_window_size=1, sde_window_per_group=True, **{**common, "micro_batch_size": 4})
+        data = OnPolicyDataModule(
+            num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6
+        )
+    elif (
+        recipe == "flow_grpo_row_windows"
+    ):  # per-group windows: rank 0 trains steps 0 and 1, rank 1 only step 1
+        module = FlowGRPO(
+            flow, sde_window_size=1, sde_window_per_group=True, **{**common, "micro_batch_size": 4}
+        )
         module.group_windows = lambda batch: torch.tensor(
-            [[1, 2]] * len(batch) if torch.distributed.get_rank() else [[0, 1]] * 2 + [[1, 2]] * (len(batch) - 2))
-        data = OnPolicyDataModule(num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6)
+            [[1, 2]] * len(batch)
+            if torch.distributed.get_rank()
+            else [[0, 1]] * 2 + [[1, 2]] * (len(batch) - 2)
+        )
+        data = OnPolicyDataModule(
+            num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6
+        )
     else:  # flow_grpo, or flow_grpo_lora: LoRA adapters (mixed frozen / trainable parameters per unit)
         module = FlowGRPO(flow, lora_rank=4 if recipe.endswith("lora") else 0, **common)
-        data = OnPolicyDataModule(num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-                        max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=1, val_check_interval=2, check_val_every_n_epoch=None)
+        data = OnPolicyDataModule(
+            num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6
+        )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+    )
     trainer.fit(module, datamodule=data)
     state = full_state(module.policy)
     result = {
@@ -81,8 +108,9 @@ def main(out_dir: str, recipe: str) -> None:
         "initial": initial,
         "checksum": checksum(state),
         # the frozen weights: the reference copy, or the base model under the LoRA adapters
-        "frozen_checksum": checksum(module.reference) if module.reference is not None else checksum(
-            {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}),
+        "frozen_checksum": checksum(module.reference)
+        if module.reference is not None
+        else checksum({k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}),
         "lora_b": float(sum(v.abs().sum() for k, v in state.items() if ".lora_B." in k)),
         "merged_checksum": checksum(merge_lora(state, module.policy.lora_scaling or 1.0)),
         "reward": float(trainer.logged_metrics["reward"]),
@@ -95,7 +123,9 @@ def main(out_dir: str, recipe: str) -> None:
     if trainer.is_global_zero:  # the saved full weights equal the gathered ones
         result["saved_checksum"] = checksum(TinyFlowModel.from_pretrained(save_to))
         if recipe == "unigrpo":
-            result["saved_text_checksum"] = checksum(TinyTextPolicy.from_pretrained(os.path.join(save_to, "text_policy")))
+            result["saved_text_checksum"] = checksum(
+                TinyTextPolicy.from_pretrained(os.path.join(save_to, "text_policy"))
+            )
     with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
         json.dump(result, f)
 

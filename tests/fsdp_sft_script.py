@@ -47,12 +47,30 @@ def main(out_dir: str, recipe: str = "sft") -> None:
         module = UniRLSFT(policy, warm_start=None, lr=1e-3, score_every_n_steps=1, save_to=save_to)
     else:
         tied = (0,) if recipe == "grpo_filter_rank_tied" else (0, 1)
-        module = DiscreteGRPO(policy, warm_start=None, rewards=[TiedOnRanks(tied)], filter_zero_std=True, beta=0.04,
-                              micro_batch_size=1, lr=1e-3, save_to=save_to)
+        module = DiscreteGRPO(
+            policy,
+            warm_start=None,
+            rewards=[TiedOnRanks(tied)],
+            filter_zero_std=True,
+            beta=0.04,
+            micro_batch_size=1,
+            lr=1e-3,
+            save_to=save_to,
+        )
     data = OnPolicyDataModule(num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-                        max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=1, val_check_interval=2, check_val_every_n_epoch=None)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+    )
     trainer.fit(module, datamodule=data)
     metrics = {k: float(v) for k, v in trainer.logged_metrics.items()}
     result = {

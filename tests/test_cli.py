@@ -34,18 +34,36 @@ def test_flow_grpo_config_instantiates_as_measured():
     """The FlowGRPO config builds (per-group random 2-step windows that fit its 10-step schedule)."""
     from unirl_lightning.modules.flow_grpo import FlowGRPO
 
-    cli = cli_main(["--config", str(CONFIGS / "flow_grpo.yaml"), "--model.init_args.warm_start", "null"], run=False)
+    cli = cli_main(
+        ["--config", str(CONFIGS / "flow_grpo.yaml"), "--model.init_args.warm_start", "null"], run=False
+    )
     assert isinstance(cli.model, FlowGRPO)
     hp = cli.model.hparams
-    assert (hp.sde_window_size, hp.num_steps, hp.step_weighting, hp.regularizer) == (2, 10, "noise_std", "velocity_mse")
+    assert (hp.sde_window_size, hp.num_steps, hp.step_weighting, hp.regularizer) == (
+        2,
+        10,
+        "noise_std",
+        "velocity_mse",
+    )
     assert hp.sde_window_per_group and hp.same_latent
     start, end = cli.model.sde_window()
     assert end - start == 2 and 0 <= start and end <= 9  # the last step stays ODE
 
 
 def test_overrides_survive_print(capsys):
-    out = _print_config(["fit", "--config", str(CONFIGS / "grpo.yaml"), "--model.init_args.beta", "0.04",
-                         "--data.init_args.group_size", "4", "--print_config"], capsys)
+    out = _print_config(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "grpo.yaml"),
+            "--model.init_args.beta",
+            "0.04",
+            "--data.init_args.group_size",
+            "4",
+            "--print_config",
+        ],
+        capsys,
+    )
     cfg = yaml.safe_load(out)
     assert cfg["model"]["init_args"]["beta"] == 0.04
     assert cfg["data"]["init_args"]["group_size"] == 4
@@ -53,7 +71,9 @@ def test_overrides_survive_print(capsys):
 
 
 def test_cli_instantiates_without_running():
-    cli = cli_main(["--config", str(CONFIGS / "grpo.yaml"), "--model.init_args.warm_start", "null"], run=False)
+    cli = cli_main(
+        ["--config", str(CONFIGS / "grpo.yaml"), "--model.init_args.warm_start", "null"], run=False
+    )
     from unirl_lightning.modules import DiscreteGRPO
 
     assert isinstance(cli.model, DiscreteGRPO)
@@ -75,12 +95,27 @@ def test_cpu20_overlay_layers_a_budget_onto_the_flow_grpo_config():
     """configs/flow_grpo_cpu20.yaml changes only what the 20-CPU-minute recipe changes."""
     from unirl_lightning.callbacks import CPUTimeBudget
 
-    base = cli_main(["--config", str(CONFIGS / "flow_grpo.yaml"), "--model.init_args.warm_start", "null"], run=False)
-    cli = cli_main(["--config", str(CONFIGS / "flow_grpo.yaml"), "--config", str(CONFIGS / "flow_grpo_cpu20.yaml"),
-                    "--model.init_args.warm_start", "null"], run=False)
+    base = cli_main(
+        ["--config", str(CONFIGS / "flow_grpo.yaml"), "--model.init_args.warm_start", "null"], run=False
+    )
+    cli = cli_main(
+        [
+            "--config",
+            str(CONFIGS / "flow_grpo.yaml"),
+            "--config",
+            str(CONFIGS / "flow_grpo_cpu20.yaml"),
+            "--model.init_args.warm_start",
+            "null",
+        ],
+        run=False,
+    )
     budgets = [c for c in cli.trainer.callbacks if isinstance(c, CPUTimeBudget)]
     assert len(budgets) == 1 and budgets[0].minutes == 20.0 and budgets[0].since == "process"
     assert cli.model.hparams.train_tied_groups is False and base.model.hparams.train_tied_groups is True
     assert cli.datamodule.hparams.train_task_weights["color_attr"] == 3.0
     changed = {k for k in base.model.hparams if base.model.hparams[k] != cli.model.hparams[k]}
-    assert changed <= {"train_tied_groups", "policy", "rewards"}  # policy / rewards: fresh objects, same config
+    assert changed <= {
+        "train_tied_groups",
+        "policy",
+        "rewards",
+    }  # policy / rewards: fresh objects, same config

@@ -9,7 +9,10 @@ def _take(stream, n):
 
 
 def test_stream_is_deterministic_per_seed_and_rank():
-    specs = [{"tag": "single_object", "include": [{"class": "cross", "count": 1}], "prompt": f"p{i}"} for i in range(50)]
+    specs = [
+        {"tag": "single_object", "include": [{"class": "cross", "count": 1}], "prompt": f"p{i}"}
+        for i in range(50)
+    ]
     a = _take(PromptGroupStream(specs, 4, 3, seed=0, rank=0, world_size=2), 3)
     b = _take(PromptGroupStream(specs, 4, 3, seed=0, rank=0, world_size=2), 3)
     c = _take(PromptGroupStream(specs, 4, 3, seed=0, rank=1, world_size=2), 3)
@@ -51,20 +54,29 @@ def test_prompt_files_with_coco_classes_load(tmp_path):
     save_specs(specs[:400], tmp_path / "train.jsonl")
     save_specs(specs[400:], tmp_path / "val.jsonl")
     for vocab in (None, "geneval"):
-        dm = OnPolicyDataModule(train_prompts=str(tmp_path / "train.jsonl"), val_prompts=str(tmp_path / "val.jsonl"), vocabulary=vocab)
+        dm = OnPolicyDataModule(
+            train_prompts=str(tmp_path / "train.jsonl"),
+            val_prompts=str(tmp_path / "val.jsonl"),
+            vocabulary=vocab,
+        )
         dm.setup("fit")
         assert len(dm.train_specs) == 400 and len(dm.val_specs) == 153
     import pytest
 
     with pytest.raises(ValueError, match="vocabulary"):
-        OnPolicyDataModule(train_prompts=str(tmp_path / "train.jsonl"), val_prompts=str(tmp_path / "val.jsonl"),
-                           vocabulary="shapes").setup("fit")
+        OnPolicyDataModule(
+            train_prompts=str(tmp_path / "train.jsonl"),
+            val_prompts=str(tmp_path / "val.jsonl"),
+            vocabulary="shapes",
+        ).setup("fit")
 
 
 def test_train_task_weights_reshape_training_prompts_only():
     plain = OnPolicyDataModule(num_train=600, num_val=60, seed=3)
     plain.setup("fit")
-    dm = OnPolicyDataModule(num_train=600, num_val=60, seed=3, train_task_weights={"position": 3.0, "color_attr": 1.0})
+    dm = OnPolicyDataModule(
+        num_train=600, num_val=60, seed=3, train_task_weights={"position": 3.0, "color_attr": 1.0}
+    )
     dm.setup("fit")
     assert [s["prompt"] for s in dm.val_specs] == [s["prompt"] for s in plain.val_specs]
     tags = [s["tag"] for s in dm.train_specs]

@@ -108,6 +108,8 @@ def test_a_missing_scipy_names_the_extra_to_install(monkeypatch):
     from unirl_lightning.evaluation.detectors import TransformersDetector
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else find_spec(name, *a)
+    )
     with pytest.raises(ImportError, match=r"unirl-lightning\[detectors\]"):
         TransformersDetector(torch.nn.Linear(1, 1), None)

@@ -4,7 +4,13 @@ diffusers (tiny random pipelines built locally), each run through `FlowPolicyTes
 from __future__ import annotations
 
 import pytest
-from unirl_lightning.models import DiffusersFlowPolicy, FlowPolicy, DiffusersFluxPolicy, TinyFlowConfig, TinyFlowModel
+from unirl_lightning.models import (
+    DiffusersFlowPolicy,
+    FlowPolicy,
+    DiffusersFluxPolicy,
+    TinyFlowConfig,
+    TinyFlowModel,
+)
 from unirl_lightning.testing import FlowPolicyTesterMixin, tiny_flux_pipeline, tiny_sd3_pipeline
 
 
@@ -20,8 +26,9 @@ class TestDiffusersSD3(FlowPolicyTesterMixin):
         tiny_sd3_pipeline(self.folder)
 
     def make_policy(self):
-        return DiffusersFlowPolicy(str(self.folder), resolution=64, torch_dtype="float32", max_sequence_length=8,
-                                   drop_t5=True)
+        return DiffusersFlowPolicy(
+            str(self.folder), resolution=64, torch_dtype="float32", max_sequence_length=8, drop_t5=True
+        )
 
 
 class TestDiffusersFlux(FlowPolicyTesterMixin):
@@ -33,9 +40,17 @@ class TestDiffusersFlux(FlowPolicyTesterMixin):
         tiny_flux_pipeline(self.folder)
 
     def make_policy(self):
-        return DiffusersFluxPolicy(str(self.folder), resolution=64, torch_dtype="float32", max_sequence_length=12)
+        return DiffusersFluxPolicy(
+            str(self.folder), resolution=64, torch_dtype="float32", max_sequence_length=12
+        )
 
 
 def test_saving_and_loading_are_part_of_the_flow_policy_contract():
-    assert {"save_pretrained", "from_pretrained", "encode_text", "forward_velocity", "decode",
-            "latent_shape"} == set(FlowPolicy.__abstractmethods__)
+    assert {
+        "save_pretrained",
+        "from_pretrained",
+        "encode_text",
+        "forward_velocity",
+        "decode",
+        "latent_shape",
+    } == set(FlowPolicy.__abstractmethods__)

@@ -25,7 +25,9 @@ def _tiny() -> TinyFlowModel:
 def _grouped(policy, windows_per_group):
     prompts = [p for p in PROMPTS for _ in range(3)]
     groups = torch.tensor([4, 4, 4, 0, 0, 0, 2, 2, 2])
-    x0 = torch.randn(3, *policy.latent_shape, generator=torch.Generator().manual_seed(0)).repeat_interleave(3, 0)
+    x0 = torch.randn(3, *policy.latent_shape, generator=torch.Generator().manual_seed(0)).repeat_interleave(
+        3, 0
+    )
     windows = torch.tensor(windows_per_group).repeat_interleave(3, 0)
     return prompts, groups, x0, windows
 
@@ -36,10 +38,24 @@ def test_one_window_per_row_equals_the_batch_window_bit_for_bit():
     prompts, groups, x0, _ = _grouped(policy, [[3, 5]] * 3)
     same = torch.tensor([[3, 5]] * 9)
     for g in (None, groups):
-        batch = policy.sample(prompts, num_steps=8, noise_level=0.9, sde_window=(3, 5), latents=x0, groups=g,
-                              generator=torch.Generator().manual_seed(1))
-        rows = policy.sample(prompts, num_steps=8, noise_level=0.9, sde_windows=same, latents=x0, groups=g,
-                             generator=torch.Generator().manual_seed(1))
+        batch = policy.sample(
+            prompts,
+            num_steps=8,
+            noise_level=0.9,
+            sde_window=(3, 5),
+            latents=x0,
+            groups=g,
+            generator=torch.Generator().manual_seed(1),
+        )
+        rows = policy.sample(
+            prompts,
+            num_steps=8,
+            noise_level=0.9,
+            sde_windows=same,
+            latents=x0,
+            groups=g,
+            generator=torch.Generator().manual_seed(1),
+        )
         assert torch.equal(batch.latents, rows.latents) and torch.equal(batch.log_probs, rows.log_probs)
         assert batch.row_mask is None and rows.row_mask[:, 3:5].all() and rows.row_mask.sum() == 18
         assert rows.trained_steps == [3, 4] and rows.steps_per_row == 2
@@ -49,10 +65,18 @@ def test_rows_take_sde_steps_only_inside_their_own_window_and_rescore_there():
     policy = _tiny()
     prompts, groups, x0, windows = _grouped(policy, [[1, 3], [3, 5], [5, 8]])  # [5, 8): 7 is the last, ODE
     batches = []
-    policy.transformer.register_forward_pre_hook(lambda m, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]),
-                                                 with_kwargs=True)
-    grouped = policy.sample(prompts, num_steps=8, noise_level=0.9, sde_windows=windows, latents=x0, groups=groups,
-                            generator=torch.Generator().manual_seed(1))
+    policy.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+    )
+    grouped = policy.sample(
+        prompts,
+        num_steps=8,
+        noise_level=0.9,
+        sde_windows=windows,
+        latents=x0,
+        groups=groups,
+        generator=torch.Generator().manual_seed(1),
+    )
     # one row per group until its window opens; group A opens at 1, B at 3, C at 5
     assert batches == [3, 5, 5, 7, 7, 9, 9, 9]
     expected = torch.zeros(9, 8, dtype=torch.bool)
@@ -65,15 +89,25 @@ def test_rows_take_sde_steps_only_inside_their_own_window_and_rescore_there():
         assert torch.equal(at, expected[:, j].nonzero().flatten())
         if len(at):
             part = grouped.select(at)
-            torch.testing.assert_close(policy.step_log_prob(part, j).log_prob, part.log_probs[:, j], rtol=0, atol=1e-5)
+            torch.testing.assert_close(
+                policy.step_log_prob(part, j).log_prob, part.log_probs[:, j], rtol=0, atol=1e-5
+            )
     # each group's rows agree up to its window and split inside it; the ODE prefix matches the full batch's
-    full = policy.sample(prompts, num_steps=8, noise_level=0.9, sde_windows=windows, latents=x0,
-                         generator=torch.Generator().manual_seed(1))
+    full = policy.sample(
+        prompts,
+        num_steps=8,
+        noise_level=0.9,
+        sde_windows=windows,
+        latents=x0,
+        generator=torch.Generator().manual_seed(1),
+    )
     for first, start in ((0, 1), (3, 3), (6, 5)):
         rows = slice(first, first + 3)
         assert (grouped.latents[rows, : start + 1] == grouped.latents[first, : start + 1]).all()
         assert not torch.equal(grouped.latents[first, start + 1], grouped.latents[first + 1, start + 1])
-        torch.testing.assert_close(grouped.latents[rows, : start + 1], full.latents[rows, : start + 1], rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            grouped.latents[rows, : start + 1], full.latents[rows, : start + 1], rtol=0, atol=1e-6
+        )
     sub = grouped.select([4, 0])
     assert torch.equal(sub.row_mask, expected[[4, 0]])
 
@@ -84,14 +118,23 @@ def test_packed_row_step_pairs_rescore_and_penalise_as_each_step_does(regularize
     the rollout's own log-probs (ratio 1), the velocities, and each regulariser's per-row penalty."""
     policy = _tiny()
     prompts, groups, x0, windows = _grouped(policy, [[1, 3], [3, 5], [0, 2]])
-    rollout = policy.sample(prompts, num_steps=8, noise_level=0.9, sde_windows=windows, latents=x0, groups=groups,
-                            generator=torch.Generator().manual_seed(1))
+    rollout = policy.sample(
+        prompts,
+        num_steps=8,
+        noise_level=0.9,
+        sde_windows=windows,
+        latents=x0,
+        groups=groups,
+        generator=torch.Generator().manual_seed(1),
+    )
     rows, steps = rollout.row_mask.nonzero(as_tuple=True)
     reference = copy.deepcopy(policy)
     with torch.no_grad():
         for param in reference.parameters():
             param.add_(0.05 * torch.randn_like(param))
-    module = FlowGRPO(policy, rewards=[LatentMeanReward()], warm_start=None, num_steps=8, regularizer=regularizer)
+    module = FlowGRPO(
+        policy, rewards=[LatentMeanReward()], warm_start=None, num_steps=8, regularizer=regularizer
+    )
     packed = policy.pairs_log_prob(rollout, rows, steps)
     packed_ref = reference.pairs_log_prob(rollout, rows, steps)
     penalty = module._penalty(packed, packed_ref, rollout, steps)
@@ -102,7 +145,9 @@ def test_packed_row_step_pairs_rescore_and_penalise_as_each_step_does(regularize
         one, one_ref = policy.step_log_prob(part, j), reference.step_log_prob(part, j)
         torch.testing.assert_close(packed.log_prob[here], part.log_probs[:, j], rtol=0, atol=1e-5)
         torch.testing.assert_close(packed.velocity[here], one.velocity, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(penalty[here], module._penalty(one, one_ref, part, j), rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(
+            penalty[here], module._penalty(one, one_ref, part, j), rtol=1e-5, atol=1e-8
+        )
     with pytest.raises(ValueError, match="different noise levels"):
         policy.pairs_log_prob(rollout, torch.tensor([0, 0]), torch.tensor([1, 7]))  # 7 is the last, ODE step
 
@@ -128,8 +173,13 @@ def _batch(tags: list[str], group_size: int = 2) -> PromptBatch:
 
 
 def test_group_windows_are_drawn_per_group_inside_each_tasks_range():
-    module = FlowGRPO(_tiny(), warm_start=None, num_steps=10, sde_window_size=2,
-                      sde_window_by_task={"counting": [0, 4], "colors": [6, 10]})
+    module = FlowGRPO(
+        _tiny(),
+        warm_start=None,
+        num_steps=10,
+        sde_window_size=2,
+        sde_window_by_task={"counting": [0, 4], "colors": [6, 10]},
+    )
     batch = _batch(["counting", "colors", "two_object", "counting"] * 50)
     torch.manual_seed(0)
     windows = module.group_windows(batch)
@@ -151,15 +201,29 @@ def test_per_group_window_options_fail_clearly_before_any_compute():
     with pytest.raises(ValueError, match=r"sde_window_by_task.count: unknown task"):
         FlowGRPO(_tiny(), warm_start=None, sde_window_size=2, sde_window_by_task={"count": [0, 4]})
     with pytest.raises(ValueError, match=r"sde_window_by_task.colors: \[8, 9\).*widen it"):
-        FlowGRPO(_tiny(), warm_start=None, num_steps=10, sde_window_size=2, sde_window_by_task={"colors": [8, 10]})
+        FlowGRPO(
+            _tiny(), warm_start=None, num_steps=10, sde_window_size=2, sde_window_by_task={"colors": [8, 10]}
+        )
 
 
 def test_per_group_windows_train_each_row_on_its_own_steps(tmp_path, monkeypatch):
     """The gradient of one FlowGRPO step with per-group windows equals the formula: minus the sum over
     rows and the steps of each row's own window of w_j A_r grad log p_rj, over (rows x steps per row)."""
-    module = FlowGRPO(_tiny(), rewards=[LatentMeanReward()], warm_start=None, num_steps=6, noise_level=1.0,
-                      sde_window_size=2, sde_window_per_group=True, step_weighting="noise_std", regularizer="none",
-                      track_reference=False, micro_batch_size=4, same_latent=True, lr=1e-3)
+    module = FlowGRPO(
+        _tiny(),
+        rewards=[LatentMeanReward()],
+        warm_start=None,
+        num_steps=6,
+        noise_level=1.0,
+        sde_window_size=2,
+        sde_window_per_group=True,
+        step_weighting="noise_std",
+        regularizer="none",
+        track_reference=False,
+        micro_batch_size=4,
+        same_latent=True,
+        lr=1e-3,
+    )
     start_policy = copy.deepcopy(module.policy)
     seen = {}
     make_rollouts, rank_advantages = module.make_rollouts, flow_grpo_module.rank_advantages
@@ -178,13 +242,31 @@ def test_per_group_windows_train_each_row_on_its_own_steps(tmp_path, monkeypatch
     param = module.policy.transformer.proj_out.weight
     grads = capture_backward_grads(module, param)
     torch.manual_seed(3)
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, datamodule=OnPolicyDataModule(num_train=60, num_val=12, prompts_per_step=4, group_size=3))
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(
+        module, datamodule=OnPolicyDataModule(num_train=60, num_val=12, prompts_per_step=4, group_size=3)
+    )
     rollout, adv = seen["rollout"], seen["adv"]
-    assert rollout.row_mask is not None and len(rollout.trained_steps) > 2  # the groups drew different windows
-    weights = dict(zip(range(5), noise_aware_step_weights(rollout.sigmas, torch.ones(6), list(range(5)),
-                                                         normalize_over=list(range(5))).tolist()))
+    assert (
+        rollout.row_mask is not None and len(rollout.trained_steps) > 2
+    )  # the groups drew different windows
+    weights = dict(
+        zip(
+            range(5),
+            noise_aware_step_weights(
+                rollout.sigmas, torch.ones(6), list(range(5)), normalize_over=list(range(5))
+            ).tolist(),
+        )
+    )
     total = torch.zeros_like(param)
     ref_param = start_policy.transformer.proj_out.weight
     for r in range(len(rollout)):

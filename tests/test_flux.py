@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from unirl_lightning.testing import tiny_flux_pipeline
-from unirl_lightning.models.flow.flux import DiffusersFluxPolicy, dynamic_shift, image_ids, pack_latents, unpack_latents
+from unirl_lightning.models.flow.flux import (
+    DiffusersFluxPolicy,
+    dynamic_shift,
+    image_ids,
+    pack_latents,
+    unpack_latents,
+)
 
 PROMPTS = ["a red square", "two circles"]
 
@@ -19,7 +25,9 @@ def flux_folder(tmp_path_factory):
 
 
 def _policy(folder, **kwargs) -> DiffusersFluxPolicy:
-    return DiffusersFluxPolicy(str(folder), resolution=64, torch_dtype="float32", max_sequence_length=12, **kwargs)
+    return DiffusersFluxPolicy(
+        str(folder), resolution=64, torch_dtype="float32", max_sequence_length=12, **kwargs
+    )
 
 
 def test_packing_and_ids_match_the_pipeline():
@@ -53,28 +61,50 @@ def test_noise_zero_reproduces_the_flux_pipeline(flux_folder):
     ours = policy.sample(PROMPTS, num_steps=4, noise_level=0.0, latents=x0, decode=False).latents[:, -1]
     pipe = FluxPipeline.from_pretrained(flux_folder, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(PROMPTS, height=64, width=64, num_inference_steps=4, guidance_scale=policy.guidance_scale,
-                  latents=pack_latents(x0), output_type="latent", max_sequence_length=12).images
+    theirs = pipe(
+        PROMPTS,
+        height=64,
+        width=64,
+        num_inference_steps=4,
+        guidance_scale=policy.guidance_scale,
+        latents=pack_latents(x0),
+        output_type="latent",
+        max_sequence_length=12,
+    ).images
     torch.testing.assert_close(pack_latents(ours), theirs, rtol=1e-4, atol=1e-5)
 
 
 def test_grouped_flux_rollout_shares_the_ode_prefix_and_rescores_on_policy(flux_folder):
     policy = _policy(flux_folder)
     prompts, groups = [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2, torch.tensor([0, 0, 1, 1])
-    x0 = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(0)).repeat_interleave(2, 0)
-    grouped = policy.sample(prompts, num_steps=4, noise_level=0.7, sde_window=(2, 4), latents=x0, groups=groups,
-                            generator=torch.Generator().manual_seed(1), decode=False)
+    x0 = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(0)).repeat_interleave(
+        2, 0
+    )
+    grouped = policy.sample(
+        prompts,
+        num_steps=4,
+        noise_level=0.7,
+        sde_window=(2, 4),
+        latents=x0,
+        groups=groups,
+        generator=torch.Generator().manual_seed(1),
+        decode=False,
+    )
     full = policy.sample(prompts, num_steps=4, noise_level=0.0, latents=x0, decode=False)
     torch.testing.assert_close(grouped.latents[:, :3], full.latents[:, :3], rtol=1e-4, atol=1e-5)
     assert not torch.equal(grouped.latents[0, 3], grouped.latents[1, 3])
-    torch.testing.assert_close(policy.step_log_prob(grouped, 2).log_prob, grouped.log_probs[:, 2], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        policy.step_log_prob(grouped, 2).log_prob, grouped.log_probs[:, 2], rtol=0, atol=1e-5
+    )
 
 
 def test_flux_sde_rollout_rescoring_lora_and_saving(flux_folder, tmp_path):
     policy = _policy(flux_folder)
     assert not policy.text_trainable
-    assert policy.fsdp_units()[:2] == [policy.transformer.transformer_blocks[0],
-                                       policy.transformer.single_transformer_blocks[0]]
+    assert policy.fsdp_units()[:2] == [
+        policy.transformer.transformer_blocks[0],
+        policy.transformer.single_transformer_blocks[0],
+    ]
     rollout = policy.sample(PROMPTS, num_steps=4, noise_level=0.7, generator=torch.Generator().manual_seed(1))
     assert rollout.images.shape == (2, 3, 64, 64) and rollout.images.dtype == torch.uint8
     out = policy.step_log_prob(rollout, 1)  # on-policy: the stored log-prob exactly
@@ -123,24 +153,54 @@ def test_real_model_flow_configs_instantiate_through_the_cli(name, tmp_path, flu
     config = Path(__file__).resolve().parents[1] / "configs" / name
     cfg = yaml.safe_load(config.read_text())
     assert cfg["trainer"]["strategy"]["class_path"].endswith("ModelParallelStrategy")  # FSDP2
-    policy_args = ["--model.init_args.policy.init_args.resolution", "64",
-                   "--model.init_args.policy.init_args.torch_dtype", "float32",
-                   "--model.init_args.policy.init_args.max_sequence_length", "12"]
+    policy_args = [
+        "--model.init_args.policy.init_args.resolution",
+        "64",
+        "--model.init_args.policy.init_args.torch_dtype",
+        "float32",
+        "--model.init_args.policy.init_args.max_sequence_length",
+        "12",
+    ]
     if name.startswith("sd35"):
         tiny_sd3_pipeline(tmp_path / "sd3")
-        policy_args += ["--model.init_args.policy.init_args.pretrained", str(tmp_path / "sd3"),
-                        "--model.init_args.policy.init_args.drop_t5", "true"]
+        policy_args += [
+            "--model.init_args.policy.init_args.pretrained",
+            str(tmp_path / "sd3"),
+            "--model.init_args.policy.init_args.drop_t5",
+            "true",
+        ]
     else:
         policy_args += ["--model.init_args.policy.init_args.pretrained", str(flux_folder)]
     for split in ("train", "val"):
         save_specs(generate_specs(6, world_vocabulary(), seed=len(split)), tmp_path / f"{split}.jsonl")
-    cli = cli_main(["--config", str(config), *policy_args,
-                    "--data.init_args.train_prompts", str(tmp_path / "train.jsonl"),
-                    "--data.init_args.val_prompts", str(tmp_path / "val.jsonl"),
-                    "--data.init_args.vocabulary", "null", "--model.init_args.detector", "null",
-                    "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
-                    "--trainer.precision", "32-true",
-                    "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)], run=False)
+    cli = cli_main(
+        [
+            "--config",
+            str(config),
+            *policy_args,
+            "--data.init_args.train_prompts",
+            str(tmp_path / "train.jsonl"),
+            "--data.init_args.val_prompts",
+            str(tmp_path / "val.jsonl"),
+            "--data.init_args.vocabulary",
+            "null",
+            "--model.init_args.detector",
+            "null",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "1",
+            "--trainer.strategy",
+            "auto",
+            "--trainer.precision",
+            "32-true",
+            "--trainer.logger",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ],
+        run=False,
+    )
     module = cli.model
     assert isinstance(module.policy, PipelineFlowPolicy) and module.reference is None  # LoRA: no copy
     module.setup("fit")

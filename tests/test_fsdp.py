@@ -26,10 +26,14 @@ def test_sft_under_fsdp2_on_two_cpu_processes(tmp_path):
     assert abs(results[0]["saved_checksum"] - results[0]["checksum"]) < 1e-6 * results[0]["checksum"]
 
 
-@pytest.mark.parametrize("recipe", ["flow_grpo", "flow_grpo_lora", "flow_grpo_skip_tied", "flow_grpo_row_windows", "unigrpo"])
+@pytest.mark.parametrize(
+    "recipe", ["flow_grpo", "flow_grpo_lora", "flow_grpo_skip_tied", "flow_grpo_row_windows", "unigrpo"]
+)
 def test_flow_recipes_under_fsdp2_on_two_cpu_processes(tmp_path, recipe):
     results = _run_ranks("fsdp_flow_script.py", tmp_path, recipe)
-    assert all(r["sharded"].startswith("FSDP") for r in results), results  # the transformer blocks are FSDP units
+    assert all(r["sharded"].startswith("FSDP") for r in results), (
+        results
+    )  # the transformer blocks are FSDP units
     first, second = results
     assert first["checksum"] == pytest.approx(second["checksum"], rel=1e-9)
     # the frozen weights (reference copy, or LoRA's base model) did not move; the trained ones did

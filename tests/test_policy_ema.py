@@ -92,7 +92,8 @@ def test_training_is_unchanged_and_validation_sees_the_average():
     torch.manual_seed(0)
     start = TinyRegression().policy.weight.detach().clone()
     model = _fit([with_ema, PolicyEMA(decay=0.7, warmup=False)], val_every=4)
-    for a, b in zip(plain.weights, with_ema.weights, strict=True):  # swapping in and out for validation is exact
+    # swapping in and out for validation is exact
+    for a, b in zip(plain.weights, with_ema.weights, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert len(model.val_seen) == 3  # after steps 4, 8, 12
     for i, seen in enumerate(model.val_seen):

@@ -25,9 +25,19 @@ def _flow_grpo() -> FlowGRPO:
 
 def _fit(module, callbacks, steps=3, **trainer_args):
     data = OnPolicyDataModule(num_train=60, num_val=6, prompts_per_step=2, group_size=2, val_batch_size=6)
-    args = dict(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                limit_val_batches=1, val_check_interval=2, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-                enable_model_summary=False, callbacks=callbacks)
+    args = dict(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=1,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
     trainer = L.Trainer(**{**args, **trainer_args})
     trainer.fit(module, datamodule=data)
     return trainer
@@ -40,9 +50,16 @@ def test_a_log_file_shows_steps_of_max_steps_rate_time_left_reward_and_validatio
     assert lines[0] == "fit: training from step 0 of 3"
     steps = [line for line in lines if line.startswith("fit step")]
     assert [re.match(r"fit step (\d+)/3 \((\d+)%\)", line).groups() for line in steps[:3]] == [
-        ("1", "33"), ("2", "67"), ("3", "100")]
-    assert all(re.search(r"[\d.]+ (s/step|step/s) \| elapsed \d+:\d\d:\d\d, left \d+:\d\d:\d\d \| .*reward -?[\d.]", line)
-               for line in steps), steps
+        ("1", "33"),
+        ("2", "67"),
+        ("3", "100"),
+    ]
+    assert all(
+        re.search(
+            r"[\d.]+ (s/step|step/s) \| elapsed \d+:\d\d:\d\d, left \d+:\d\d:\d\d \| .*reward -?[\d.]", line
+        )
+        for line in steps
+    ), steps
     val = [line for line in lines if "validation at step 2" in line]
     assert len(val) == 1 and re.search(r"geneval [\d.]+", val[0])
     assert "val geneval" in steps[-1]  # the latest validation score stays on the later lines
@@ -64,7 +81,14 @@ def test_a_terminal_gets_one_line_redrawn_in_place():
 
 
 def test_the_cli_shows_step_progress_unless_the_config_turns_it_off():
-    base = ["--config", "configs/flow_grpo.yaml", "--model.init_args.warm_start", "null", "--trainer.logger", "false"]
+    base = [
+        "--config",
+        "configs/flow_grpo.yaml",
+        "--model.init_args.warm_start",
+        "null",
+        "--trainer.logger",
+        "false",
+    ]
     cli = cli_main(base, run=False)
     assert isinstance(cli.trainer.progress_bar_callback, StepProgress)
     cli = cli_main([*base, "--trainer.enable_progress_bar", "false"], run=False)

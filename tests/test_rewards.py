@@ -5,7 +5,13 @@ import torch
 
 from unirl_lightning.data import answer_for, generate_specs
 from unirl_lightning.models.base import AnswerRollout
-from unirl_lightning.rewards import GenEvalReward, RolloutContext, SelfUnderstandingReward, combine_rewards, corl_rewards
+from unirl_lightning.rewards import (
+    GenEvalReward,
+    RolloutContext,
+    SelfUnderstandingReward,
+    combine_rewards,
+    corl_rewards,
+)
 from unirl_lightning.worlds.render import render_batch
 from unirl_lightning.worlds.vocab import SHAPES, TASKS
 
@@ -13,8 +19,12 @@ from unirl_lightning.worlds.vocab import SHAPES, TASKS
 def _ctx(specs, images, answers=None):
     ans = None
     if answers is not None:
-        ans = AnswerRollout(texts=answers, tokens=torch.zeros(len(answers), 1, dtype=torch.long),
-                            logprobs=torch.zeros(len(answers), 1), mask=torch.ones(len(answers), 1, dtype=torch.bool))
+        ans = AnswerRollout(
+            texts=answers,
+            tokens=torch.zeros(len(answers), 1, dtype=torch.long),
+            logprobs=torch.zeros(len(answers), 1),
+            mask=torch.ones(len(answers), 1, dtype=torch.bool),
+        )
     return RolloutContext(specs=specs, rollout=None, images=images, answers=ans)
 
 

@@ -44,7 +44,9 @@ def _word_tokenizer():
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[EOS]", *reasoning_words()])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]"
+    )
 
 
 def _hf_text(arch: str) -> HFTextPolicy:
@@ -54,12 +56,24 @@ def _hf_text(arch: str) -> HFTextPolicy:
     torch.manual_seed(0)
     common = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                                             bos_token_id=None, **common))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                max_position_embeddings=64,
+                bos_token_id=None,
+                **common,
+            )
+        )
     else:  # GPT-2 has dropout by default: the wrapper must switch it off
-        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                                           bos_token_id=tok.eos_token_id, **common))
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=tok.eos_token_id, **common
+            )
+        )
     return HFTextPolicy(model=model, tokenizer=tok, allowed_words=world_words())
 
 
@@ -69,10 +83,20 @@ def _riddles(n=6, seed=0):
 
 
 def _trainer(steps, callbacks=()):
-    return L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                     limit_val_batches=1, val_check_interval=steps, check_val_every_n_epoch=None,
-                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                     callbacks=list(callbacks))
+    return L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=1,
+        val_check_interval=steps,
+        check_val_every_n_epoch=None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=list(callbacks),
+    )
 
 
 def _data(P=2, G=3):
@@ -112,7 +136,9 @@ def test_rollout_logprobs_equal_teacher_forced(make, temperature):
     gen = torch.Generator().manual_seed(0)
     out = policy.generate(prompts, max_new_tokens=8, temperature=temperature, generator=gen)
     assert out.tokens.shape == out.logprobs.shape == out.mask.shape and out.tokens.shape[0] == 6
-    assert out.mask[:, 0].all() and (out.logprobs[~out.mask] == 0).all() and (out.logprobs[out.mask] < 0).all()
+    assert (
+        out.mask[:, 0].all() and (out.logprobs[~out.mask] == 0).all() and (out.logprobs[out.mask] < 0).all()
+    )
     logp = policy.logprobs(prompts, out)
     assert logp.requires_grad
     torch.testing.assert_close(logp.detach(), out.logprobs, rtol=0, atol=1e-5)
@@ -139,8 +165,14 @@ def test_generation_is_seeded_and_stops_at_eos():
 def test_supervised_warm_start_learns_riddles():
     policy = _tiny_text()
     specs = generate_reasoning_specs(200, 0, tasks=["colors"])
-    losses = train_text_supervised(policy, [(s["reasoning_prompt"], s["prompt"]) for s in specs], steps=25,
-                                   batch_size=16, lr=1e-2, log_every=0)
+    losses = train_text_supervised(
+        policy,
+        [(s["reasoning_prompt"], s["prompt"]) for s in specs],
+        steps=25,
+        batch_size=16,
+        lr=1e-2,
+        log_every=0,
+    )
     assert sum(losses[-5:]) / 5 < 0.4 * losses[0]
     assert 0.0 <= greedy_accuracy(policy, specs[:8]) <= 1.0
 
@@ -149,7 +181,14 @@ def test_supervised_warm_start_learns_riddles():
 def test_reasoning_generator_is_deterministic_and_maps_riddles_to_specs():
     a, b = generate_reasoning_specs(60, 7), generate_reasoning_specs(60, 7)
     assert a == b and a != generate_reasoning_specs(60, 8)
-    assert {s["tag"] for s in a} == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+    assert {s["tag"] for s in a} == {
+        "single_object",
+        "two_object",
+        "counting",
+        "colors",
+        "position",
+        "color_attr",
+    }
     for s in a:
         validate_spec(s)
         assert s["reasoning_prompt"] != s["prompt"]
@@ -157,13 +196,18 @@ def test_reasoning_generator_is_deterministic_and_maps_riddles_to_specs():
     assert all(set(s["reasoning_prompt"].split()) <= words for s in a)
     by_riddle = {s["reasoning_prompt"]: s for s in generate_reasoning_specs(3000, 0)}
     counting = by_riddle["a photo of as many circles as a triangle has corners"]
-    assert counting["include"] == [{"class": "circle", "count": 3}] and counting["prompt"] == "a photo of three circles"
+    assert (
+        counting["include"] == [{"class": "circle", "count": 3}]
+        and counting["prompt"] == "a photo of three circles"
+    )
     color = by_riddle["a photo of a square the color of grass"]
     assert color["include"] == [{"class": "square", "count": 1, "color": "green"}]
     pos = by_riddle["a photo of a cross left of the shape with four corners"]
     assert pos["prompt"] == "a photo of a cross left of a square"
-    assert pos["include"] == [{"class": "square", "count": 1},
-                              {"class": "cross", "count": 1, "position": ["left of", 0]}]
+    assert pos["include"] == [
+        {"class": "square", "count": 1},
+        {"class": "cross", "count": 1, "position": ["left of", 0]},
+    ]
     assert riddle_answer("the color of coal") == "black" and riddle_answer("two plus two {P}") == 4
 
 
@@ -190,7 +234,8 @@ def test_shared_advantage_reaches_both_policies_on_policy_ratio_one_velocity_mse
     trainer.fit(module, datamodule=_data(P=2, G=3))
     first, last = record.rows[0], record.rows[-1]
     # mu = 1: every micro-batch is scored before the single optimiser step, so both ratios are 1 (up to
-    # float rounding: a micro-batch of 4 re-scores rows sampled in a batch of 6; text is sampled with a KV cache)
+    # float rounding: a micro-batch of 4 re-scores rows sampled in a batch of 6; text is sampled with a KV
+    # cache)
     assert abs(first["image/ratio_mean"] - 1.0) < 1e-6 and first["image/approx_kl"] < 1e-12
     assert abs(first["text/ratio_mean"] - 1.0) < 1e-5
     assert first["image/clip_frac"] == 0.0 and first["text/clip_frac"] == 0.0
@@ -204,7 +249,10 @@ def test_shared_advantage_reaches_both_policies_on_policy_ratio_one_velocity_mse
     for key in ("reward/total", "reward/std", "text/exact_prompt", "train/zero_std_frac", "text/len"):
         assert key in last
     # one advantage, both streams: parameters of both policies moved
-    changed_text, changed_flow = _changed(text_before, module.text_policy), _changed(flow_before, module.policy)
+    changed_text, changed_flow = (
+        _changed(text_before, module.text_policy),
+        _changed(flow_before, module.policy),
+    )
     assert any(k.startswith("blocks.") for k in changed_text)
     assert any(k.startswith("transformer.") for k in changed_flow)
     # the frozen references stay at the initial weights
@@ -220,8 +268,15 @@ def test_image_steps_follow_step_weighting():
 
     runs = {}
     for weighting in ("uniform", "noise_std"):
-        module = _module(train_text=False, rewards=[LatentMeanReward()], step_weighting=weighting,
-                         regularizer="none", track_reference=False, noise_level=1.0, micro_batch_size=6)
+        module = _module(
+            train_text=False,
+            rewards=[LatentMeanReward()],
+            step_weighting=weighting,
+            regularizer="none",
+            track_reference=False,
+            noise_level=1.0,
+            micro_batch_size=6,
+        )
         grads = capture_backward_grads(module, module.policy.transformer.proj_out.weight)
         torch.manual_seed(5)
         _trainer(1).fit(module, datamodule=_data(P=2, G=3))
@@ -251,7 +306,9 @@ def test_rollouts_per_update_accumulates_both_streams_before_one_step():
     trainer.fit(module, datamodule=_data())
     assert len(record.rows) == 2 and trainer.global_step == 1
     second = record.rows[1]
-    assert abs(second["image/ratio_mean"] - 1.0) < 1e-6 and abs(second["text/ratio_mean"] - 1.0) < 1e-5  # no step yet
+    assert (
+        abs(second["image/ratio_mean"] - 1.0) < 1e-6 and abs(second["text/ratio_mean"] - 1.0) < 1e-5
+    )  # no step yet
     assert _changed(text_before, module.text_policy) and _changed(flow_before, module.policy)
 
 
@@ -267,7 +324,9 @@ def test_warmup_and_lr_decay_drive_both_policies_learning_rates():
 def test_validation_scores_eval_repeats_images_per_greedy_text():
     module = _module(eval_repeats=3)
     judged, judge = [], module.judge
-    module.judge = lambda images, specs: (judged.append([s["prompt"] for s in specs]), judge(images, specs))[1]
+    module.judge = lambda images, specs: (judged.append([s["prompt"] for s in specs]), judge(images, specs))[
+        1
+    ]
     trainer = _trainer(1)
     trainer.validate(module, datamodule=_data())
     prompts = judged[0]
@@ -285,7 +344,12 @@ def test_oracle_condition_and_checks():
     with pytest.raises(ValueError, match="text_temperature"):
         _module(text_temperature=0.0)
     with pytest.raises(ValueError, match="does not know"):
-        UniGRPO(_tiny_text(output_words=[*world_words(), "grass"]), _tiny_flow(), warm_start=None, text_warm_start=None)
+        UniGRPO(
+            _tiny_text(output_words=[*world_words(), "grass"]),
+            _tiny_flow(),
+            warm_start=None,
+            text_warm_start=None,
+        )
     with pytest.raises(ValueError, match="train_tied_groups"):
         _module(train_tied_groups=False)
     with pytest.raises(ValueError, match="UniGRPO draws one window"):
@@ -298,7 +362,9 @@ def test_same_latent_gives_each_group_one_initial_noise():
     module, data = _module(same_latent=True), _data()
     data.setup()
     specs = [s for s in data.val_specs[:2] for _ in range(3)]
-    x0 = module.make_rollouts(PromptBatch(specs=specs, group_ids=torch.tensor([5, 5, 5, 8, 8, 8]))).rollout.latents[:, 0]
+    x0 = module.make_rollouts(
+        PromptBatch(specs=specs, group_ids=torch.tensor([5, 5, 5, 8, 8, 8]))
+    ).rollout.latents[:, 0]
     assert torch.equal(x0[0], x0[2]) and torch.equal(x0[3], x0[5]) and not torch.equal(x0[0], x0[3])
 
 
@@ -313,6 +379,15 @@ def test_print_config_parses(capsys):
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["model"]["class_path"] == "unirl_lightning.modules.UniGRPO"
     assert "cfg_scale" not in cfg["model"]["init_args"]  # no CFG in UniGRPO
-    cli = cli_main(["--config", str(CONFIGS / "unigrpo.yaml"), "--model.init_args.warm_start", "null",
-                    "--model.init_args.text_warm_start", "null"], run=False)
+    cli = cli_main(
+        [
+            "--config",
+            str(CONFIGS / "unigrpo.yaml"),
+            "--model.init_args.warm_start",
+            "null",
+            "--model.init_args.text_warm_start",
+            "null",
+        ],
+        run=False,
+    )
     assert isinstance(cli.model, UniGRPO) and isinstance(cli.datamodule, ReasoningDataModule)
