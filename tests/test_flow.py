@@ -98,7 +98,8 @@ def test_text_encoder_reads_word_order_and_encodes_rows_independently():
 
 def test_empty_prompt_is_finite_and_the_same_on_the_fused_inference_path():
     """A text policy can write an empty prompt. Eval mode without grad takes PyTorch's fused encoder
-    path (as the frozen reference does), where a row with every key masked used to come out NaN."""
+    path (as the frozen reference does), where a row with every key masked comes out NaN unless one
+    key stays unmasked."""
     torch.manual_seed(0)
     enc = TinyFlowModel(TinyFlowConfig()).text_encoder  # the default size takes the fused path
     prompts = ["", "a photo of a red square"]

@@ -83,8 +83,8 @@ def test_warm_start_losses_decrease():
 
 def test_codebook_embedding_shares_what_codes_look_like(tmp_path):
     """Codes are embedded and scored from their pixels too: codes with equal pixels get equal
-    content vectors, the relaxed path uses the same table, and folders saved before the option
-    (no `image_embedding` key) load as the table model they were."""
+    content vectors, the relaxed path uses the same table, and folders whose config has no
+    `image_embedding` key load as the table model they hold."""
     policy = TinyUnifiedModel(TinyConfig(d_model=32, n_layers=1, n_heads=2))
     with torch.no_grad():
         policy.tok_emb.weight.zero_()

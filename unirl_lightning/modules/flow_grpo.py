@@ -97,14 +97,14 @@ class FlowGRPO(FlowPolicyModule):
         sde_window_per_group: with `sde_window_size`, each prompt group draws its own random
             window rather than the whole rollout sharing one, so every rollout trains a spread
             of steps (rows are re-scored only at their own window's steps, packed as (row, step)
-            pairs into micro-batches). Lifts colour attribution most (benchmarks/learning.md,
-            "Session 13"); `configs/flow_grpo.yaml` sets it.
+            pairs into micro-batches). Lifts colour attribution most (benchmarks/flow_grpo.md,
+            "SDE window"); `configs/flow_grpo.yaml` sets it.
         sde_window_by_task: with `sde_window_size`, `{task: [lo, hi)}` ranges that the windows of
             that GenEval task's groups are drawn from (e.g. layout tasks early, colours anywhere);
             tasks not named use `sde_window`. Implies per-group windows.
         same_latent: one initial noise per prompt group (Flow-GRPO's `same_latent`), so reward
             differences inside a group come only from the trained SDE steps, not from the
-            untrained initial noise (less advantage noise; see benchmarks/learning.md). The ODE
+            untrained initial noise (less advantage noise; benchmarks/flow_grpo.md). The ODE
             steps before the SDE window then run once per prompt, not once per image.
         cfg_scale: CFG of rollouts and of the training log-probs (1 = none, UniGRPO).
         num_iterations: mu, update passes over each rollout (old log-probs from the rollout).
@@ -143,7 +143,7 @@ class FlowGRPO(FlowPolicyModule):
         lr_decay / lr_min_ratio: after the warm-up, hold the LR ("constant") or decay it
             ("linear", "cosine") to `lr_min_ratio` x lr at `trainer.max_steps` optimiser steps.
             On the built-in config, 2e-4 decayed linearly matches 1e-4 held (mean of three seeds)
-            where 2e-4 held is unstable (benchmarks/learning.md, Session 10).
+            where 2e-4 held is unstable (benchmarks/flow_grpo.md, "Learning rate").
         Other arguments as in `FlowPolicyModule`.
     """
 

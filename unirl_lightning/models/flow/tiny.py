@@ -42,7 +42,8 @@ class TinyFlowConfig:
     text_len: int = 12
     #: init std of the text encoder's position embeddings; 1.0 matches the word embeddings' N(0, 1),
     #: so word order (which colour / relation goes with which shape) is visible after the LayerNorm.
-    #: At 0.02 the encoder is a bag of words and bindings are guessed (benchmarks/learning.md).
+    #: At 0.02 the encoder is a bag of words and bindings are guessed (benchmarks/flow_grpo.md,
+    #: "The flow model's text encoder and image positions").
     text_position_std: float = 1.0
     #: transformer layers in the text encoder (contextual token states and an order-aware pooled
     #: vector); 0 = embeddings only, the pooled vector a bag of words
@@ -73,8 +74,8 @@ class TinyFlowConfig:
         return (self.cell,)
 
 
-#: What a folder saved before a `TinyFlowConfig` field existed was trained with (not the field's
-#: default now): no text layers, SD3's own fixed image positions.
+#: How a folder whose config lacks a `TinyFlowConfig` field loads (that field's value for it, which
+#: is not the field's default): no text layers, SD3's own fixed image positions.
 FOLDER_DEFAULTS_BEFORE_FIELDS: dict[str, Any] = {
     "text_layers": 0, "image_position_spread": 1.0, "image_position_learned": False}
 
@@ -86,8 +87,8 @@ class WordTextEncoder(nn.Module):
     learned [NULL] sequence. Token states: LayerNorm of word + position embeddings after `layers`
     transformer layers (padding masked); pooled = MLP(masked mean of those states), or of the
     word embeddings alone when `layers` is 0 (then a bag of words: it cannot bind a colour to
-    a shape, and the MMDiT's joint attention learnt no binding from the token states either,
-    benchmarks/learning.md).
+    a shape, and the MMDiT's joint attention learns no binding from the token states either;
+    benchmarks/flow_grpo.md).
     """
 
     PAD, NULL, UNK = 0, 1, 2
@@ -137,7 +138,7 @@ class WordTextEncoder(nn.Module):
         for layer in self.layers:
             h = layer(h, src_key_padding_mask=pad)
         h = self.norm(h)
-        # without layers the pooled vector is the bag of word embeddings (how such folders were trained)
+        # without layers the pooled vector is the bag of word embeddings
         source = h if len(self.layers) else tok
         return TextCondition(h, self.pool((source * real).sum(1) / real.sum(1).clamp(min=1)))
 
