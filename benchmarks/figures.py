@@ -94,7 +94,8 @@ def before_after_grid(
     print(f"wrote {out}")
 
 
-def curves(runs: list[tuple[str, str]], tag: str, window: int, out: Path, title: str | None) -> None:
+def curves(runs: list[tuple[str, str]], tag: str, window: int, out: Path, title: str | None,
+           xlabel: str = "step") -> None:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, logdir in runs:
         rows = read_scalars(logdir).get(tag)
@@ -102,7 +103,7 @@ def curves(runs: list[tuple[str, str]], tag: str, window: int, out: Path, title:
             raise SystemExit(f"{logdir} has no scalar {tag!r}")
         points = window_means(rows, window) if window > 1 else [(s, v) for s, v, _ in rows]
         ax.plot([s for s, _ in points], [v for _, v in points], label=name)
-    ax.set_xlabel("step")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(tag)
     ax.set_title(title or tag, fontsize=9)
     ax.grid(alpha=0.3)
@@ -128,13 +129,14 @@ def main() -> None:
     curve.add_argument("--tag", default="reward")
     curve.add_argument("--window", type=int, default=1)
     curve.add_argument("--title")
+    curve.add_argument("--xlabel", default="step")
     curve.add_argument("--out", type=Path, required=True)
     curve.add_argument("runs", nargs="+", help="NAME=TENSORBOARD_LOGDIR")
     args = parser.parse_args()
     if args.command == "grid":
         before_after_grid(args.kind, _named(args.policies), args.out, args.per_task, args.seed)
     else:
-        curves(_named(args.runs), args.tag, args.window, args.out, args.title)
+        curves(_named(args.runs), args.tag, args.window, args.out, args.title, args.xlabel)
 
 
 if __name__ == "__main__":
