@@ -233,8 +233,8 @@ def test_noise_aware_step_weights_even_out_the_per_step_policy_gradient():
     assert_close(weights, std / std.mean())
     assert_close(weights.mean(), torch.tensor(1.0))
     assert_close(noise_aware_step_weights(sigmas, levels, steps, power=2.0), std**2 / std.square().mean())
-    weights = noise_aware_step_weights(sigmas, levels, [2, 7], normalize_over=steps)
-    assert_close(weights, std[[2, 7]] / std.mean())
+    window = noise_aware_step_weights(sigmas, levels, [2, 7], normalize_over=steps)
+    assert_close(window, std[[2, 7]] / std.mean())
     x, v = _inputs(14)
     eps = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
     sizes, raw = [], []
