@@ -81,7 +81,8 @@ def test_notebook_runs_at_tiny_size_and_shows_figures(path, tmp_path, monkeypatc
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("UNIRL_CACHE", str(tmp_path / "cache"))
     before = sorted(p.name for p in path.parent.iterdir())
-    NotebookClient(nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    run_in = {"metadata": {"path": str(path.parent)}}  # the notebooks' paths are relative to notebooks/
+    NotebookClient(nb, timeout=240, kernel_name="python3", resources=run_in).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
