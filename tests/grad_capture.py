@@ -1,8 +1,12 @@
 """Capture the gradient that each `manual_backward` call of a Lightning module adds to one parameter,
-and a flow reward that separates the images of a group, for gradient checks of the flow recipes."""
+and a flow reward that separates the images of a group, for gradient checks of the flow recipes;
+record a recipe's rollouts with their advantages, to check which way an update moved their log-probs."""
 
 from __future__ import annotations
 
+from types import ModuleType
+
+import pytest
 import torch
 
 from unirl_lightning.rewards.base import RewardFunction
@@ -28,3 +32,48 @@ def capture_backward_grads(module, parameter: torch.nn.Parameter) -> list[torch.
 
     module.manual_backward = recording
     return grads
+
+
+def record_rollouts(module: torch.nn.Module, monkeypatch: pytest.MonkeyPatch,
+                    recipe: ModuleType) -> list[list]:
+    """Keep each training rollout of `module` with the advantages it was trained with.
+
+    `recipe` is the module's Python module (`unirl_lightning.modules.grpo` or `.flow_grpo`), whose
+    `rank_advantages` is wrapped; returns the list it fills with `[ctx, advantages]` per rollout
+    (the first advantages computed for it: those of the image stream and of the shared answer stream).
+    """
+    seen: list[list] = []
+    make, rank = module.make_rollouts, recipe.rank_advantages
+
+    def making(batch):
+        ctx = make(batch)
+        seen.append([ctx, None])
+        return ctx
+
+    def ranking(*args, **kwargs):
+        adv, zero = rank(*args, **kwargs)
+        if seen and seen[-1][1] is None:
+            seen[-1][1] = adv.detach().clone()
+        return adv, zero
+
+    monkeypatch.setattr(module, "make_rollouts", making)
+    monkeypatch.setattr(recipe, "rank_advantages", ranking)
+    return seen
+
+
+@torch.no_grad()
+def flow_log_prob_change(policy: torch.nn.Module, rollout) -> torch.Tensor:
+    """`[B]`: each row's trained transitions re-scored under `policy` less their rollout log-probs, summed."""
+    rows = rollout.row_mask if rollout.row_mask is not None else rollout.train_mask.expand(len(rollout), -1)
+    change = torch.zeros(len(rollout))
+    for step in rollout.trained_steps:
+        new = policy.step_log_prob(rollout, step).log_prob
+        change += torch.where(rows[:, step], new - rollout.log_probs[:, step], 0.0)
+    return change
+
+
+def assert_follows_advantages(change: torch.Tensor, adv: torch.Tensor) -> None:
+    """The update raised the log-prob of every positive-advantage sample and lowered every negative one."""
+    moved = adv != 0
+    assert moved.any(), "no sample had an advantage: nothing to check"
+    assert torch.equal(torch.sign(change[moved]), torch.sign(adv[moved])), (adv.tolist(), change.tolist())
