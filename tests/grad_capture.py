@@ -4,7 +4,9 @@ record a recipe's rollouts with their advantages, to check which way an update m
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -34,30 +36,43 @@ def capture_backward_grads(module, parameter: torch.nn.Parameter) -> list[torch.
     return grads
 
 
-def record_rollouts(module: torch.nn.Module, monkeypatch: pytest.MonkeyPatch,
-                    recipe: ModuleType) -> list[list]:
-    """Keep each training rollout of `module` with the advantages it was trained with.
+@dataclass
+class Recorded:
+    """One training rollout: its prompts' specs, what `make_rollouts` returned (a `RolloutContext`,
+    or the rollout itself) and the advantages it was trained with (None without advantages)."""
 
-    `recipe` is the module's Python module (`unirl_lightning.modules.grpo` or `.flow_grpo`), whose
-    `rank_advantages` is wrapped; returns the list it fills with `[ctx, advantages]` per rollout
-    (the first advantages computed for it: those of the image stream and of the shared answer stream).
-    """
-    seen: list[list] = []
-    make, rank = module.make_rollouts, recipe.rank_advantages
+    specs: list[dict]
+    made: Any
+    advantages: torch.Tensor | None = None
+
+    @property
+    def rollout(self) -> Any:
+        return getattr(self.made, "rollout", self.made)
+
+
+def record_rollouts(module: torch.nn.Module, monkeypatch: pytest.MonkeyPatch,
+                    recipe: ModuleType | None = None) -> list[Recorded]:
+    """Keep each training rollout of `module`, with the advantages it was trained with when
+    `recipe`, the module's Python module (`unirl_lightning.modules.grpo` or `.flow_grpo`), is given:
+    its `rank_advantages` is wrapped and the first advantages of each step kept (those of the image
+    stream, and of the answer stream when it shares them)."""
+    seen: list[Recorded] = []
+    make, rank = module.make_rollouts, getattr(recipe, "rank_advantages", None)
 
     def making(batch):
-        ctx = make(batch)
-        seen.append([ctx, None])
-        return ctx
+        made = make(batch)
+        seen.append(Recorded(list(batch.specs), made))
+        return made
 
     def ranking(*args, **kwargs):
         adv, zero = rank(*args, **kwargs)
-        if seen and seen[-1][1] is None:
-            seen[-1][1] = adv.detach().clone()
+        if seen and seen[-1].advantages is None:
+            seen[-1].advantages = adv.detach().clone()
         return adv, zero
 
     monkeypatch.setattr(module, "make_rollouts", making)
-    monkeypatch.setattr(recipe, "rank_advantages", ranking)
+    if recipe is not None:
+        monkeypatch.setattr(recipe, "rank_advantages", ranking)
     return seen
 
 

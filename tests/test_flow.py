@@ -325,8 +325,8 @@ def test_flow_grpo_regularizers_and_kinds_follow_the_advantages(tmp_path, monkey
     trainer = _trainer(tmp_path, 2)  # mu = 2 optimiser steps on one rollout
     trainer.fit(module, datamodule=_data())
     assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
-    (ctx, adv), = seen
-    assert_follows_advantages(flow_log_prob_change(policy, ctx.rollout), adv)
+    (recorded,) = seen
+    assert_follows_advantages(flow_log_prob_change(policy, recorded.rollout), recorded.advantages)
     if regularizer != "none":
         assert f"policy/reg_{regularizer}" in trainer.logged_metrics
 
@@ -436,8 +436,8 @@ def test_flow_grpo_accumulates_rollouts_per_update(tmp_path, monkeypatch):
     assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
     # the one update ascends the objective of both rollouts together: the advantage-weighted change
     # of their log-probs is positive (each rollout's alone need not be: they share the step)
-    assert [len(ctx.rollout) for ctx, _ in seen] == [6, 6]
-    assert sum(float((adv * flow_log_prob_change(policy, ctx.rollout)).sum()) for ctx, adv in seen) > 0
+    assert [len(r.rollout) for r in seen] == [6, 6]
+    assert sum(float((r.advantages * flow_log_prob_change(policy, r.rollout)).sum()) for r in seen) > 0
 
 
 @pytest.mark.parametrize("decay", ["constant", "linear", "cosine"])

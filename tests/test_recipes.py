@@ -33,11 +33,30 @@ def _changed(before, policy):
     return [k for k, v in policy.state_dict().items() if not torch.equal(before[k], v)]
 
 
+def _initial(state: dict) -> TinyUnifiedModel:
+    """The tiny policy with the weights of a snapshot."""
+    policy = _tiny()
+    policy.load_state_dict(state)
+    return policy
+
+
+@torch.no_grad()
+def _answer_nll(policy: TinyUnifiedModel, module, seen: list) -> float:
+    """Mean NLL per answer token of the ground-truth answers about each recorded rollout's images."""
+    losses = []
+    for recorded in seen:
+        questions, answers = module.qa(recorded.specs)
+        logp, mask = policy.eval().answer_logprobs(recorded.rollout.tokens, questions, answers)
+        losses.append(-(logp.sum() / mask.sum()))
+    return float(torch.stack(losses).mean())
+
+
 @pytest.mark.parametrize("end_to_end", [True, False])
-def test_sft_trains_understanding_and_end_to_end_generation(tmp_path, end_to_end):
+def test_sft_trains_understanding_and_end_to_end_generation(tmp_path, monkeypatch, end_to_end):
     policy = _tiny()
     before = _snapshot(policy)
     module = UniRLSFT(policy, warm_start=None, end_to_end=end_to_end, lr=1e-3, score_every_n_steps=1)
+    seen = record_rollouts(module, monkeypatch)
     trainer = _fit(module, tmp_path)
     changed = _changed(before, policy)
     assert "head.weight" in changed
@@ -45,6 +64,9 @@ def test_sft_trains_understanding_and_end_to_end_generation(tmp_path, end_to_end
     rows = slice(policy.image_offset, policy.vocab_size)
     moved = not torch.equal(before["head.weight"][rows], policy.head.weight[rows])
     assert moved == end_to_end
+    # the answers' NLL about the images it trained on fell
+    assert len(seen) == 2
+    assert _answer_nll(policy, module, seen) < _answer_nll(_initial(before), module, seen)
     metrics = trainer.logged_metrics
     assert "train/loss" in metrics and "val/geneval/overall" in metrics and "val/imbalance/overall" in metrics
 
@@ -72,12 +94,12 @@ def test_grpo_update_follows_the_advantages(tmp_path, monkeypatch, order):
     assert _changed(before, policy)
     for key in ("reward/total", "image/ratio_mean", "answer/kl", "train/zero_std_frac"):
         assert key in trainer.logged_metrics
-    (ctx, adv), = seen
-    rollout, answers = ctx.rollout, ctx.answers
+    (recorded,) = seen
+    rollout, answers, adv = recorded.rollout, recorded.made.answers, recorded.advantages
     policy.eval()
     with torch.no_grad():
         image_logp = policy.image_logprobs(rollout)
-        answer_logp, mask = policy.answer_logprobs(rollout.tokens, module.qa(ctx.specs)[0], answers)
+        answer_logp, mask = policy.answer_logprobs(rollout.tokens, module.qa(recorded.specs)[0], answers)
     assert torch.equal(mask, answers.mask)
     assert_follows_advantages(((image_logp - rollout.logprobs) * rollout.action_mask).sum(1), adv)
     assert_follows_advantages(((answer_logp - answers.logprobs) * mask).sum(1), adv)
@@ -99,16 +121,8 @@ def test_grpo_answer_sft_trains_understanding_only(tmp_path, monkeypatch):
     assert torch.equal(before["head.weight"][rows], policy.head.weight[rows])
     assert not any(k.startswith("code_out") for k in changed) and "tok_emb.weight" in changed
     assert float(trainer.logged_metrics["answer_sft/loss"]) > 0
-    initial = _tiny()
-    initial.load_state_dict(before)
     assert len(seen) == 2
-    for ctx, _ in seen:
-        questions, answers = module.qa(ctx.specs)
-        with torch.no_grad():
-            scored = [p.eval().answer_logprobs(ctx.rollout.tokens, questions, answers)
-                      for p in (initial, policy)]
-        nll_before, nll_after = (-(logp.sum() / mask.sum()) for logp, mask in scored)
-        assert nll_after < nll_before
+    assert _answer_nll(policy, module, seen) < _answer_nll(_initial(before), module, seen)
     with pytest.raises(ValueError, match="nothing would train"):
         DiscreteGRPO(_tiny(), warm_start=None, image_weight=0.0, answer_weight=0.0)
 
