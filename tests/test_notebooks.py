@@ -21,10 +21,12 @@ TINY = {
 
 
 def _code_cells(nb: dict) -> list[dict]:
+    """The notebook's code cells, in order."""
     return [c for c in nb["cells"] if c["cell_type"] == "code"]
 
 
 def _assigned_names(source: str) -> set[str]:
+    """The names that a cell's top-level assignments bind."""
     return {t.id for node in ast.parse(source).body if isinstance(node, ast.Assign)
             for t in node.targets if isinstance(t, ast.Name)}
 
