@@ -77,11 +77,12 @@ def test_notebook_runs_at_tiny_size_and_shows_figures(path, tmp_path, monkeypatc
     params = next(c for c in nb.cells if c.cell_type == "code")
     tiny = {**values, "LOG_DIR": str(tmp_path / "runs")} if "LOG_DIR" in params.source else values
     params.source = "\n".join(f"{k} = {v!r}" for k, v in tiny.items())
-    # the kernel imports this checkout's package, draws inline, downloads nothing and caches in tmp
+    # the kernel imports this checkout's package, draws inline, downloads nothing, caches in tmp
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("UNIRL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny matrices: one thread is fastest and fights no job
     before = sorted(p.name for p in path.parent.iterdir())
     run_in = {"metadata": {"path": str(path.parent)}}  # the notebooks' paths are relative to notebooks/
     NotebookClient(nb, timeout=240, kernel_name="python3", resources=run_in).execute()
