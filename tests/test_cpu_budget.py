@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from typing import Any, Callable
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -78,10 +82,87 @@ def test_never_stops_a_run_inside_its_budget():
     assert budget.stopped_at is None and trainer.global_step == 20 and module.updates == 20
 
 
+def _burn(seconds: float, clock: Callable[[], float] = time.thread_time) -> None:
+    """Matrix products until `clock` (this thread's CPU time by default) has advanced `seconds`."""
+    a, end = torch.randn(128, 128), clock() + seconds
+    while clock() < end:
+        a = torch.tanh(a @ a)
+
+
 def test_real_clock_counts_this_process():
     a = process_cpu_seconds()
     torch.randn(300, 300) @ torch.randn(300, 300)
     assert process_cpu_seconds() >= a > 0
+    # it agrees with the kernel's per-process CPU clock
+    a, b = process_cpu_seconds(), time.process_time()
+    _burn(0.3, time.process_time)
+    assert abs((process_cpu_seconds() - a) - (time.process_time() - b)) < 0.02
+    # and counts every thread: a worker's CPU time while this thread sleeps
+    worker = threading.Thread(target=_burn, args=(0.3,))
+    a = process_cpu_seconds()
+    worker.start()
+    worker.join()
+    assert process_cpu_seconds() - a >= 0.3
+
+
+class Burner(pl.LightningModule):
+    """Automatic optimisation; each training step burns `seconds` of CPU on one thread."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds, self.layer = seconds, torch.nn.Linear(2, 1)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        _burn(self.seconds)
+        return self.layer(batch).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return DataLoader(torch.randn(100_000, 2), batch_size=1)
+
+
+class CPUReadings(pl.Callback):
+    """At each batch end (after the budget's): the logged `time/cpu_min` and the process's CPU seconds."""
+
+    def __init__(self) -> None:
+        self.start, self.logged, self.cpu = 0.0, [], []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = process_cpu_seconds()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.logged.append(float(trainer.callback_metrics["time/cpu_min"]))
+        self.cpu.append(process_cpu_seconds() - self.start)
+
+
+def test_real_clock_stops_a_real_run_at_its_budget():
+    """The process's own CPU clock: `time/cpu_min` grows with every update and is what getrusage
+    reports; the run ends at the last update that fits the budget, near it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        budget, readings = CPUTimeBudget(minutes=0.025, since="fit", reserve_minutes=0.0), CPUReadings()
+        quiet = dict(enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     accelerator="cpu")
+        trainer = pl.Trainer(max_steps=10_000, callbacks=[budget, readings], logger=False, **quiet)
+        trainer.fit(Burner(seconds=0.05))
+    finally:
+        torch.set_num_threads(threads)
+    limit = 0.025 * 60
+    used = [60 * m for m in readings.logged]
+    assert budget.stopped_at is not None  # the budget ended the run, not max_steps
+    assert trainer.global_step == budget.stopped_at + 1 == len(used) < 10_000
+    assert all(b > a for a, b in zip(used, used[1:]))  # it grows with every update
+    assert max(abs(u - c) for u, c in zip(used, readings.cpu)) < 0.02  # getrusage, read a moment later
+    costs = sorted(b - a for a, b in zip(used, used[1:]))
+    cost = costs[len(costs) // 2]
+    assert 0.04 < cost < 0.2  # about the 0.05 s burnt per update, plus the loop's own work
+    # stopped because the next update would pass: within two updates of the limit, and past it by
+    # no more than an update's jitter (the estimate is the mean cost; one update may run longer)
+    assert limit - 2 * cost < used[-1] <= limit + 0.5 * cost
 
 
 @pytest.mark.parametrize("kwargs,match", [

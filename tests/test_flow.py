@@ -11,13 +11,15 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from unirl_lightning.callbacks import PolicyEMA
 from unirl_lightning.data import OnPolicyDataModule, generate_specs
 from unirl_lightning.models.flow import TinyFlowConfig, TinyFlowModel
+from unirl_lightning.modules import flow_grpo
 from unirl_lightning.modules.flow_grpo import FlowGRPO
 from unirl_lightning.modules.training import warmup_then_decay
 from unirl_lightning.data import FlowSceneDataModule
 from unirl_lightning.modules.flow_pretrain import FlowWarmStart
 from unirl_lightning.worlds import render_batch
 from unirl_lightning.objectives import noise_aware_step_weights
-from grad_capture import LatentMeanReward, capture_backward_grads
+from grad_capture import (LatentMeanReward, assert_follows_advantages, capture_backward_grads,
+                          flow_log_prob_change, record_rollouts)
 from unirl_lightning.testing import tiny_sd3_pipeline
 
 PROMPTS = ["a photo of a red square", "a photo of two circles", "a photo of a cross left of a triangle"]
@@ -309,15 +311,24 @@ def test_lora_arguments_are_checked():
         FlowGRPO(_tiny(), warm_start=None, lora_rank=2, lora_target_modules=["attn.to_q", "no_such_layer"])
 
 
-@pytest.mark.parametrize("regularizer,kind", [("latent_kl", "sde"), ("exact_kl", "sde"), ("none", "cps")])
-def test_flow_grpo_regularizers_and_kinds_run(tmp_path, regularizer, kind):
+# CPS's transition into the schedule's last sigma (0.001) has a std of ~1e-3, so its exact log-density
+# is steep: one Adam step at lr 1e-3 overshoots it (every sample's log-prob falls); at 1e-5 an
+# update stays where it follows its gradient.
+@pytest.mark.parametrize("regularizer,kind,lr", [("latent_kl", "sde", 1e-3), ("exact_kl", "sde", 1e-3),
+                                                 ("none", "cps", 1e-5)])
+def test_flow_grpo_regularizers_and_kinds_follow_the_advantages(tmp_path, monkeypatch, regularizer, kind, lr):
+    """Two passes over one rollout (mu = 2, the second clipped and regularised): re-scored after the
+    update, each positive-advantage sample's trained transitions are likelier, each negative one's less."""
     policy = _tiny()
     before = _snapshot(policy)
-    module = FlowGRPO(policy, warm_start=None, num_steps=4, kind=kind, regularizer=regularizer, beta=0.04,
-                      num_iterations=2, micro_batch_size=4, lr=1e-3)
-    trainer = _trainer(tmp_path, 2)
+    module = FlowGRPO(policy, rewards=[LatentMeanReward()], warm_start=None, num_steps=4, kind=kind,
+                      regularizer=regularizer, beta=0.04, num_iterations=2, micro_batch_size=4, lr=lr)
+    seen = record_rollouts(module, monkeypatch, flow_grpo)
+    trainer = _trainer(tmp_path, 2)  # mu = 2 optimiser steps on one rollout
     trainer.fit(module, datamodule=_data())
     assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    (recorded,) = seen
+    assert_follows_advantages(flow_log_prob_change(policy, recorded.rollout), recorded.advantages)
     if regularizer != "none":
         assert f"policy/reg_{regularizer}" in trainer.logged_metrics
 
@@ -414,16 +425,21 @@ def test_random_windows_stay_inside_sde_window_and_weigh_against_its_steps():
         FlowGRPO(_tiny(), warm_start=None, num_steps=10, sde_window=(5, 12), sde_window_size=2)
 
 
-def test_flow_grpo_accumulates_rollouts_per_update(tmp_path):
+def test_flow_grpo_accumulates_rollouts_per_update(tmp_path, monkeypatch):
     record = _Record()
     policy = _tiny()
     before = _snapshot(policy)
     module = FlowGRPO(policy, warm_start=None, num_steps=3, rollouts_per_update=2, lr=1e-3)
+    seen = record_rollouts(module, monkeypatch, flow_grpo)
     trainer = _trainer(tmp_path, 1, [record])  # max_steps counts optimiser steps: 2 rollouts, 1 update
     trainer.fit(module, datamodule=_data())
     assert len(record.rows) == 2 and trainer.global_step == 1
     assert record.rows[1]["policy/ratio_mean"] == 1.0  # no update between the two rollouts
     assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    # the one update ascends the objective of both rollouts together: the advantage-weighted change
+    # of their log-probs is positive (each rollout's alone need not be: they share the step)
+    assert [len(r.rollout) for r in seen] == [6, 6]
+    assert sum(float((r.advantages * flow_log_prob_change(policy, r.rollout)).sum()) for r in seen) > 0
 
 
 @pytest.mark.parametrize("decay", ["constant", "linear", "cosine"])
@@ -534,13 +550,33 @@ def test_grouped_sampling_runs_the_ode_prefix_once_per_group_and_matches_the_ful
         policy.sample(prompts, num_steps=8, groups=groups[:4])
 
 
-def test_flow_warm_start_trains_and_saves(tmp_path):
+@torch.no_grad()
+def _flow_matching_loss(policy: TinyFlowModel, batches: list[dict], draws: int = 16) -> float:
+    """The warm start's velocity MSE on `batches`, over the same `draws` noises and levels each call."""
+    gen, losses = torch.Generator().manual_seed(0), []
+    for batch in batches:
+        x0 = policy.encode_images(batch["images"]).repeat(draws, 1, 1, 1)
+        noise, s = torch.randn(x0.shape, generator=gen), torch.rand(len(x0), generator=gen).view(-1, 1, 1, 1)
+        cond = policy.encode_text(list(batch["prompts"]) * draws)
+        v = policy.velocity(s * noise + (1 - s) * x0, s.flatten(), cond)
+        losses.append((v - (noise - x0)).square().mean())
+    return float(torch.stack(losses).mean())
+
+
+def test_flow_warm_start_trains_and_saves(tmp_path, monkeypatch):
     policy = _tiny()
     before = _snapshot(policy)
     module = FlowWarmStart(policy, lr=1e-3, warmup_steps=1, max_steps=2, eval_num_steps=4, save_to=str(tmp_path / "ws"))
+    batches, step = [], module.training_step
+    monkeypatch.setattr(module, "training_step",
+                        lambda batch, batch_idx: batches.append(batch) or step(batch, batch_idx))
     data = FlowSceneDataModule(batch_size=8, num_train=60, num_val=12, val_batch_size=6)
     _trainer(tmp_path, 2).fit(module, datamodule=data)
     assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    initial = _tiny()
+    initial.load_state_dict(before)
+    assert len(batches) == 2  # the flow-matching loss on the scenes it trained on fell
+    assert _flow_matching_loss(policy, batches) < _flow_matching_loss(initial, batches)
     loaded = TinyFlowModel.from_pretrained(tmp_path / "ws")
     assert torch.equal(loaded.transformer.proj_out.weight, policy.transformer.proj_out.weight)
 

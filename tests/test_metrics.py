@@ -87,6 +87,7 @@ def test_bad_updates():
 def test_plot_works_or_says_what_is_missing():
     m = GenEvalScore()
     m.update(["counting", "colors"], torch.tensor([True, False]))
+    m.update(["counting"], torch.tensor([False]))  # counting 1 of 2: a rate, not a count
     try:
         import matplotlib
     except ImportError:
@@ -94,8 +95,22 @@ def test_plot_works_or_says_what_is_missing():
             m.plot()
     else:
         matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
         fig, ax = m.plot()
-        assert fig is not None
+        assert fig is not None and ax.figure is fig
+        # one labelled point per score: its label names the task, its height is the task's score
+        scores = {k: float(v) for k, v in m.compute().items()}
+        assert scores == {"geneval/counting": 0.5, "geneval/colors": 0.0, "geneval/overall": 0.25}
+        points = {line.get_label(): tuple(line.get_xydata()[0]) for line in ax.get_lines()}
+        assert set(points) == set(scores)
+        assert {k: y for k, (_, y) in points.items()} == scores
+        assert len({x for x, _ in points.values()}) == len(scores)  # side by side, not on top of each other
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == list(points)
+        assert ax.get_ylabel() == "GenEvalScore"
+        low, high = ax.get_ylim()  # the metric's bounds, 0 and 1, are both in view
+        assert low <= 0.0 and high >= 1.0
+        plt.close(fig)
 
 
 # ---- DDP on CPU ----------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The recipes end to end on tiny models: they run under a real Trainer and change parameters."""
+"""The recipes end to end on tiny models: they run under a real Trainer, and their updates move the
+policy the way their objectives say."""
 
 import lightning as L
 import pytest
@@ -7,6 +8,7 @@ import torch
 from unirl_lightning.data import OnPolicyDataModule
 from unirl_lightning.models.tiny import TinyConfig, TinyUnifiedModel
 from unirl_lightning.modules import DiscreteGRPO, UniRLSFT
+from grad_capture import assert_follows_advantages, record_rollouts
 
 
 def _tiny(order="autoregressive"):
@@ -31,11 +33,30 @@ def _changed(before, policy):
     return [k for k, v in policy.state_dict().items() if not torch.equal(before[k], v)]
 
 
+def _initial(state: dict) -> TinyUnifiedModel:
+    """The tiny policy with the weights of a snapshot."""
+    policy = _tiny()
+    policy.load_state_dict(state)
+    return policy
+
+
+@torch.no_grad()
+def _answer_nll(policy: TinyUnifiedModel, module, seen: list) -> float:
+    """Mean NLL per answer token of the ground-truth answers about each recorded rollout's images."""
+    losses = []
+    for recorded in seen:
+        questions, answers = module.qa(recorded.specs)
+        logp, mask = policy.eval().answer_logprobs(recorded.rollout.tokens, questions, answers)
+        losses.append(-(logp.sum() / mask.sum()))
+    return float(torch.stack(losses).mean())
+
+
 @pytest.mark.parametrize("end_to_end", [True, False])
-def test_sft_trains_understanding_and_end_to_end_generation(tmp_path, end_to_end):
+def test_sft_trains_understanding_and_end_to_end_generation(tmp_path, monkeypatch, end_to_end):
     policy = _tiny()
     before = _snapshot(policy)
     module = UniRLSFT(policy, warm_start=None, end_to_end=end_to_end, lr=1e-3, score_every_n_steps=1)
+    seen = record_rollouts(module, monkeypatch)
     trainer = _fit(module, tmp_path)
     changed = _changed(before, policy)
     assert "head.weight" in changed
@@ -43,12 +64,18 @@ def test_sft_trains_understanding_and_end_to_end_generation(tmp_path, end_to_end
     rows = slice(policy.image_offset, policy.vocab_size)
     moved = not torch.equal(before["head.weight"][rows], policy.head.weight[rows])
     assert moved == end_to_end
+    # the answers' NLL about the images it trained on fell
+    assert len(seen) == 2
+    assert _answer_nll(policy, module, seen) < _answer_nll(_initial(before), module, seen)
     metrics = trainer.logged_metrics
     assert "train/loss" in metrics and "val/geneval/overall" in metrics and "val/imbalance/overall" in metrics
 
 
 @pytest.mark.parametrize("order", ["autoregressive", "masked"])
-def test_grpo_changes_parameters(tmp_path, order):
+def test_grpo_update_follows_the_advantages(tmp_path, monkeypatch, order):
+    """Two passes over one rollout (mu = 2, KL to the reference): re-scored after the update, every
+    positive-advantage image and answer is likelier and every negative one less likely."""
+    from unirl_lightning.modules import grpo
     from unirl_lightning.rewards import GenEvalReward, RewardFunction, SelfUnderstandingReward
 
     class NoiseReward(RewardFunction):
@@ -62,24 +89,40 @@ def test_grpo_changes_parameters(tmp_path, order):
     rewards = [GenEvalReward("partial"), SelfUnderstandingReward(0.8), NoiseReward(0.1)]
     module = DiscreteGRPO(policy, warm_start=None, rewards=rewards,
                           answer_weight=0.5, beta=0.04, num_iterations=2, micro_batch_size=4, lr=1e-3)
-    trainer = _fit(module, tmp_path, steps=2)
+    seen = record_rollouts(module, monkeypatch, grpo)
+    trainer = _fit(module, tmp_path, steps=2)  # mu = 2 optimiser steps on one rollout
     assert _changed(before, policy)
     for key in ("reward/total", "image/ratio_mean", "answer/kl", "train/zero_std_frac"):
         assert key in trainer.logged_metrics
+    (recorded,) = seen
+    rollout, answers, adv = recorded.rollout, recorded.made.answers, recorded.advantages
+    policy.eval()
+    with torch.no_grad():
+        image_logp = policy.image_logprobs(rollout)
+        answer_logp, mask = policy.answer_logprobs(rollout.tokens, module.qa(recorded.specs)[0], answers)
+    assert torch.equal(mask, answers.mask)
+    assert_follows_advantages(((image_logp - rollout.logprobs) * rollout.action_mask).sum(1), adv)
+    assert_follows_advantages(((answer_logp - answers.logprobs) * mask).sum(1), adv)
 
 
-def test_grpo_answer_sft_trains_understanding_only(tmp_path):
+def test_grpo_answer_sft_trains_understanding_only(tmp_path, monkeypatch):
     """answer_sft_weight alone: UniRL's answer NLL on the step's own images moves understanding,
-    never the generation-only weights (image-code rows of the head, the code-scoring MLP)."""
+    never the generation-only weights (image-code rows of the head, the code-scoring MLP), and
+    lowers that NLL on the images it trained on."""
+    from unirl_lightning.modules import grpo
+
     policy = _tiny()
     before = _snapshot(policy)
     module = DiscreteGRPO(policy, warm_start=None, image_weight=0.0, answer_weight=0.0, answer_sft_weight=1.0, lr=1e-3)
+    seen = record_rollouts(module, monkeypatch, grpo)
     trainer = _fit(module, tmp_path, steps=2)
     changed = _changed(before, policy)
     rows = slice(policy.image_offset, policy.vocab_size)
     assert torch.equal(before["head.weight"][rows], policy.head.weight[rows])
     assert not any(k.startswith("code_out") for k in changed) and "tok_emb.weight" in changed
     assert float(trainer.logged_metrics["answer_sft/loss"]) > 0
+    assert len(seen) == 2
+    assert _answer_nll(policy, module, seen) < _answer_nll(_initial(before), module, seen)
     with pytest.raises(ValueError, match="nothing would train"):
         DiscreteGRPO(_tiny(), warm_start=None, image_weight=0.0, answer_weight=0.0)
 

@@ -16,6 +16,14 @@ class TestTinyAutoregressive(PolicyTesterMixin):
         # read only by the generation logits
         return [policy.head.weight, *getattr(policy, "code_out", torch.nn.Identity()).parameters()]
 
+    def round_trip_images(self, policy):
+        # the world's patch codebook is exact on rendered scenes of the model's own world
+        from unirl_lightning.data import generate_specs, world_vocabulary
+        from unirl_lightning.worlds.render import render_batch
+
+        specs = generate_specs(6, world_vocabulary(), seed=0)
+        return render_batch(specs, list(range(len(specs))), policy.world_config)[0]
+
 
 class TestTinyTableEmbedding(TestTinyAutoregressive):
     def make_policy(self):

@@ -5,9 +5,10 @@
             return MyModel(tiny_config)
 
 Checks: rollout log-probs equal teacher-forced log-probs (with and without CFG), the same
-seed gives the same rollout, relaxed image tokens are one-hot forward and carry the answer
-loss's gradient to the generation logits, answer log-probs match sampling, the reference is
-frozen and equal, and save/load round-trips.
+seed gives the same rollout, decoded images are a function of each image's own tokens (and, for
+an exact tokenizer, images and codes round-trip: `round_trip_images`), relaxed image tokens are
+one-hot forward and carry the answer loss's gradient to the generation logits, answer log-probs
+match sampling, the reference is frozen and equal, and save/load round-trips.
 """
 
 from __future__ import annotations
@@ -52,6 +53,27 @@ class PolicyTesterMixin:
         rollout = policy.generate_images(self.prompts[:2], generator=torch.Generator().manual_seed(0))
         images = policy.decode_images(rollout.tokens)
         assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[:2] == (2, 3)
+        # a function of the tokens alone: the same pixels again, and row by row (up to rounding)
+        assert torch.equal(policy.decode_images(rollout.tokens), images)
+        alone = torch.cat([policy.decode_images(rollout.tokens[i : i + 1]) for i in range(2)])
+        assert (alone.int() - images.int()).abs().max() <= 1, "an image depends on other rows of its batch"
+        # and it reads them: another code at the first or the last position changes the image
+        for position in (0, -1):
+            other = rollout.tokens.clone()
+            other[:, position] = (other[:, position] + 1) % policy.image_vocab_size
+            assert (policy.decode_images(other) != images).flatten(1).any(1).all(), f"token {position} unused"
+        scenes = self.round_trip_images(policy)
+        if scenes is not None:  # an exact tokenizer: images and codes survive the round trip unchanged
+            tokens = policy.encode_images(scenes)
+            assert tokens.shape == (len(scenes), policy.tokens_per_image) and len(tokens.unique()) > 1
+            assert torch.equal(policy.decode_images(tokens), scenes)
+            assert torch.equal(policy.encode_images(images).to(rollout.tokens.device), rollout.tokens)
+
+    def round_trip_images(self, policy: UnifiedPolicy) -> torch.Tensor | None:
+        """Override when the policy's image tokenizer is exact (distinct codes decode to distinct
+        images): uint8 images `[N, 3, H, W]` that `encode_images` represents without loss, e.g.
+        rendered scenes. `test_decode_images` then checks both round trips; None skips them."""
+        return None
 
     def test_relaxed_tokens_are_one_hot_and_carry_gradient(self):
         policy = self._policy()
