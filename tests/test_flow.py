@@ -31,10 +31,19 @@ def _tiny(**overrides) -> TinyFlowModel:
 
 
 def _trainer(tmp_path, steps, callbacks=()):
-    return L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=L.pytorch.loggers.TensorBoardLogger(tmp_path),
-                     enable_checkpointing=False, limit_val_batches=1, val_check_interval=steps,
-                     check_val_every_n_epoch=None, enable_progress_bar=False, enable_model_summary=False,
-                     callbacks=list(callbacks))
+    return L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=L.pytorch.loggers.TensorBoardLogger(tmp_path),
+        enable_checkpointing=False,
+        limit_val_batches=1,
+        val_check_interval=steps,
+        check_val_every_n_epoch=None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+    )
 
 
 def _data(P=2, G=3):
@@ -128,8 +137,10 @@ def test_image_positions_are_spread_learned_and_old_folders_keep_sd3s(tmp_path):
     sd3 = get_2d_sincos_pos_embed(inner, 4, base_size=4, output_type="pt").float()
     neighbours = lambda t: (t[0, 0] - t[0, 1]).norm() / t[0, 0].norm()  # noqa: E731
     assert neighbours(table) > 1.5 * neighbours(sd3.unsqueeze(0))
-    torch.testing.assert_close(table.detach()[0], get_2d_sincos_pos_embed(
-        inner, 4, base_size=4, interpolation_scale=0.25, output_type="pt").float())
+    torch.testing.assert_close(
+        table.detach()[0],
+        get_2d_sincos_pos_embed(inner, 4, base_size=4, interpolation_scale=0.25, output_type="pt").float(),
+    )
     # it is trained: FlowWarmStart's loss reaches it
     x = torch.randn(2, *policy.latent_shape)
     policy.velocity(x, torch.tensor([0.5, 0.5]), policy.encode_text(PROMPTS[:2])).square().mean().backward()
@@ -151,8 +162,14 @@ def test_image_positions_are_spread_learned_and_old_folders_keep_sd3s(tmp_path):
 @pytest.mark.parametrize("kind", ["sde", "cps"])
 def test_rollout_logprobs_equal_recomputed(cfg_scale, kind):
     policy = _tiny()
-    rollout = policy.sample(PROMPTS, num_steps=6, noise_level=0.7, cfg_scale=cfg_scale, kind=kind,
-                            generator=torch.Generator().manual_seed(0))
+    rollout = policy.sample(
+        PROMPTS,
+        num_steps=6,
+        noise_level=0.7,
+        cfg_scale=cfg_scale,
+        kind=kind,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert rollout.latents.shape == (3, 7, *policy.latent_shape) and rollout.log_probs.shape == (3, 6)
     assert rollout.images.dtype == torch.uint8 and rollout.images.shape == (3, 3, 32, 32)
     for j in range(6):
@@ -238,8 +255,12 @@ def test_flow_grpo_velocity_mse_zero_at_start_then_positive(tmp_path):
     assert record.rows[0]["policy/velocity_mse"] == 0.0 and record.rows[0]["policy/reg_velocity_mse"] == 0.0
     assert record.rows[-1]["policy/velocity_mse"] > 0.0
     changed = [k for k, v in policy.state_dict().items() if not torch.equal(before[k], v)]
-    assert any(k.startswith("transformer.") for k in changed) and any(k.startswith("text_encoder.") for k in changed)
-    assert "val/geneval/overall" in trainer.logged_metrics and "reward/geneval_partial" in trainer.logged_metrics
+    assert any(k.startswith("transformer.") for k in changed) and any(
+        k.startswith("text_encoder.") for k in changed
+    )
+    assert (
+        "val/geneval/overall" in trainer.logged_metrics and "reward/geneval_partial" in trainer.logged_metrics
+    )
     # the reference stays frozen at the initial weights
     ref = module.reference.state_dict()
     assert all(torch.equal(before[k], ref[k]) for k in before)
@@ -267,8 +288,16 @@ def test_lora_flow_grpo_trains_adapters_against_the_base_model(tmp_path):
     base = TinyFlowModel(policy.config)
     base.load_state_dict(policy.state_dict())
     record = _Record()
-    module = FlowGRPO(policy, warm_start=None, num_steps=4, beta=0.1, lr=3e-2, lora_rank=4, lora_alpha=8,
-                      save_to=str(tmp_path / "merged"))
+    module = FlowGRPO(
+        policy,
+        warm_start=None,
+        num_steps=4,
+        beta=0.1,
+        lr=3e-2,
+        lora_rank=4,
+        lora_alpha=8,
+        save_to=str(tmp_path / "merged"),
+    )
     assert module.reference is None  # no copy: the base model is the reference
     trainer = _trainer(tmp_path, 3, [record])
     trainer.fit(module, datamodule=_data())
@@ -296,8 +325,13 @@ def test_merge_lora_is_base_plus_scaled_product():
 
     torch.manual_seed(0)
     w, b, lora_a, lora_b = torch.randn(6, 5), torch.randn(6), torch.randn(2, 5), torch.randn(6, 2)
-    state = {"blk.q.base_layer.weight": w, "blk.q.base_layer.bias": b, "blk.q.lora_A.default.weight": lora_a,
-             "blk.q.lora_B.default.weight": lora_b, "norm.weight": torch.ones(5)}
+    state = {
+        "blk.q.base_layer.weight": w,
+        "blk.q.base_layer.bias": b,
+        "blk.q.lora_A.default.weight": lora_a,
+        "blk.q.lora_B.default.weight": lora_b,
+        "norm.weight": torch.ones(5),
+    }
     merged = merge_lora(state, 0.5)
     assert set(merged) == {"blk.q.weight", "blk.q.bias", "norm.weight"}
     torch.testing.assert_close(merged["blk.q.weight"], w + 0.5 * lora_b @ lora_a)
@@ -314,15 +348,26 @@ def test_lora_arguments_are_checked():
 # CPS's transition into the schedule's last sigma (0.001) has a std of ~1e-3, so its exact log-density
 # is steep: one Adam step at lr 1e-3 overshoots it (every sample's log-prob falls); at 1e-5 an
 # update stays where it follows its gradient.
-@pytest.mark.parametrize("regularizer,kind,lr", [("latent_kl", "sde", 1e-3), ("exact_kl", "sde", 1e-3),
-                                                 ("none", "cps", 1e-5)])
+@pytest.mark.parametrize(
+    "regularizer,kind,lr", [("latent_kl", "sde", 1e-3), ("exact_kl", "sde", 1e-3), ("none", "cps", 1e-5)]
+)
 def test_flow_grpo_regularizers_and_kinds_follow_the_advantages(tmp_path, monkeypatch, regularizer, kind, lr):
     """Two passes over one rollout (mu = 2, the second clipped and regularised): re-scored after the
     update, each positive-advantage sample's trained transitions are likelier, each negative one's less."""
     policy = _tiny()
     before = _snapshot(policy)
-    module = FlowGRPO(policy, rewards=[LatentMeanReward()], warm_start=None, num_steps=4, kind=kind,
-                      regularizer=regularizer, beta=0.04, num_iterations=2, micro_batch_size=4, lr=lr)
+    module = FlowGRPO(
+        policy,
+        rewards=[LatentMeanReward()],
+        warm_start=None,
+        num_steps=4,
+        kind=kind,
+        regularizer=regularizer,
+        beta=0.04,
+        num_iterations=2,
+        micro_batch_size=4,
+        lr=lr,
+    )
     seen = record_rollouts(module, monkeypatch, flow_grpo)
     trainer = _trainer(tmp_path, 2)  # mu = 2 optimiser steps on one rollout
     trainer.fit(module, datamodule=_data())
@@ -338,9 +383,18 @@ def test_flow_grpo_step_weighting_scales_each_steps_gradient(tmp_path, weighting
     """Same rollout, same weights: each trained step's backward is the uniform one times its weight."""
     runs = {}
     for name in ("uniform", weighting):
-        module = FlowGRPO(_tiny(), rewards=[LatentMeanReward()], warm_start=None, num_steps=4,
-                          step_weighting=name, regularizer="none", track_reference=False, noise_level=1.0,
-                          micro_batch_size=6, lr=1e-3)
+        module = FlowGRPO(
+            _tiny(),
+            rewards=[LatentMeanReward()],
+            warm_start=None,
+            num_steps=4,
+            step_weighting=name,
+            regularizer="none",
+            track_reference=False,
+            noise_level=1.0,
+            micro_batch_size=6,
+            lr=1e-3,
+        )
         grads = capture_backward_grads(module, module.policy.transformer.proj_out.weight)
         torch.manual_seed(5)
         _trainer(tmp_path, 1).fit(module, datamodule=_data(P=2, G=3))
@@ -370,9 +424,19 @@ def test_skipping_tied_groups_leaves_the_policy_gradient_unchanged(tmp_path):
     runs, logged = {}, {}
     for tied in (True, False):
         record = _Record()
-        module = FlowGRPO(_tiny(), rewards=[_FirstGroupTiesReward()], warm_start=None, num_steps=4,
-                          regularizer="none", track_reference=False, noise_level=1.0, micro_batch_size=2,
-                          same_latent=True, train_tied_groups=tied, lr=1e-3)
+        module = FlowGRPO(
+            _tiny(),
+            rewards=[_FirstGroupTiesReward()],
+            warm_start=None,
+            num_steps=4,
+            regularizer="none",
+            track_reference=False,
+            noise_level=1.0,
+            micro_batch_size=2,
+            same_latent=True,
+            train_tied_groups=tied,
+            lr=1e-3,
+        )
         grads = capture_backward_grads(module, module.policy.transformer.proj_out.weight)
         torch.manual_seed(5)
         _trainer(tmp_path, 1, [record]).fit(module, datamodule=_data(P=2, G=3))
@@ -380,7 +444,9 @@ def test_skipping_tied_groups_leaves_the_policy_gradient_unchanged(tmp_path):
     assert len(runs[True]) == 9 and len(runs[False]) == 6  # 3 steps x 3 or 2 micro-batches of 2 rows
     assert (logged[True]["train/trained_rows_frac"], logged[False]["train/trained_rows_frac"]) == (1.0, 0.5)
     assert logged[True]["train/zero_std_frac"] == logged[False]["train/zero_std_frac"] == 0.5
-    per_step = {k: [torch.stack(v)[i::3].sum(0) for i in range(3)] for k, v in runs.items()}  # chunk-major order
+    per_step = {
+        k: [torch.stack(v)[i::3].sum(0) for i in range(3)] for k, v in runs.items()
+    }  # chunk-major order
     for full, skipped in zip(per_step[True], per_step[False]):
         assert full.abs().sum() > 0
         torch.testing.assert_close(skipped, full, rtol=1e-4, atol=1e-9)
@@ -410,8 +476,15 @@ def test_random_window_weights_are_normalised_over_every_coverable_step():
 
 def test_random_windows_stay_inside_sde_window_and_weigh_against_its_steps():
     """Flow-GRPO-Fast's `sde_window_range`: with a size, `sde_window` bounds where windows land."""
-    module = FlowGRPO(_tiny(), warm_start=None, num_steps=10, sde_window=(1, 6), sde_window_size=2,
-                      step_weighting="noise_std", noise_level=1.0)
+    module = FlowGRPO(
+        _tiny(),
+        warm_start=None,
+        num_steps=10,
+        sde_window=(1, 6),
+        sde_window_size=2,
+        step_weighting="noise_std",
+        noise_level=1.0,
+    )
     torch.manual_seed(0)
     assert {module.sde_window() for _ in range(200)} == {(1, 3), (2, 4), (3, 5), (4, 6)}
     in_range = noise_aware_step_weights(module.policy.sigmas(10), torch.ones(10), [1, 2, 3, 4, 5])
@@ -452,9 +525,15 @@ def test_lr_schedule_is_warmup_then_the_decay_to_its_floor(decay):
         opt.step()
         sched.step()
     progress = [min(max(step - 2, 0) / 4, 1.0) for step in range(9)]
-    shape = {"constant": lambda p: 1.0, "linear": lambda p: 1 - p, "cosine": lambda p: 0.5 * (1 + math.cos(math.pi * p))}[decay]
-    expected = [2.0 * (step + 1) / 2 if step < 2 else 2.0 * (1.0 if decay == "constant" else 0.25 + 0.75 * shape(p))
-                for step, p in enumerate(progress)]
+    shape = {
+        "constant": lambda p: 1.0,
+        "linear": lambda p: 1 - p,
+        "cosine": lambda p: 0.5 * (1 + math.cos(math.pi * p)),
+    }[decay]
+    expected = [
+        2.0 * (step + 1) / 2 if step < 2 else 2.0 * (1.0 if decay == "constant" else 0.25 + 0.75 * shape(p))
+        for step, p in enumerate(progress)
+    ]
     assert lrs == pytest.approx(expected)
     assert lrs[-1] == pytest.approx(2.0 if decay == "constant" else 0.5)  # held at the floor after the end
 
@@ -465,13 +544,22 @@ def test_flow_grpo_decays_the_lr_per_optimiser_step_to_max_steps(tmp_path):
     trainer = _trainer(tmp_path, 4, [record])  # 2 rollouts x 2 passes = 4 optimiser steps
     trainer.fit(module, datamodule=_data())
     assert trainer.global_step == 4
-    assert [r["train/lr"] for r in record.rows] == pytest.approx([1e-3 * 2 / 4, 0.0])  # logged after each rollout's passes
+    assert [r["train/lr"] for r in record.rows] == pytest.approx(
+        [1e-3 * 2 / 4, 0.0]
+    )  # logged after each rollout's passes
 
 
 def test_lr_decay_without_max_steps_fails_before_any_rollout(tmp_path):
     module = FlowGRPO(_tiny(), warm_start=None, num_steps=3, lr_decay="cosine")
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     module.make_rollouts = None  # any rollout would raise TypeError instead of the message below
     with pytest.raises(ValueError, match="lr_decay 'cosine' decays to trainer.max_steps"):
         trainer.fit(module, datamodule=_data())
@@ -487,7 +575,9 @@ class _LiveParams(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step > len(self.states):
-            self.states.append({k: p.detach().clone() for k, p in pl_module.policy.named_parameters() if p.requires_grad})
+            self.states.append(
+                {k: p.detach().clone() for k, p in pl_module.policy.named_parameters() if p.requires_grad}
+            )
 
 
 def test_policy_ema_is_what_flow_grpo_saves(tmp_path):
@@ -526,26 +616,52 @@ def test_grouped_sampling_runs_the_ode_prefix_once_per_group_and_matches_the_ful
     policy = _tiny()
     prompts = [p for p in PROMPTS for _ in range(3)]
     groups = torch.tensor([4, 4, 4, 0, 0, 0, 2, 2, 2])
-    x0 = torch.randn(3, *policy.latent_shape, generator=torch.Generator().manual_seed(0)).repeat_interleave(3, 0)
+    x0 = torch.randn(3, *policy.latent_shape, generator=torch.Generator().manual_seed(0)).repeat_interleave(
+        3, 0
+    )
     batches = []
-    policy.transformer.register_forward_pre_hook(lambda m, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]),
-                                                 with_kwargs=True)
-    grouped = policy.sample(prompts, num_steps=8, noise_level=0.9, sde_window=(3, 5), latents=x0, groups=groups,
-                            generator=torch.Generator().manual_seed(1))
+    policy.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+    )
+    grouped = policy.sample(
+        prompts,
+        num_steps=8,
+        noise_level=0.9,
+        sde_window=(3, 5),
+        latents=x0,
+        groups=groups,
+        generator=torch.Generator().manual_seed(1),
+    )
     assert batches == [3, 3, 3] + [9] * 5
-    full = policy.sample(prompts, num_steps=8, noise_level=0.9, sde_window=(3, 5), latents=x0,
-                         generator=torch.Generator().manual_seed(1))
+    full = policy.sample(
+        prompts,
+        num_steps=8,
+        noise_level=0.9,
+        sde_window=(3, 5),
+        latents=x0,
+        generator=torch.Generator().manual_seed(1),
+    )
     torch.testing.assert_close(grouped.latents[:, :4], full.latents[:, :4], rtol=0, atol=1e-6)
     assert (grouped.log_probs[:, :3] == 0).all() and grouped.trained_steps == [3, 4]
     assert not torch.equal(grouped.latents[0, 4], grouped.latents[1, 4])  # the window splits the group
     for j in range(8):
-        torch.testing.assert_close(policy.step_log_prob(grouped, j).log_prob, grouped.log_probs[:, j], rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            policy.step_log_prob(grouped, j).log_prob, grouped.log_probs[:, j], rtol=0, atol=1e-5
+        )
     drawn = policy.sample(prompts, num_steps=8, sde_window=(3, 5), groups=groups)  # noise drawn per group
-    assert torch.equal(drawn.latents[0, 3], drawn.latents[2, 3]) and not torch.equal(drawn.latents[0, 3], drawn.latents[3, 3])
+    assert torch.equal(drawn.latents[0, 3], drawn.latents[2, 3]) and not torch.equal(
+        drawn.latents[0, 3], drawn.latents[3, 3]
+    )
     with pytest.raises(ValueError, match="share their prompt"):
         policy.sample(prompts, num_steps=8, sde_window=(3, 5), groups=torch.zeros(9, dtype=torch.long))
     with pytest.raises(ValueError, match="same latents"):
-        policy.sample(prompts, num_steps=8, sde_window=(3, 5), groups=groups, latents=torch.randn(9, *policy.latent_shape))
+        policy.sample(
+            prompts,
+            num_steps=8,
+            sde_window=(3, 5),
+            groups=groups,
+            latents=torch.randn(9, *policy.latent_shape),
+        )
     with pytest.raises(ValueError, match="one group id per row"):
         policy.sample(prompts, num_steps=8, groups=groups[:4])
 
@@ -566,10 +682,13 @@ def _flow_matching_loss(policy: TinyFlowModel, batches: list[dict], draws: int =
 def test_flow_warm_start_trains_and_saves(tmp_path, monkeypatch):
     policy = _tiny()
     before = _snapshot(policy)
-    module = FlowWarmStart(policy, lr=1e-3, warmup_steps=1, max_steps=2, eval_num_steps=4, save_to=str(tmp_path / "ws"))
+    module = FlowWarmStart(
+        policy, lr=1e-3, warmup_steps=1, max_steps=2, eval_num_steps=4, save_to=str(tmp_path / "ws")
+    )
     batches, step = [], module.training_step
-    monkeypatch.setattr(module, "training_step",
-                        lambda batch, batch_idx: batches.append(batch) or step(batch, batch_idx))
+    monkeypatch.setattr(
+        module, "training_step", lambda batch, batch_idx: batches.append(batch) or step(batch, batch_idx)
+    )
     data = FlowSceneDataModule(batch_size=8, num_train=60, num_val=12, val_batch_size=6)
     _trainer(tmp_path, 2).fit(module, datamodule=data)
     assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
@@ -586,11 +705,16 @@ def test_diffusers_flow_policy_on_a_tiny_local_sd3_pipeline(tmp_path):
     from unirl_lightning.models.flow import DiffusersFlowPolicy
 
     tiny_sd3_pipeline(tmp_path / "pipe")
-    policy = DiffusersFlowPolicy(str(tmp_path / "pipe"), resolution=64, torch_dtype="float32", max_sequence_length=8,
-                                 drop_t5=True)
+    policy = DiffusersFlowPolicy(
+        str(tmp_path / "pipe"), resolution=64, torch_dtype="float32", max_sequence_length=8, drop_t5=True
+    )
     assert policy.latent_shape == (4, 8, 8) and not policy.text_trainable
-    rollout = policy.sample(["a red square", "two circles"], num_steps=4, cfg_scale=2.0,
-                            generator=torch.Generator().manual_seed(0))
+    rollout = policy.sample(
+        ["a red square", "two circles"],
+        num_steps=4,
+        cfg_scale=2.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert rollout.images.shape == (2, 3, 64, 64) and rollout.images.dtype == torch.uint8
     out = policy.step_log_prob(rollout, 1)
     torch.testing.assert_close(out.log_prob, rollout.log_probs[:, 1], rtol=0, atol=1e-5)
@@ -636,8 +760,13 @@ def test_auto_warm_start_is_trained_once_cached_and_loaded(tmp_path, monkeypatch
     from unirl_lightning.modules import warm_start
 
     monkeypatch.setenv("UNIRL_CACHE", str(tmp_path / "cache"))
-    recipe = {**warm_start.RECIPES["flow_warm_start"], "max_steps": 2, "batch_size": 8, "num_train": 60,
-              "warmup_steps": 1}
+    recipe = {
+        **warm_start.RECIPES["flow_warm_start"],
+        "max_steps": 2,
+        "batch_size": 8,
+        "num_train": 60,
+        "warmup_steps": 1,
+    }
     monkeypatch.setitem(warm_start.RECIPES, "flow_warm_start", recipe)
     module = FlowGRPO(_tiny(), warm_start="auto", num_steps=3)
     module.setup("fit")
@@ -645,7 +774,9 @@ def test_auto_warm_start_is_trained_once_cached_and_loaded(tmp_path, monkeypatch
     assert (folder / "model.safetensors").is_file()
     cached = TinyFlowModel.from_pretrained(folder)
     assert torch.equal(cached.transformer.proj_out.weight, module.policy.transformer.proj_out.weight)
-    assert torch.equal(module.reference.transformer.proj_out.weight, module.policy.transformer.proj_out.weight)
+    assert torch.equal(
+        module.reference.transformer.proj_out.weight, module.policy.transformer.proj_out.weight
+    )
     assert warm_start.ensure_flow_warm_start(module.policy) == folder  # cached: no retraining
 
 
@@ -671,8 +802,15 @@ def test_a_batch_with_every_group_tied_trains_nothing_and_the_run_goes_on(tmp_pa
     """`train_tied_groups: False` with every group tied: no backward, counted, the next batches run."""
     windows = dict(sde_window_size=1, sde_window_per_group=True) if per_group_windows else {}
     record = _Record()
-    module = FlowGRPO(_tiny(), rewards=[_TiedReward()], warm_start=None, num_steps=3, train_tied_groups=False,
-                      lr=1e-2, **windows)
+    module = FlowGRPO(
+        _tiny(),
+        rewards=[_TiedReward()],
+        warm_start=None,
+        num_steps=3,
+        train_tied_groups=False,
+        lr=1e-2,
+        **windows,
+    )
     before = _snapshot(module.policy)
     grads = capture_backward_grads(module, module.policy.transformer.proj_out.weight)
     _trainer(tmp_path, 3, [record]).fit(module, datamodule=_data())
@@ -697,8 +835,14 @@ class _RaisesAtSecondRollout(LatentMeanReward):
 def test_a_run_that_raises_saves_its_last_completed_update(tmp_path):
     """The first update completes, the second batch's reward raises: `save_to` holds the policy after
     update 1 (not the initial weights, not a half-accumulated one) and says the run did not finish."""
-    module = FlowGRPO(_tiny(), rewards=[_RaisesAtSecondRollout()], warm_start=None, num_steps=3, lr=1e-2,
-                      save_to=str(tmp_path / "policy"))
+    module = FlowGRPO(
+        _tiny(),
+        rewards=[_RaisesAtSecondRollout()],
+        warm_start=None,
+        num_steps=3,
+        lr=1e-2,
+        save_to=str(tmp_path / "policy"),
+    )
     initial = _snapshot(module.policy)
     after_first = {}
 
@@ -712,4 +856,8 @@ def test_a_run_that_raises_saves_its_last_completed_update(tmp_path):
     assert all(torch.equal(saved[k], after_first[k]) for k in saved)
     assert any(not torch.equal(saved[k], initial[k]) for k in saved)
     state = json.loads((tmp_path / "policy" / "training_state.json").read_text())
-    assert state["finished"] is False and state["global_step"] == 1 and "reward server went away" in state["exception"]
+    assert (
+        state["finished"] is False
+        and state["global_step"] == 1
+        and "reward server went away" in state["exception"]
+    )

@@ -18,9 +18,18 @@ def _tiny(order="autoregressive"):
 
 def _fit(module, tmp_path, steps=2, P=2, G=3):
     data = OnPolicyDataModule(num_train=60, num_val=12, prompts_per_step=P, group_size=G, val_batch_size=6)
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=L.pytorch.loggers.TensorBoardLogger(tmp_path),
-                        enable_checkpointing=False, limit_val_batches=1, val_check_interval=steps,
-                        check_val_every_n_epoch=None, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=L.pytorch.loggers.TensorBoardLogger(tmp_path),
+        enable_checkpointing=False,
+        limit_val_batches=1,
+        val_check_interval=steps,
+        check_val_every_n_epoch=None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=data)
     return trainer
 
@@ -87,8 +96,16 @@ def test_grpo_update_follows_the_advantages(tmp_path, monkeypatch, order):
     policy = _tiny(order)
     before = _snapshot(policy)
     rewards = [GenEvalReward("partial"), SelfUnderstandingReward(0.8), NoiseReward(0.1)]
-    module = DiscreteGRPO(policy, warm_start=None, rewards=rewards,
-                          answer_weight=0.5, beta=0.04, num_iterations=2, micro_batch_size=4, lr=1e-3)
+    module = DiscreteGRPO(
+        policy,
+        warm_start=None,
+        rewards=rewards,
+        answer_weight=0.5,
+        beta=0.04,
+        num_iterations=2,
+        micro_batch_size=4,
+        lr=1e-3,
+    )
     seen = record_rollouts(module, monkeypatch, grpo)
     trainer = _fit(module, tmp_path, steps=2)  # mu = 2 optimiser steps on one rollout
     assert _changed(before, policy)
@@ -113,7 +130,9 @@ def test_grpo_answer_sft_trains_understanding_only(tmp_path, monkeypatch):
 
     policy = _tiny()
     before = _snapshot(policy)
-    module = DiscreteGRPO(policy, warm_start=None, image_weight=0.0, answer_weight=0.0, answer_sft_weight=1.0, lr=1e-3)
+    module = DiscreteGRPO(
+        policy, warm_start=None, image_weight=0.0, answer_weight=0.0, answer_sft_weight=1.0, lr=1e-3
+    )
     seen = record_rollouts(module, monkeypatch, grpo)
     trainer = _fit(module, tmp_path, steps=2)
     changed = _changed(before, policy)
@@ -144,9 +163,17 @@ def test_policy_geneval_callback_logs_scalars_and_grid(tmp_path):
     module = UniRLSFT(policy, warm_start=None, lr=1e-3, score_every_n_steps=0)
     data = OnPolicyDataModule(num_train=60, num_val=12, prompts_per_step=2, group_size=1, val_batch_size=6)
     cb = PolicyGenEvalCallback(every_n_steps=1, samples_per_prompt=2)
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=L.pytorch.loggers.TensorBoardLogger(tmp_path),
-                        callbacks=[cb], enable_checkpointing=False, limit_val_batches=0, enable_progress_bar=False,
-                        enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        devices=1,
+        logger=L.pytorch.loggers.TensorBoardLogger(tmp_path),
+        callbacks=[cb],
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=data)
     trainer.logger.experiment.flush()
     scalars = read_scalars(tmp_path)
@@ -166,7 +193,13 @@ def test_grpo_answer_stream_credited_by_its_own_reward_terms(tmp_path, monkeypat
             return torch.rand(len(ctx.specs), generator=torch.Generator().manual_seed(7))
 
     seen, real_loss = [], grpo.policy_loss
-    monkeypatch.setattr(grpo, "policy_loss", lambda logp, old, adv, mask, **kw: (seen.append(adv.clone()), real_loss(logp, old, adv, mask, **kw))[1])
+    monkeypatch.setattr(
+        grpo,
+        "policy_loss",
+        lambda logp, old, adv, mask, **kw: (seen.append(adv.clone()), real_loss(logp, old, adv, mask, **kw))[
+            1
+        ],
+    )
     captured = {}
     real_combine = grpo.combine_rewards
 
@@ -176,8 +209,15 @@ def test_grpo_answer_stream_credited_by_its_own_reward_terms(tmp_path, monkeypat
         return total, logs
 
     monkeypatch.setattr(grpo, "combine_rewards", combine)
-    module = DiscreteGRPO(_tiny(), warm_start=None, rewards=[Noise(name="noise"), SelfUnderstandingReward(0.8)],
-                          answer_weight=1.0, answer_reward_terms=["self_understanding"], micro_batch_size=64, lr=1e-3)
+    module = DiscreteGRPO(
+        _tiny(),
+        warm_start=None,
+        rewards=[Noise(name="noise"), SelfUnderstandingReward(0.8)],
+        answer_weight=1.0,
+        answer_reward_terms=["self_understanding"],
+        micro_batch_size=64,
+        lr=1e-3,
+    )
     _fit(module, tmp_path, steps=1, P=2, G=4)
     ids = torch.arange(2).repeat_interleave(4)
     image_adv, answer_adv = seen[0], seen[1]
@@ -197,14 +237,20 @@ def test_grpo_answer_sft_on_correct_uses_only_judged_correct_images(tmp_path):
             return torch.rand(len(ctx.specs))
 
     policy = _tiny()
-    module = DiscreteGRPO(policy, warm_start=None, rewards=[Noise()], answer_sft_weight=1.0, answer_sft_on="correct", lr=1e-3)
+    module = DiscreteGRPO(
+        policy, warm_start=None, rewards=[Noise()], answer_sft_weight=1.0, answer_sft_on="correct", lr=1e-3
+    )
+
     class EveryThird(GenEvalJudge):
         def __call__(self, images, specs):
             return [GenEvalResult(i % 3 == 0, "", False, 0.0) for i in range(len(specs))]
 
     module.judge = EveryThird(detector=None)  # its verdicts are fixed: no detector runs
     sizes, real = [], policy.answer_logprobs
-    policy.answer_logprobs = lambda tokens, questions, answers: (sizes.append(len(questions)), real(tokens, questions, answers))[1]
+    policy.answer_logprobs = lambda tokens, questions, answers: (
+        sizes.append(len(questions)),
+        real(tokens, questions, answers),
+    )[1]
     trainer = _fit(module, tmp_path, steps=1, P=2, G=3)
     assert sizes[0] == 2  # rows 0 and 3 of 6 (validation's answers come after)
     assert float(trainer.logged_metrics["answer_sft/loss"]) > 0
@@ -220,7 +266,9 @@ def test_grpo_filter_zero_std_with_every_group_tied_trains_nothing_and_goes_on(t
 
     policy = _tiny()
     before = _snapshot(policy)
-    module = DiscreteGRPO(policy, warm_start=None, rewards=[ConstantReward()], filter_zero_std=True, beta=0.04, lr=1e-2)
+    module = DiscreteGRPO(
+        policy, warm_start=None, rewards=[ConstantReward()], filter_zero_std=True, beta=0.04, lr=1e-2
+    )
     calls = []
     backward = module.manual_backward
     module.manual_backward = lambda loss, *a, **k: (calls.append(1), backward(loss, *a, **k))

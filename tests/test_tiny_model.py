@@ -32,11 +32,15 @@ class TestTinyTableEmbedding(TestTinyAutoregressive):
 
 class TestTinyMasked(TestTinyAutoregressive):
     def make_policy(self):
-        return TinyUnifiedModel(TinyConfig(d_model=32, n_layers=2, n_heads=2, image_order="masked", mask_steps=4))
+        return TinyUnifiedModel(
+            TinyConfig(d_model=32, n_layers=2, n_heads=2, image_order="masked", mask_steps=4)
+        )
 
 
 def test_masked_rollout_reveals_every_token_once():
-    policy = TinyUnifiedModel(TinyConfig(d_model=32, n_layers=2, n_heads=2, image_order="masked", mask_steps=4)).eval()
+    policy = TinyUnifiedModel(
+        TinyConfig(d_model=32, n_layers=2, n_heads=2, image_order="masked", mask_steps=4)
+    ).eval()
     rollout = policy.generate_images(["a photo of a cross"] * 3, generator=torch.Generator().manual_seed(0))
     assert rollout.logprobs.shape == (3, 4)
     L = policy.tokens_per_image
@@ -57,7 +61,9 @@ def test_masked_order_attention_is_bidirectional_in_image_block_only():
 
 def test_cfg_changes_distribution_and_one_means_off():
     policy = TinyUnifiedModel(TinyConfig(d_model=32, n_layers=2, n_heads=2)).eval()
-    r = policy.generate_images(["a photo of a red square"] * 2, cfg_scale=1.0, generator=torch.Generator().manual_seed(0))
+    r = policy.generate_images(
+        ["a photo of a red square"] * 2, cfg_scale=1.0, generator=torch.Generator().manual_seed(0)
+    )
     guided = type(r)(**{**r.__dict__, "cfg_scale": 4.0})
     assert not torch.allclose(policy.image_logprobs(guided), r.logprobs)
 
@@ -81,7 +87,8 @@ def test_warm_start_losses_decrease():
     losses = []
     for _ in range(15):
         loss = policy.generation_loss([s["prompt"] for s in specs], tokens) + policy.understanding_loss(
-            tokens, [question_for(s) for s in specs], [answer_for(s) for s in specs])
+            tokens, [question_for(s) for s in specs], [answer_for(s) for s in specs]
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -99,7 +106,9 @@ def test_codebook_embedding_shares_what_codes_look_like(tmp_path):
         policy.head.weight.zero_()
     pix = policy.code_pixels
     content_in, content_out = policy.image_input_embeddings(), policy.image_output_embeddings()
-    assert torch.allclose(content_in, policy.code_in(pix)) and torch.allclose(content_out, policy.code_out(pix))
+    assert torch.allclose(content_in, policy.code_in(pix)) and torch.allclose(
+        content_out, policy.code_out(pix)
+    )
     assert not torch.allclose(content_in[1], content_in[2])  # different codes, different vectors
     tokens = torch.tensor([[1, 2, 3, 0] * (policy.tokens_per_image // 4)])
     one_hot = torch.nn.functional.one_hot(tokens, policy.image_vocab_size).float()

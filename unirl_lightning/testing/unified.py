@@ -19,9 +19,16 @@ from unirl_lightning.models.base import UnifiedPolicy
 
 
 class PolicyTesterMixin:
-    prompts = ["a photo of a red square", "a photo of two circles", "a photo of a blue cross and a green triangle"]
-    questions = ["What is the main item in this image?", "How many items in this image?",
-                 "What are the colors of the cross and the triangle?"]
+    prompts = [
+        "a photo of a red square",
+        "a photo of two circles",
+        "a photo of a blue cross and a green triangle",
+    ]
+    questions = [
+        "What is the main item in this image?",
+        "How many items in this image?",
+        "What are the colors of the cross and the triangle?",
+    ]
     answers = ["square", "2 circles", "The cross is blue and the triangle is green"]
     cfg_scales = (1.0, 3.0)
     atol = 1e-4
@@ -40,7 +47,9 @@ class PolicyTesterMixin:
             rollout = policy.generate_images(self.prompts, cfg_scale=cfg, temperature=1.0, generator=gen)
             assert rollout.tokens.shape == (len(self.prompts), policy.tokens_per_image)
             assert rollout.logprobs.shape == rollout.action_mask.shape
-            torch.testing.assert_close(policy.image_logprobs(rollout), rollout.logprobs, atol=self.atol, rtol=0)
+            torch.testing.assert_close(
+                policy.image_logprobs(rollout), rollout.logprobs, atol=self.atol, rtol=0
+            )
 
     def test_same_seed_same_rollout(self):
         policy = self._policy()
@@ -77,14 +86,18 @@ class PolicyTesterMixin:
 
     def test_relaxed_tokens_are_one_hot_and_carry_gradient(self):
         policy = self._policy()
-        rollout = policy.generate_images(self.prompts, generator=torch.Generator().manual_seed(0), return_gumbel=True)
+        rollout = policy.generate_images(
+            self.prompts, generator=torch.Generator().manual_seed(0), return_gumbel=True
+        )
         relaxed = policy.relaxed_image_tokens(rollout, tau=1.0)
         assert torch.equal(relaxed.argmax(-1), rollout.tokens)
         torch.testing.assert_close(relaxed.detach().sum(-1), torch.ones(relaxed.shape[:2]))
         logp, mask = policy.answer_logprobs(relaxed, self.questions, self.answers)
         (-(logp.sum() / mask.sum())).backward()
         grads = [p.grad for p in self.generation_parameters(policy) if p.grad is not None]
-        assert grads and sum(g.abs().sum() for g in grads) > 0, "answer loss did not reach the generation logits"
+        assert grads and sum(g.abs().sum() for g in grads) > 0, (
+            "answer loss did not reach the generation logits"
+        )
 
     def generation_parameters(self, policy: UnifiedPolicy):
         """Parameters that only the generation logits use (override per model); default: all."""
@@ -93,7 +106,9 @@ class PolicyTesterMixin:
     def test_answer_logprobs_match_sampling(self):
         policy = self._policy()
         rollout = policy.generate_images(self.prompts, generator=torch.Generator().manual_seed(0))
-        ans = policy.answer(rollout.tokens, self.questions, greedy=False, generator=torch.Generator().manual_seed(0))
+        ans = policy.answer(
+            rollout.tokens, self.questions, greedy=False, generator=torch.Generator().manual_seed(0)
+        )
         logp, mask = policy.answer_logprobs(rollout.tokens, self.questions, ans)
         assert torch.equal(mask, ans.mask)
         torch.testing.assert_close(logp * mask, ans.logprobs * ans.mask, atol=self.atol, rtol=0)
