@@ -247,7 +247,9 @@ class TinyUnifiedModel(UnifiedPolicy):
         if self.config.image_embedding == "codebook":
             code = tokens - self.image_offset
             is_img = (code >= 0).unsqueeze(-1)
-            x = x + torch.where(is_img, self.code_in(self.code_pixels)[code.clamp(min=0)], 0.0)
+            # F.embedding, not table[code]: indexing's backward accumulates with atomic adds across CPU
+            # threads (run-to-run differences); the embedding backward sums in a fixed order.
+            x = x + torch.where(is_img, F.embedding(code.clamp(min=0), self.code_in(self.code_pixels)), 0.0)
         if image_embeds is not None:
             img = self._image_slice
             x = torch.cat([x[:, : img.start - past], image_embeds.to(x.dtype), x[:, img.stop - past :]], 1)
