@@ -1,5 +1,6 @@
-"""Periodic evaluation and logging callbacks."""
+"""Callbacks: periodic evaluation and logging, step checkpoints, budgets, EMA, progress."""
 
+from unirl_lightning.callbacks.checkpoint import StepCheckpoint
 from unirl_lightning.callbacks.cpu_budget import CPUTimeBudget
 from unirl_lightning.callbacks.geneval_logging import GenEvalCallback
 from unirl_lightning.callbacks.image_grid import log_image_grid, make_grid
@@ -14,6 +15,7 @@ __all__ = [
     "PolicyEMA",
     "PolicyGenEvalCallback",
     "SaveOnException",
+    "StepCheckpoint",
     "StepProgress",
     "log_image_grid",
     "make_grid",

@@ -37,7 +37,8 @@ class CPUTimeBudget(pl.Callback):
         reserve_minutes: CPU time kept back for the end of the run.
 
     Logs `time/cpu_min`, the CPU minutes used so far (by the chosen count), at each update.
-    Dataloader worker processes are not counted (the on-policy DataModules use none).
+    Dataloader worker processes are not counted (the on-policy DataModules use none). Checkpoints
+    carry the time spent, so a resumed run adds its own process's time to its checkpoint's.
     """
 
     #: CPU seconds so far (a test replaces it with a fake clock)
@@ -56,10 +57,18 @@ class CPUTimeBudget(pl.Callback):
         self._origin = 0.0
         self._last = 0.0  # clock at the last update boundary
         self._update_costs: list[float] = []
+        self._carried = 0.0  # CPU seconds of the processes before this one (a resumed run)
         self.stopped_at: int | None = None  # the training batch index after which fit was stopped
 
     def used_seconds(self) -> float:
-        return self.clock() - self._origin
+        return self._carried + self.clock() - self._origin
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"used_seconds": self.used_seconds(), "update_costs": list(self._update_costs)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._carried = float(state_dict["used_seconds"])
+        self._update_costs = list(state_dict["update_costs"])
 
     @staticmethod
     def _batches_per_update(pl_module: pl.LightningModule) -> int:
@@ -69,9 +78,10 @@ class CPUTimeBudget(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._origin = self.clock() if self.since == "fit" else 0.0
         self._last = self.clock()
-        self._update_costs.clear()
+        if not self._carried:
+            self._update_costs.clear()
         self.stopped_at = None
-        used = self.used_seconds() / 60
+        used = (self.used_seconds() - self._carried) / 60
         if used >= 0.5 * self.minutes:
             rank_zero_warn(
                 f"CPUTimeBudget: {used:.1f} of {self.minutes} CPU minutes were spent before training "
@@ -86,7 +96,7 @@ class CPUTimeBudget(pl.Callback):
         now = self.clock()
         self._update_costs.append(now - self._last)
         self._last = now
-        used = now - self._origin
+        used = self._carried + now - self._origin
         pl_module.log("time/cpu_min", used / 60, batch_size=1)
         # the first update also pays for warm-up (allocations, caches): estimate from later ones
         costs = self._update_costs[1:] or self._update_costs

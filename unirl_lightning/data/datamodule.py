@@ -74,7 +74,8 @@ def _collate(batch: list[PromptBatch]) -> PromptBatch:
 
 
 class PromptGroupStream(IterableDataset):
-    """An endless, seeded stream of `PromptBatch`es; rank r of W draws its own, disjoint sequence."""
+    """An endless, seeded stream of `PromptBatch`es; rank r of W draws its own, disjoint sequence.
+    `start` skips that many batches (a resumed run continues where its checkpoint left the stream)."""
 
     def __init__(
         self,
@@ -84,15 +85,18 @@ class PromptGroupStream(IterableDataset):
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        start: int = 0,
     ):
         if not specs:
             raise ValueError("the prompt set is empty: give train_prompts a non-empty jsonl or num_train > 0")
         self.specs, self.P, self.G = specs, prompts_per_step, group_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank, self.world_size, self.start = seed, rank, world_size, start
 
     def __iter__(self) -> Iterator[PromptBatch]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank)
-        step = 0
+        for _ in range(self.start):  # the same draws as the batches skipped, so the stream matches
+            torch.randint(len(self.specs), (self.P,), generator=gen)
+        step = self.start
         while True:
             idx = torch.randint(len(self.specs), (self.P,), generator=gen).tolist()
             base = (step * self.world_size + self.rank) * self.P
@@ -154,6 +158,14 @@ class OnPolicyDataModule(L.LightningDataModule):
         self.vocabulary = list(vocabulary or SHAPES)
         self.train_specs: list[dict] = []
         self.val_specs: list[dict] = []
+        self.batches_used = 0  # training batches turned into rollouts: the stream's position
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: where this rank's prompt stream stands."""
+        return {"batches_used": self.batches_used}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.batches_used = int(state_dict.get("batches_used", 0))
 
     def setup(self, stage: str | None = None) -> None:
         hp, vocab, checked = self.hparams, self.vocabulary, self.file_vocabulary
@@ -195,6 +207,7 @@ class OnPolicyDataModule(L.LightningDataModule):
             self.hparams.seed,
             rank,
             world,
+            start=self.batches_used,
         )
         return DataLoader(stream, batch_size=None, collate_fn=None)
 
@@ -228,4 +241,5 @@ class OnPolicyDataModule(L.LightningDataModule):
                     f"{type(module).__name__} has no make_rollouts(batch); OnPolicyDataModule needs one"
                 )
             batch.rollout = make(batch)
+            self.batches_used += 1
         return batch

@@ -8,16 +8,24 @@ the recipes add their training steps.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from unirl_lightning.callbacks.save_on_exception import SaveOnException
 from unirl_lightning.evaluation.detection import Detector
 from unirl_lightning.evaluation.judge import GenEvalJudge
 from unirl_lightning.evaluation.metrics import GenEvalScore
-from unirl_lightning.modules.training import expect_frozen_eval_modules
+from unirl_lightning.modules.resume import (
+    check_resume_settings,
+    lr_by_group,
+    rescale_resumed_lrs,
+    run_settings,
+)
+from unirl_lightning.modules.training import expect_frozen_eval_modules, rng_states, set_rng_states
 from unirl_lightning.worlds.detector import WorldDetector
 
 
@@ -38,6 +46,14 @@ class RecipeModule(L.LightningModule):
 
     #: init arguments kept out of `hparams` (models and callables: not hyper-parameters)
     hparams_ignore: tuple[str, ...] = ("policy", "detector", "rewards")
+    #: counters of the run, saved in checkpoints (a resumed run keeps counting)
+    run_counters: tuple[str, ...] = ("skipped_steps", "empty_batches")
+    #: resume from a checkpoint whose settings differ from this run's (the CLI's
+    #: --override_checkpoint_settings); otherwise such a resume is refused, naming the fields
+    override_checkpoint_settings: bool = False
+    #: the checkpoint this fit resumes from, when known before `setup` (the CLI sets it): the warm
+    #: start is then not loaded (Lightning reads the checkpoint only after `setup`)
+    resuming_from: str | None = None
 
     def __init__(
         self,
@@ -66,8 +82,14 @@ class RecipeModule(L.LightningModule):
         self._warm_started = False
         self.skipped_steps = 0  # optimiser steps skipped for non-finite gradients (shared.guarded_step)
         self.empty_batches = 0  # rollout batches with nothing to train (every group tied or filtered out)
+        self._resume: dict[str, Any] | None = None  # what on_load_checkpoint read, applied at train start
 
     # ---- warm start -------------------------------------------------------------------
+    def resuming(self, stage: str) -> bool:
+        """Whether this fit starts from a checkpoint (warm starts are then skipped)."""
+        known = self.resuming_from or (self._trainer is not None and self.trainer.ckpt_path)
+        return stage == "fit" and bool(known)
+
     def auto_warm_start(self) -> Path | None:
         """Folder of the policy's cached warm start for warm_start="auto" (None: nothing to load)."""
         return None
@@ -75,6 +97,8 @@ class RecipeModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self._warm_started or self.hparams.warm_start is None:
             return
+        if self.resuming(stage):
+            return  # the checkpoint holds the weights
         self._warm_started = True
         source = self.hparams.warm_start
         if source == "auto":
@@ -91,6 +115,60 @@ class RecipeModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         expect_frozen_eval_modules(self)  # the frozen reference and encoders are in eval mode by design
+
+    # ---- checkpoints: everything that decides the rest of the run -------------------------
+    def run_settings(self) -> dict[str, Any]:
+        """The settings a checkpoint must agree with to be resumed (see `modules.resume`)."""
+        return run_settings(self)
+
+    def lr_by_group(self, hparams: dict) -> list[float]:
+        """The configured learning rate of each optimiser parameter group under `hparams`."""
+        return lr_by_group(hparams)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning saves weights, optimiser, LR schedule, loops, callbacks and the DataModule; the
+        # random streams, the run's counters and its settings are the recipe's to save.
+        checkpoint["unirl"] = {
+            "rng": rng_states(),
+            "counters": {name: getattr(self, name) for name in self.run_counters},
+            "settings": self.run_settings(),
+            "lrs": self.lr_by_group(dict(self.hparams)),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("unirl")
+        if saved is None:
+            raise ValueError(
+                "ckpt_path: this checkpoint was not written by a unirl_lightning recipe (no run state); "
+                "start a new run, or load its weights with model.warm_start"
+            )
+        check_resume_settings(saved["settings"], self.run_settings(), self.override_checkpoint_settings)
+        for name, value in saved["counters"].items():
+            setattr(self, name, value)
+        self._resume = saved
+
+    def on_train_start(self) -> None:
+        if self._resume is None:
+            return
+        # After the optimiser and schedule are restored, and after the sanity check (validation
+        # draws from its own isolated streams): continue the random streams where they were saved.
+        set_rng_states(self._resume["rng"])
+        changed = rescale_resumed_lrs(self, self._resume["lrs"], self.lr_by_group(dict(self.hparams)))
+        if changed:
+            rank_zero_info(f"resumed with learning rates {changed} (the checkpoint's were replaced)")
+        self._resume = None
+
+    _val_rng: dict[str, Any] | None = None
+
+    def on_validation_start(self) -> None:
+        # Validation must not shift the training stream: a run validated at other steps (or resumed
+        # from a checkpoint written before a validation) draws the same rollouts.
+        self._val_rng = rng_states()
+
+    def on_validation_end(self) -> None:
+        if self._val_rng is not None:
+            set_rng_states(self._val_rng)
+            self._val_rng = None
 
     def on_warm_started(self) -> None:
         """Hook: runs after the warm-start weights are loaded (e.g. to copy the reference)."""

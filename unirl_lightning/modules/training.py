@@ -134,3 +134,45 @@ def expect_frozen_eval_modules(module: L.LightningModule) -> None:
         warnings.filterwarnings(
             "ignore", message=rf"Found {len(in_eval)} module\(s\) in eval mode", category=PossibleUserWarning
         )
+
+
+def rng_states() -> dict:
+    """The global random states a run draws from: torch (CPU and every CUDA device), Python, numpy."""
+    import random
+
+    import numpy as np
+
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # plain types and tensors only, so checkpoints load with torch.load(weights_only=True)
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore what `rng_states` returned."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class isolated_rng:
+    """Context manager: the code inside draws from the global generators, which are put back as they
+    were on exit, so it does not shift the random stream of what runs after it (a warm start trained
+    in the process, a validation pass between training steps)."""
+
+    def __enter__(self) -> "isolated_rng":
+        self._states = rng_states()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        set_rng_states(self._states)

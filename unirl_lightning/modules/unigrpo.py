@@ -133,6 +133,8 @@ class UniGRPO(FlowGRPO):
         source = self.hparams.text_warm_start
         if self._text_warm_started or source is None or self.hparams.image_condition != "text":
             return
+        if self.resuming(stage):
+            return  # the checkpoint holds the weights
         self._text_warm_started = True
         if source == "auto":
             source = ensure_text_warm_start(self.text_policy)
@@ -152,6 +154,10 @@ class UniGRPO(FlowGRPO):
         super().save_policies(path)
         if self.trains_text:
             self.save_model(self.text_policy, Path(path) / "text_policy")
+
+    def lr_by_group(self, hparams: dict) -> list[float]:
+        text_lr = hparams.get("text_lr")
+        return [float(hparams["lr"]), float(text_lr if text_lr is not None else hparams["lr"])]
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -46,6 +46,7 @@ from unirl_lightning.models import TinyFlowModel, TinyTextPolicy, TinyUnifiedMod
 from unirl_lightning.models.text.policies import TextPolicy, text_matches
 from unirl_lightning.modules.flow_pretrain import FlowWarmStart
 from unirl_lightning.modules.pretrain import WarmStartPretrain
+from unirl_lightning.modules.training import isolated_rng
 
 #: One recipe per model kind; the cache key hashes it, so a change retrains that warm start.
 RECIPES: dict[str, dict] = {
@@ -110,7 +111,8 @@ def cached_training(kind: str, policy, recipe: dict, train: Callable[[Path], Non
     )
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    train(tmp)
+    with isolated_rng():  # a run that trains the warm start first draws the same stream as one that loads it
+        train(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(target)
     return target
