@@ -1,6 +1,9 @@
 """Run a recipe through the CLI, recording each optimiser step's logged metrics (exact-resume tests).
 
-python tests/resume_script.py METRICS.json [--stop-at N] fit --config ... [--ckpt_path last]
+python tests/resume_script.py METRICS.json [--stop-at N] [--hang-in-save N MARKER] fit --config ...
+
+`--hang-in-save N MARKER`: from the checkpoint of step N on, a save writes half its bytes to the file,
+touches MARKER and hangs, so a test can kill the process in the middle of a save.
 """
 
 from __future__ import annotations
@@ -51,6 +54,29 @@ class StopAt(L.Callback):
             trainer.should_stop = True
 
 
+def hang_in_save(from_step: int, marker: str) -> None:
+    """Make checkpoint writes of global step >= `from_step` stop half way (see the module doc)."""
+    import io
+    import time
+
+    from lightning.fabric.plugins.io import torch_io
+
+    plain = torch_io._atomic_save
+
+    def half_then_hang(checkpoint: dict, filepath) -> None:
+        if checkpoint.get("global_step", 0) < from_step:
+            return plain(checkpoint, filepath)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        with open(filepath, "wb") as f:
+            f.write(buffer.getvalue()[: buffer.tell() // 2])
+            f.flush()
+        Path(marker).touch()
+        time.sleep(600)
+
+    torch_io._atomic_save = half_then_hang
+
+
 def run(metrics_path: str, args: list[str], stop_at: int | None = None) -> None:
     from unirl_lightning.cli import cli_main
 
@@ -67,4 +93,7 @@ if __name__ == "__main__":
     stop = None
     if rest[:1] == ["--stop-at"]:
         stop, rest = int(rest[1]), rest[2:]
+    if rest[:1] == ["--hang-in-save"]:
+        hang_in_save(int(rest[1]), rest[2])
+        rest = rest[3:]
     run(sys.argv[1], rest, stop)

@@ -173,3 +173,22 @@ def test_real_clock_stops_a_real_run_at_its_budget():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CPUTimeBudget(**kwargs)
+
+
+def test_a_resumed_run_counts_the_time_its_checkpoint_spent():
+    clock = FakeClock(0.0)
+    first = CPUTimeBudget(minutes=1.0, since="process", reserve_minutes=0.05)
+    first.clock = clock
+    _fit(Accumulating(clock, per_batch=2.0, rollouts_per_update=4), first, max_steps=3)
+    spent = first.state_dict()
+    assert spent["used_seconds"] == pytest.approx(24.0) and len(spent["update_costs"]) == 3
+
+    clock2 = FakeClock(5.0)  # the new process's start-up
+    resumed = CPUTimeBudget(minutes=1.0, since="process", reserve_minutes=0.05)
+    resumed.clock = clock2
+    resumed.load_state_dict(spent)
+    module = Accumulating(clock2, per_batch=2.0, rollouts_per_update=4)
+    _fit(module, resumed)
+    # 24 s carried + 5 s start-up: updates of 8 s continue while used + 8 <= 57
+    assert resumed.used_seconds() == pytest.approx(29.0 + 8 * module.updates)
+    assert resumed.used_seconds() + 8 > 57 >= resumed.used_seconds()

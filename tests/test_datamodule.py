@@ -93,3 +93,23 @@ def test_bad_train_task_weights_fail_at_construction():
         OnPolicyDataModule(train_task_weights={"posiiton": 1.0})
     with pytest.raises(ValueError, match="at least one > 0"):
         OnPolicyDataModule(train_task_weights={"position": 0.0})
+
+
+def test_stream_started_at_k_continues_the_stream_where_k_batches_were_used():
+    specs = [{"tag": "single_object", "include": [{"class": "cross", "count": 1}], "prompt": f"p{i}"}
+             for i in range(50)]
+    whole = _take(PromptGroupStream(specs, 4, 3, seed=0, rank=1, world_size=2), 5)
+    tail = _take(PromptGroupStream(specs, 4, 3, seed=0, rank=1, world_size=2, start=3), 2)
+    assert [x.prompts for x in tail] == [x.prompts for x in whole[3:]]
+    assert all(torch.equal(a.group_ids, b.group_ids) for a, b in zip(tail, whole[3:]))
+
+
+def test_datamodule_state_is_the_streams_position():
+    dm = OnPolicyDataModule(num_train=40, num_val=8, prompts_per_step=2, group_size=2)
+    dm.setup("fit")
+    first = _take(dm.train_dataloader(), 4)
+    resumed = OnPolicyDataModule(num_train=40, num_val=8, prompts_per_step=2, group_size=2)
+    resumed.load_state_dict({"batches_used": 3})
+    resumed.setup("fit")
+    assert resumed.state_dict() == {"batches_used": 3}
+    assert _take(resumed.train_dataloader(), 1)[0].prompts == first[3].prompts

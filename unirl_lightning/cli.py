@@ -46,10 +46,11 @@ class UniRLCLI(LightningCLI):
             isinstance(c, ProgressBar) for c in given
         ):
             callbacks.append(StepProgress())
-        # The on-policy streams never end an epoch: Lightning's default checkpoint would never save.
-        if config.get("enable_checkpointing") is not False and not any(
-            isinstance(c, ModelCheckpoint) for c in given
-        ):
+        if config.get("enable_checkpointing") is False:
+            # `--trainer.enable_checkpointing false` turns off the config's checkpoint callbacks too
+            config["callbacks"] = [c for c in given if not isinstance(c, ModelCheckpoint)]
+        elif not any(isinstance(c, ModelCheckpoint) for c in given):
+            # The on-policy streams never end an epoch: Lightning's default checkpoint would never save.
             callbacks.append(StepCheckpoint())
         return self._instantiate_trainer(config, callbacks)
 
