@@ -22,7 +22,7 @@ class SaveOnException(pl.Callback):
     The weights saved are those of the last completed optimiser update: gradients of an update
     in progress are never applied. Nothing is written before the first update, nor under
     sharded (FSDP) training, whose full weights need every rank to join a gather that a
-    crashed rank cannot join (use periodic checkpoints there).
+    crashed rank cannot join (resume from the last step checkpoint there: `--ckpt_path last`).
     """
 
     def on_exception(
@@ -37,7 +37,8 @@ class SaveOnException(pl.Callback):
         ):
             rank_zero_warn(
                 f"the run raised {type(exception).__name__}; sharded weights cannot be gathered from a "
-                f"crashed run, so nothing was saved to {save_to}"
+                f"crashed run, so nothing was saved to {save_to}; resume from the last step checkpoint "
+                "(--ckpt_path last)"
             )
             return
         if not trainer.is_global_zero:
