@@ -37,11 +37,13 @@ TINY = {
         "--trainer.val_check_interval", str(N), "--data.init_args.num_val", "12",
         "--data.init_args.val_batch_size", "6", "--trainer.callbacks+=unirl_lightning.callbacks.PolicyEMA",
     ],
-    # two rollouts per update (a checkpoint only at update boundaries) and a CPU budget's state
+    # two rollouts per update (a checkpoint only at update boundaries), LoRA adapters (the reference
+    # is the base model) and a CPU budget's state
     "flow_grpo": [
         "--model.init_args.warm_start", "null", "--data.init_args.prompts_per_step", "2",
         "--data.init_args.group_size", "4", "--model.init_args.rollouts_per_update", "2",
         "--model.init_args.num_steps", "4", "--model.init_args.sde_window", "[0,3]",
+        "--model.init_args.lora_rank", "4",
         "--trainer.callbacks+=unirl_lightning.callbacks.CPUTimeBudget", "--trainer.callbacks.minutes", "100",
     ],
     "unigrpo": [
