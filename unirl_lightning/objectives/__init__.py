@@ -1,5 +1,6 @@
 """Pure tensor math for RL post-training: advantages, clipped policy loss, KL estimators,
-flow SDE steps with log-probs, flow regularisers, straight-through Gumbel. No Lightning, no models.
+flow SDE steps with log-probs, flow regularisers, forward-process (likelihood-free) flow losses,
+straight-through Gumbel. No Lightning, no models.
 """
 
 from unirl_lightning.objectives.advantages import (
@@ -14,6 +15,15 @@ from unirl_lightning.objectives.flow_sde import (
     sde_sigma_t,
     sde_step,
     transition_std,
+)
+from unirl_lightning.objectives.forward_process import (
+    adaptive_x0_loss,
+    awm_loss,
+    awm_weights,
+    diffusion_nft_loss,
+    ghuber_fm_loss,
+    nft_optimality,
+    noised,
 )
 from unirl_lightning.objectives.guidance import cfg_combine, guided_logits
 from unirl_lightning.objectives.gumbel import gumbel_noise, straight_through_gumbel
@@ -30,8 +40,13 @@ __all__ = [
     "REDUCTIONS",
     "SCALES",
     "SDE_KINDS",
+    "adaptive_x0_loss",
+    "awm_loss",
+    "awm_weights",
     "cfg_combine",
+    "diffusion_nft_loss",
     "exact_latent_kl",
+    "ghuber_fm_loss",
     "group_advantages",
     "guided_logits",
     "gumbel_noise",
@@ -39,7 +54,9 @@ __all__ = [
     "kl_k2",
     "kl_k3",
     "latent_kl",
+    "nft_optimality",
     "noise_aware_step_weights",
+    "noised",
     "policy_loss",
     "sde_sigma_t",
     "sde_step",
