@@ -8,7 +8,8 @@ import yaml
 from unirl_lightning.cli import cli_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-BUILTIN = ["sft.yaml", "grpo.yaml", "grpo_corl.yaml", "flow_grpo.yaml", "unigrpo.yaml"]
+BUILTIN = ["sft.yaml", "grpo.yaml", "grpo_corl.yaml", "flow_grpo.yaml", "unigrpo.yaml", "diffusion_nft.yaml",
+           "awm.yaml"]
 
 
 def _print_config(args, capsys):

@@ -137,7 +137,9 @@ def test_flux_sde_rollout_rescoring_lora_and_saving(flux_folder, tmp_path):
         DiffusersFlowPolicy.from_pretrained(tmp_path / "saved")
 
 
-@pytest.mark.parametrize("name", ["sd35_flow_grpo.yaml", "flux_flow_grpo.yaml"])
+@pytest.mark.parametrize(
+    "name", ["sd35_flow_grpo.yaml", "flux_flow_grpo.yaml", "sd35_diffusion_nft.yaml", "sd35_awm.yaml"]
+)
 def test_real_model_flow_configs_instantiate_through_the_cli(name, tmp_path, flux_folder):
     """The SD3.5 and FLUX.1 configs as shipped (FSDP2 block, LoRA) parse; with a tiny local
     pipeline, prompt files and a CPU trainer they build FlowGRPO around the pipeline policy."""
