@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any, Sequence
 
 import lightning as L
@@ -76,8 +77,13 @@ class UniRLCLI(LightningCLI):
 
 
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> UniRLCLI:
-    """Run the CLI; `args` replaces sys.argv[1:] (tests), run=False only parses and instantiates."""
-    return UniRLCLI(
+    """Run the CLI; `args` replaces sys.argv[1:] (tests), run=False only parses and instantiates.
+
+    Parses in a copy of the current context: jsonargparse leaves its last parser, which holds the
+    CLI and so its Trainer and model, in a context variable; in the copy it goes with the CLI, so a
+    process that runs several recipes (a notebook, a sweep) frees each once it drops the CLI."""
+    return contextvars.copy_context().run(
+        UniRLCLI,
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
