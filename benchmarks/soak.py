@@ -26,6 +26,7 @@ import gc
 import os
 import resource
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -157,6 +158,8 @@ def _common(log_dir: str, name: str, steps: int, val_every: int) -> list[str]:
         "--trainer.log_every_n_steps", "1",
         "--trainer.logger.init_args.save_dir", log_dir,
         "--trainer.logger.init_args.name", name,
+        # the config's step checkpoints, soaked too, into a fresh folder each run
+        "--trainer.default_root_dir", tempfile.mkdtemp(prefix=f"soak_{name}_"),
     ]  # fmt: skip
 
 
