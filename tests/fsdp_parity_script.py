@@ -7,7 +7,8 @@ the script once per rank). Every process builds the same seeded policy and the s
 each update from it before training (with seeded rewards); one process trains on every row, and rank r of
 two on rows `[r * ROWS / 2, (r + 1) * ROWS / 2)`, groups kept whole as the DataModule keeps them.
 
-Writes `rank{r}.json` (each update's objective: the sum of the losses this rank back-propagated) and, from
+Writes `rank{r}.json` (each update's objective: the sum of the losses this rank back-propagated, and the
+reference's parameters that are not sharded after training) and, from
 rank 0, `result.pt`: the first update's gradients before clipping, each gradient entry's largest size over
 the updates and the trained policy's weights, all gathered to full tensors.
 """
@@ -170,6 +171,10 @@ def main(out_dir: str, recipe: str, devices: str) -> None:
         "rank": trainer.global_rank,
         "objectives": module.objectives,
         "sharded": type(module.policy).__name__,
+        # the frozen reference's parameters left gathered (not sharded) after training
+        "reference_gathered": [
+            n for n, p in module.reference.named_parameters() if not hasattr(p, "to_local")
+        ],
     }
     if trainer.is_global_zero:
         saved = {"grads": module.grads, "grad_peaks": module.grad_peaks, "weights": weights}

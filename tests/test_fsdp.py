@@ -100,6 +100,7 @@ def test_sharded_updates_match_one_process_on_the_same_rollouts(tmp_path, recipe
     one = _run_ranks("fsdp_parity_script.py", _mkdir(tmp_path / "one"), recipe, "1", ranks=1)
     two = _run_ranks("fsdp_parity_script.py", _mkdir(tmp_path / "two"), recipe, "2")
     assert not one[0]["sharded"].startswith("FSDP") and all(r["sharded"].startswith("FSDP") for r in two)
+    assert two[0]["reference_gathered"] == two[1]["reference_gathered"] == []  # frozen: resharded after use
     objectives = torch.tensor(one[0]["objectives"], dtype=torch.float64)
     sharded = torch.tensor([r["objectives"] for r in two], dtype=torch.float64).mean(0)
     torch.testing.assert_close(sharded, objectives, rtol=1e-6, atol=1e-6)
