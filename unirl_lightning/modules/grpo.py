@@ -33,7 +33,9 @@ class DiscreteGRPO(PolicyModule):
             (0 switches a stream off; answer_weight > 0 makes the policy answer its own images).
         num_iterations: mu, update passes over each rollout (old log-probs stored before the first).
         micro_batch_size: rows per backward pass (bounds memory; gradients accumulate per step).
-        loss_type / epsilon_low / epsilon_high: the clipped objective (TRL's definitions).
+        loss_type / epsilon_low / epsilon_high: the clipped objective (TRL's definitions). Under data
+            parallelism the losses divide by row and token counts over every rank, so N ranks make the
+            update one process would make on all their rows (tests/test_fsdp.py checks it under FSDP2).
         beta: k3 KL weight to the frozen reference (0 skips the reference pass).
         scale / adv_clip: advantage normalisation ("group", "batch", "none") and optional clip.
         filter_zero_std: drop groups whose rewards are all equal (they carry no signal).
