@@ -210,7 +210,8 @@ class RecipeModule(L.LightningModule):
         """FSDP2 under Lightning's ModelParallelStrategy: shard each model's units, then the model
         over the data-parallel mesh, and register the methods that read parameters outside
         `forward` (`fsdp_entry_points`) so they gather them. `fsdp_ignored_params` (e.g. frozen
-        encoders shared with the reference) stay whole on every rank."""
+        encoders shared with the reference) stay whole on every rank; a frozen model's parameters
+        are sharded again after each forward."""
         mesh = self.device_mesh
         if mesh is None:
             return
@@ -223,7 +224,12 @@ class RecipeModule(L.LightningModule):
             ignored = getattr(model, "fsdp_ignored_params", set)()
             for unit in getattr(model, "fsdp_units", list)():
                 fully_shard(unit, mesh=dp)
-            fully_shard(model, mesh=dp, **({"ignored_params": ignored} if ignored else {}))
+            options = {"ignored_params": ignored} if ignored else {}
+            if not any(p.requires_grad for p in model.parameters()):
+                # FSDP2 keeps the root's parameters gathered after a forward, for the backward that
+                # follows; a frozen model (the reference) has none, so they would stay whole on every rank
+                options["reshard_after_forward"] = True
+            fully_shard(model, mesh=dp, **options)
             for name in getattr(model, "fsdp_entry_points", ()):
                 register_fsdp_forward_method(model, name)
             model._fsdp_sharded = True

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 
 from unirl_lightning.data.datamodule import PromptBatch
 from unirl_lightning.models.base import UnifiedPolicy
@@ -34,7 +33,9 @@ class DiscreteGRPO(PolicyModule):
             (0 switches a stream off; answer_weight > 0 makes the policy answer its own images).
         num_iterations: mu, update passes over each rollout (old log-probs stored before the first).
         micro_batch_size: rows per backward pass (bounds memory; gradients accumulate per step).
-        loss_type / epsilon_low / epsilon_high: the clipped objective (TRL's definitions).
+        loss_type / epsilon_low / epsilon_high: the clipped objective (TRL's definitions). Under data
+            parallelism the losses divide by row and token counts over every rank, so N ranks make the
+            update one process would make on all their rows (tests/test_fsdp.py checks it under FSDP2).
         beta: k3 KL weight to the frozen reference (0 skips the reference pass).
         scale / adv_clip: advantage normalisation ("group", "batch", "none") and optional clip.
         filter_zero_std: drop groups whose rewards are all equal (they carry no signal).
@@ -140,10 +141,10 @@ class DiscreteGRPO(PolicyModule):
         keep = torch.arange(len(adv), device=self.device)
         if hp.filter_zero_std:
             keep = keep[self._nonzero_std_rows(rewards, batch.group_ids)]
-        chunks = self._row_chunks(keep)
+        chunks, rows_per_rank = self._row_chunks(keep)
         if not chunks:  # every group filtered out on every rank: nothing to learn, no backward anywhere
             self.empty_batches += 1
-        streams = self._streams(ctx, keep, chunks) if chunks else []
+        streams = self._streams(ctx, keep, chunks, rows_per_rank) if chunks else []
         opt = self.optimizers()
         stats_acc: dict[str, list[float]] = {}
         for _ in range(hp.num_iterations):
@@ -189,7 +190,11 @@ class DiscreteGRPO(PolicyModule):
 
     def _answer_sft_loss(self, ctx: RolloutContext) -> torch.Tensor:
         """Mean NLL per answer token of the ground-truth answers about the rollout's own images
-        (with `answer_sft_on="correct"`, only those the judge passes; zero when none passes)."""
+        (with `answer_sft_on="correct"`, only those the judge passes; zero when none passes).
+
+        Under data parallelism the sum divides by the mean token count over ranks, not this rank's:
+        the gradient reduce averages the ranks, so the update is the mean over every rank's answer
+        tokens, as in one process."""
         rows, scale = list(range(len(ctx.specs))), 1.0
         if self.hparams.answer_sft_on == "correct":
             if "geneval" not in ctx.cache:  # a GenEval reward already judged them otherwise
@@ -200,7 +205,10 @@ class DiscreteGRPO(PolicyModule):
         questions, answers = self.qa([ctx.specs[i] for i in rows])
         tokens = ctx.rollout.tokens[torch.tensor(rows, device=ctx.rollout.tokens.device)]
         logp, mask = self.policy.answer_logprobs(tokens, questions, answers)
-        return -scale * logp.sum() / mask.sum().clamp(min=1)
+        count = mask.sum() * scale
+        if self.trainer.world_size > 1:
+            count = self.all_gather(count).sum() / self.trainer.world_size
+        return -scale * logp.sum() / count.clamp(min=1)
 
     @staticmethod
     def _nonzero_std_rows(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
@@ -210,22 +218,36 @@ class DiscreteGRPO(PolicyModule):
             keep[rows] = rewards[rows].std(unbiased=False) > 0 if rows.sum() > 1 else False
         return keep.nonzero().squeeze(-1)
 
-    def _row_chunks(self, keep: torch.Tensor) -> list[tuple[torch.Tensor, bool]]:
-        """Micro-batches `(rows, live)` of the kept rows. Under data parallelism with `filter_zero_std`,
-        ranks keep different numbers of rows: each is padded to the most chunks any rank has with
-        dead chunks (row 0, loss weight 0), so every rank runs as many forwards and backwards and
-        the sharded collectives stay paired; no rank has any when every rank filtered everything."""
-        chunks = [(rows, True) for rows in keep.split(self.hparams.micro_batch_size)] if len(keep) else []
+    def _row_chunks(self, keep: torch.Tensor) -> tuple[list[tuple[torch.Tensor, bool]], float]:
+        """Micro-batches `(rows, live)` of the kept rows, and the mean count of kept rows over ranks.
+
+        Under data parallelism with `filter_zero_std`, ranks keep different numbers of rows: each is
+        padded to the most chunks any rank has with dead chunks (row 0, loss weight 0), so every rank
+        runs as many forwards and backwards and the sharded collectives stay paired; no rank has any
+        when every rank filtered everything. The losses divide by the mean count rather than this
+        rank's: the gradient reduce averages the ranks' gradients, so the update is then the mean over
+        every rank's kept rows, as in one process (a rank's own count would weigh the rows of a rank
+        that kept fewer more)."""
+        mb = self.hparams.micro_batch_size
+        chunks = [(rows, True) for rows in keep.split(mb)] if len(keep) else []
+        rows_per_rank = float(len(keep))
         if self.hparams.filter_zero_std and self.trainer.world_size > 1:
-            most = int(self.all_gather(torch.tensor(len(chunks), device=self.device)).max())
+            kept = self.all_gather(torch.tensor(len(keep), device=self.device))
+            most = max(-(-int(k) // mb) for k in kept.flatten())
             chunks += [(keep.new_zeros(1), False)] * (most - len(chunks))
-        return chunks
+            rows_per_rank = float(kept.double().mean())
+        return chunks, rows_per_rank
 
     def _streams(
-        self, ctx: RolloutContext, keep: torch.Tensor, row_chunks: list[tuple[torch.Tensor, bool]]
+        self,
+        ctx: RolloutContext,
+        keep: torch.Tensor,
+        row_chunks: list[tuple[torch.Tensor, bool]],
+        rows_per_rank: float,
     ) -> list:
         """Per loss stream: a log-prob function of rows, and micro-batches `(rows, live, old, ref, mask)`
-        with stored old / ref log-probs."""
+        with stored old / ref log-probs; the row count the losses divide by (`rows_per_rank`) and
+        dapo's token count (every rank's, over the world size: the gradient reduce averages)."""
         hp, out = self.hparams, []
         rollout = ctx.rollout
         questions, _ = self.qa(ctx.specs)
@@ -258,14 +280,15 @@ class DiscreteGRPO(PolicyModule):
                     old = fn(rows).detach() if hp.num_iterations > 1 else None
                     ref = fn(rows, self.reference).detach() if self.reference is not None else None
                     chunks.append((rows, live, old, ref, full_mask[rows].to(self.device)))
-            num_items = full_mask[keep].sum().clamp(min=1)
-            if hp.loss_type == "dapo" and dist.is_available() and dist.is_initialized():
-                num_items = self.all_gather(num_items).sum()
+            num_items = full_mask[keep].sum()
+            if hp.loss_type == "dapo" and self.trainer.world_size > 1:
+                num_items = self.all_gather(num_items).sum() / self.trainer.world_size
+            num_items = num_items.clamp(min=1)
             out.append(
                 (
                     name,
                     weight,
-                    {"logp": fn, "chunks": chunks, "n_rows": max(len(keep), 1), "num_items": num_items},
+                    {"logp": fn, "chunks": chunks, "n_rows": max(rows_per_rank, 1.0), "num_items": num_items},
                 )
             )
         return out
