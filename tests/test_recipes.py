@@ -9,6 +9,7 @@ from unirl_lightning.data import OnPolicyDataModule
 from unirl_lightning.models.tiny import TinyConfig, TinyUnifiedModel
 from unirl_lightning.modules import DiscreteGRPO, UniRLSFT
 from grad_capture import assert_follows_advantages, record_rollouts
+from unirl_lightning.rewards import RewardFunction
 
 
 def _tiny(order="autoregressive"):
@@ -258,8 +259,6 @@ def test_grpo_answer_sft_on_correct_uses_only_judged_correct_images(tmp_path):
 
 def test_grpo_filter_zero_std_with_every_group_tied_trains_nothing_and_goes_on(tmp_path):
     """`filter_zero_std` with every group tied (a constant reward): no backward, counted, the run goes on."""
-    from unirl_lightning.rewards import RewardFunction
-
     class ConstantReward(RewardFunction):
         def __call__(self, ctx):
             return torch.ones(len(ctx.specs))
@@ -277,3 +276,87 @@ def test_grpo_filter_zero_std_with_every_group_tied_trains_nothing_and_goes_on(t
     m = trainer.logged_metrics
     assert float(m["train/empty_batches"]) == 2.0 and float(m["train/trained_rows_frac"]) == 0.0
     assert float(m["train/zero_std_frac"]) == 1.0
+
+
+_REWARDS = torch.tensor([0.1, 0.7, 0.4, 0.9, 0.2, 0.5])  # differ inside each group of three
+
+
+class _Poisoned(RewardFunction):
+    """`_REWARDS`, with NaN on row 1 and inf on row 4 of each batch (or NaN everywhere)."""
+
+    def __init__(self, everywhere: bool = False):
+        super().__init__(name="poisoned")
+        self.everywhere = everywhere
+
+    def __call__(self, ctx):
+        reward = _REWARDS[: len(ctx.specs)].clone()
+        if self.everywhere:
+            return torch.full_like(reward, float("nan"))
+        reward[1], reward[4] = float("nan"), float("inf")
+        return reward
+
+
+def test_grpo_leaves_samples_with_nan_or_inf_rewards_out_and_goes_on(tmp_path, monkeypatch):
+    """NaN / inf rewards: those samples get advantage 0 and are left out of every loss (the others'
+    advantages are their groups' without them); counted in `train/bad_rewards`, with a warning."""
+    from unirl_lightning.modules import grpo
+    from unirl_lightning.objectives import group_advantages
+
+    policy = _tiny()
+    before = _snapshot(policy)
+    module = DiscreteGRPO(
+        policy, warm_start=None, rewards=[_Poisoned()], beta=0.04, answer_sft_weight=0.5, lr=1e-2
+    )
+    seen = record_rollouts(module, monkeypatch, grpo)
+    kept, streams = [], module._streams
+    monkeypatch.setattr(module, "_streams", lambda ctx, keep, chunks: (kept.append(keep.tolist()),
+                                                                        streams(ctx, keep, chunks))[1])
+    with pytest.warns(UserWarning, match=r"2 of 6 rewards at step 0 are NaN or inf from reward 'poisoned'"):
+        trainer = _fit(module, tmp_path, steps=2)
+    assert kept == [[0, 2, 3, 5]] * 2
+    good = torch.tensor([0, 2, 3, 5])
+    expected = group_advantages(_REWARDS[good], torch.tensor([0, 0, 1, 1]))
+    for recorded in seen:
+        assert torch.equal(recorded.advantages[[1, 4]], torch.zeros(2))
+        torch.testing.assert_close(recorded.advantages[good], expected)
+    m = trainer.logged_metrics
+    assert float(m["train/bad_rewards"]) == 2.0 and float(m["train/bad_rewards_total"]) == 4.0
+    assert module.bad_rewards == 4 and float(m["train/skipped_steps"]) == 0.0
+    assert float(m["reward/total"]) == pytest.approx(_REWARDS[good].mean().item())
+    assert _changed(before, policy) and all(torch.isfinite(v).all() for v in policy.state_dict().values())
+
+
+def test_grpo_with_every_reward_nan_skips_the_step_and_goes_on(tmp_path):
+    """Every sample's reward NaN: no backward (not even the answer SFT), counted, global_step advances."""
+    policy = _tiny()
+    before = _snapshot(policy)
+    module = DiscreteGRPO(
+        policy, warm_start=None, rewards=[_Poisoned(everywhere=True)], answer_sft_weight=0.5, lr=1e-2
+    )
+    calls = []
+    backward = module.manual_backward
+    module.manual_backward = lambda loss, *a, **k: (calls.append(1), backward(loss, *a, **k))
+    with pytest.warns(UserWarning, match="every sample: the step trains nothing"):
+        trainer = _fit(module, tmp_path, steps=2)
+    assert calls == [] and trainer.global_step == 2 and not _changed(before, policy)
+    m = trainer.logged_metrics
+    assert float(m["train/empty_batches"]) == 2.0 and module.bad_rewards == 12
+    assert float(m["train/bad_rewards"]) == 6.0 and float(m["train/trained_rows_frac"]) == 0.0
+
+
+def test_a_reward_that_raises_in_training_names_the_reward_and_the_prompt(tmp_path):
+    class Boom(RewardFunction):
+        """Fails on every sample of the prompt that ends the first batch."""
+
+        target = None
+
+        def __call__(self, ctx):
+            Boom.target = Boom.target or ctx.specs[-1]["prompt"]
+            if any(s["prompt"] == Boom.target for s in ctx.specs):
+                raise ZeroDivisionError("division by zero")
+            return torch.zeros(len(ctx.specs))
+
+    module = DiscreteGRPO(_tiny(), warm_start=None, rewards=[Boom(name="boom")], lr=1e-2)
+    with pytest.raises(RuntimeError, match=r"reward 'boom' \(Boom\) raised ZeroDivisionError") as info:
+        _fit(module, tmp_path, steps=1)
+    assert f"prompt {Boom.target!r}" in str(info.value) and "fails on sample" in str(info.value)

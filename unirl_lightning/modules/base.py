@@ -11,13 +11,15 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from unirl_lightning.callbacks.save_on_exception import SaveOnException
 from unirl_lightning.evaluation.detection import Detector
 from unirl_lightning.evaluation.judge import GenEvalJudge
 from unirl_lightning.evaluation.metrics import GenEvalScore
-from unirl_lightning.modules.training import expect_frozen_eval_modules
+from unirl_lightning.modules.training import count_bad_rewards, expect_frozen_eval_modules
+from unirl_lightning.rewards.base import RolloutContext, describe_sample
 from unirl_lightning.worlds.detector import WorldDetector
 
 
@@ -66,6 +68,32 @@ class RecipeModule(L.LightningModule):
         self._warm_started = False
         self.skipped_steps = 0  # optimiser steps skipped for non-finite gradients (shared.guarded_step)
         self.empty_batches = 0  # rollout batches with nothing to train (every group tied or filtered out)
+        self.bad_rewards = 0  # samples whose reward was NaN or inf, left out of advantages and losses
+        self._warned_bad_rewards = False
+
+    # ---- rewards ----------------------------------------------------------------------
+    def screen_rewards(self, rewards: torch.Tensor, ctx: RolloutContext) -> tuple[torch.Tensor, int, bool]:
+        """This rank's mask of finite rewards `[N]`, this step's count of NaN / inf rewards over every
+        rank (added to `self.bad_rewards`, logged as `train/bad_rewards`), and whether every sample of
+        the step is bad on every rank (the recipe then skips its backward; the same answer on every
+        rank). The first time a step has bad rewards, a warning names the reward and a prompt."""
+        finite, bad, total = count_bad_rewards(self, rewards)
+        self.bad_rewards += bad
+        if bad and not self._warned_bad_rewards:
+            self._warned_bad_rewards = True
+            terms = ctx.cache.get("bad_reward_terms", {})
+            names = ", ".join(f"{name!r} ({k} samples)" for name, k in terms.items())
+            local = (~finite).nonzero().flatten().tolist()
+            where = f" from reward {names}" if names else ""
+            if local:  # this rank's: the others' samples are not here
+                where += f", e.g. on prompt {describe_sample(ctx.specs[local[0]])}"
+            rank_zero_warn(
+                f"{type(self).__name__}: {bad} of {total} rewards at step {self.global_step} are NaN or inf"
+                f"{where}; those samples are left out of the advantages and the loss"
+                + (" (every sample: the step trains nothing)" if bad == total else "")
+                + "; counted in train/bad_rewards (later ones without a warning)"
+            )
+        return finite, bad, bad == total
 
     # ---- warm start -------------------------------------------------------------------
     def auto_warm_start(self) -> Path | None:
