@@ -1,6 +1,8 @@
 """The recipes end to end on tiny models: they run under a real Trainer, and their updates move the
 policy the way their objectives say."""
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -360,3 +362,51 @@ def test_a_reward_that_raises_in_training_names_the_reward_and_the_prompt(tmp_pa
     with pytest.raises(RuntimeError, match=r"reward 'boom' \(Boom\) raised ZeroDivisionError") as info:
         _fit(module, tmp_path, steps=1)
     assert f"prompt {Boom.target!r}" in str(info.value) and "fails on sample" in str(info.value)
+
+
+def _error_before_training(module, tmp_path) -> str:
+    """Fit `module`; returns the message of the ValueError it raised before any rollout."""
+    module.make_rollouts = lambda batch: pytest.fail("a rollout ran before the warm start was checked")
+    with pytest.raises(ValueError) as info:
+        _fit(module, tmp_path, steps=1)
+    return str(info.value)
+
+
+def test_a_warm_start_of_another_size_fails_before_training_naming_folder_fields_and_fix(tmp_path):
+    folder = tmp_path / "small"
+    TinyUnifiedModel(TinyConfig(d_model=16, n_layers=2, n_heads=2)).save_pretrained(folder)
+    message = _error_before_training(DiscreteGRPO(_tiny(), warm_start=str(folder)), tmp_path)
+    assert f"model.warm_start: {folder} holds another architecture than this run's TinyUnifiedModel" in (
+        message
+    )
+    assert "d_model (folder: 16, this run: 32)" in message and "n_layers" not in message
+    assert "point model.warm_start at a folder saved from a TinyUnifiedModel" in message
+    assert "set model.warm_start: null" in message
+
+
+def test_a_warm_start_of_another_model_class_fails_before_training(tmp_path):
+    from unirl_lightning.models.flow import TinyFlowConfig, TinyFlowModel
+
+    folder = tmp_path / "flow"
+    TinyFlowModel(TinyFlowConfig(num_layers=1, num_heads=2, head_dim=8, text_dim=16)).save_pretrained(folder)
+    message = _error_before_training(DiscreteGRPO(_tiny(), warm_start=str(folder)), tmp_path)
+    assert f"model.warm_start: {folder} cannot be loaded as a TinyUnifiedModel (TypeError:" in message
+    assert "fields only the folder's config has: cell, head_dim, image_position_learned" in message
+    assert "fields only this run's config has: d_model, dropout" in message
+
+
+def test_a_warm_start_whose_weights_fit_loads_and_warns_about_differing_fields(tmp_path):
+    from unirl_lightning.modules.base import load_warm_start
+
+    source = TinyUnifiedModel(TinyConfig(d_model=32, n_layers=2, n_heads=2, mask_steps=8))
+    source.save_pretrained(tmp_path / "ar")
+    policy = _tiny()  # mask_steps 4
+    with pytest.warns(UserWarning, match=r"\(fields that differ: mask_steps \(folder: 8, this run: 4\)\)"):
+        load_warm_start(policy, tmp_path / "ar", "model.warm_start")
+    assert not _changed(_snapshot(source), policy) and policy.config.mask_steps == 4
+    _tiny().save_pretrained(tmp_path / "same")
+    with warnings.catch_warnings():  # the same config: loads without a word
+        warnings.simplefilter("error")
+        load_warm_start(policy, tmp_path / "same", "model.warm_start")
+    with pytest.raises(FileNotFoundError, match="model.warm_start: .* is not a folder"):
+        load_warm_start(policy, tmp_path / "missing", "model.warm_start")

@@ -458,3 +458,14 @@ def test_a_batch_with_every_reward_nan_trains_neither_policy_and_the_run_goes_on
     assert module.global_step == 2 and not _changed(before, module)
     assert [r["train/empty_batches"] for r in record.rows] == [1.0, 2.0]
     assert [r["train/bad_rewards"] for r in record.rows] == [6.0, 6.0] and module.bad_rewards == 12
+
+
+def test_a_text_warm_start_of_another_architecture_fails_naming_folder_and_fields(tmp_path):
+    TinyTextPolicy(TinyTextConfig(d_model=16, n_layers=1, n_heads=2)).save_pretrained(tmp_path / "text")
+    module = _module(text_warm_start=str(tmp_path / "text"))
+    expected = (
+        "model.text_warm_start: .* holds another architecture than this run's TinyTextPolicy: "
+        r"fields that differ: d_model \(folder: 16, this run: 32\)"
+    )
+    with pytest.raises(ValueError, match=expected):
+        module.setup("fit")

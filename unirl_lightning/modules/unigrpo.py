@@ -27,6 +27,7 @@ from unirl_lightning.callbacks.image_grid import log_image_grid
 from unirl_lightning.data.datamodule import PromptBatch
 from unirl_lightning.models.flow import FlowPolicy, FlowRollout
 from unirl_lightning.models.text.policies import TextPolicy, TextRollout, text_matches
+from unirl_lightning.modules.base import load_warm_start
 from unirl_lightning.modules.flow_grpo import FlowGRPO
 from unirl_lightning.modules.training import guarded_step, live_mean, rank_advantages
 from unirl_lightning.modules.warm_start import ensure_text_warm_start
@@ -138,8 +139,7 @@ class UniGRPO(FlowGRPO):
             source = ensure_text_warm_start(self.text_policy)
             if source is None:
                 return  # a pretrained LM is its own warm start
-        loaded = type(self.text_policy).from_pretrained(source)
-        self.text_policy.load_state_dict(loaded.state_dict())
+        load_warm_start(self.text_policy, source, "model.text_warm_start")
         self.text_reference = self._make_text_reference()
 
     # ---- sharding and saving -----------------------------------------------------------------
