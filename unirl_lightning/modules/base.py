@@ -265,6 +265,7 @@ def _config_diff(theirs: dict | None, ours: dict | None, shown: int = 8) -> str:
     def flat(config: dict, prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, value in config.items():
+            key = str(key)  # e.g. transformers' id2label has int keys
             if key.startswith("_") or key in _CONFIG_NOISE:
                 continue
             if isinstance(value, dict):
