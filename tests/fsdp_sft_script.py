@@ -62,6 +62,7 @@ def main(out_dir: str, recipe: str = "sft") -> None:
             warm_start=None,
             rewards=[NaNOnRank0() if recipe == "grpo_rank_nan" else TiedOnRanks(tied)],
             filter_zero_std=recipe != "grpo_rank_nan",
+            answer_sft_weight=0.5 if recipe == "grpo_rank_nan" else 0.0,  # rank 0: no image to learn from
             beta=0.04,
             micro_batch_size=1,
             lr=1e-3,

@@ -193,16 +193,16 @@ class DiscreteGRPO(PolicyModule):
         self.log("reward", finite_mean(rewards), prog_bar=True, batch_size=len(batch))
 
     def _answer_sft_loss(self, ctx: RolloutContext, finite: torch.Tensor) -> torch.Tensor:
-        """Mean NLL per answer token of the ground-truth answers about the rollout's own images
-        (with `answer_sft_on="correct"`, only those the judge passes; zero when none passes), of the
-        samples whose reward is finite (`finite`, bool `[N]`)."""
+        """Mean NLL per answer token of the ground-truth answers about the rollout's own images whose
+        reward is finite (`finite`, bool `[N]`; with `answer_sft_on="correct"`, only those the judge
+        passes); zero when no image is left."""
         rows, scale = finite.nonzero().flatten().tolist(), 1.0
         if self.hparams.answer_sft_on == "correct":
             if "geneval" not in ctx.cache:  # a GenEval reward already judged them otherwise
                 ctx.cache["geneval"] = self.judge(ctx.images, ctx.specs)
             rows = [i for i in rows if ctx.cache["geneval"][i].correct]
-            if not rows:  # keep the same backward on every rank (sharded training): one row, weight 0
-                rows, scale = [0], 0.0
+        if not rows:  # keep the same backward on every rank (sharded training): one row, weight 0
+            rows, scale = [0], 0.0
         questions, answers = self.qa([ctx.specs[i] for i in rows])
         tokens = ctx.rollout.tokens[torch.tensor(rows, device=ctx.rollout.tokens.device)]
         logp, mask = self.policy.answer_logprobs(tokens, questions, answers)
