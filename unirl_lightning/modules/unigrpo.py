@@ -310,7 +310,7 @@ class UniGRPO(FlowGRPO):
                     loss, stats = self._text_loss(sub_riddles, sub_text, adv[rows], text_ref[c], live)
                     self.manual_backward(loss * share)
                     for k, v in stats.items():
-                        if live.any():  # padding-only chunks have no statistics
+                        if live.any():  # a micro-batch of bad-reward rows only has no statistics
                             acc.setdefault(f"text/{k}", []).append(float(v))
                 cond = None
                 if not self.policy.text_trainable:
