@@ -1,7 +1,8 @@
 """FlowGRPO / UniGRPO under FSDP2 (Lightning's ModelParallelStrategy) on 2 CPU processes (gloo).
 
 Run by tests/test_fsdp.py as `python fsdp_flow_script.py OUT_DIR RECIPE` (RECIPE: flow_grpo,
-flow_grpo_lora, flow_grpo_skip_tied, flow_grpo_all_tied, flow_grpo_row_windows or unigrpo):
+flow_grpo_lora, flow_grpo_skip_tied, flow_grpo_all_tied, flow_grpo_row_windows, flow_grpo_rank_nan,
+flow_grpo_all_nan, unigrpo or unigrpo_rank_nan):
 Lightning re-launches it once per rank. Writes each rank's result (full parameters' checksums,
 reward, saved checksums) to OUT_DIR.
 """
@@ -32,6 +33,25 @@ class RankTiedReward(LatentMeanReward):
         return torch.zeros_like(reward) if torch.distributed.get_rank() == 0 else reward
 
 
+class RankNaNReward(LatentMeanReward):
+    """NaN for every sample on the ranks in `bad`, the latent mean on the others. The NaN rows' rollout
+    log-probs (image and text) are made NaN too: any use of them in a loss would make it NaN and skip
+    the step."""
+
+    def __init__(self, bad: tuple[int, ...]):
+        super().__init__()
+        self.bad = bad
+
+    def __call__(self, ctx):
+        reward = super().__call__(ctx)
+        if torch.distributed.get_rank() not in self.bad:
+            return reward
+        ctx.rollout.log_probs.fill_(float("nan"))
+        if ctx.cache.get("text") is not None:  # UniGRPO's text rollout
+            ctx.cache["text"].logprobs.fill_(float("nan"))
+        return torch.full_like(reward, float("nan"))
+
+
 class AllTiedReward(LatentMeanReward):
     def __call__(self, ctx):
         return torch.zeros(len(ctx.specs))
@@ -52,14 +72,21 @@ def main(out_dir: str, recipe: str) -> None:
     initial = checksum(flow)
     save_to = os.path.join(out_dir, "saved")
     common = dict(warm_start=None, num_steps=3, lr=1e-3, beta=0.01, micro_batch_size=2, save_to=save_to)
-    if recipe == "unigrpo":
+    if recipe.startswith("unigrpo"):
         text = TinyTextPolicy(TinyTextConfig(d_model=32, n_layers=2, n_heads=2))
-        module = UniGRPO(text, flow, text_warm_start=None, max_new_tokens=4, **common)
+        rewards = [RankNaNReward((0,))] if recipe == "unigrpo_rank_nan" else None
+        module = UniGRPO(text, flow, rewards, text_warm_start=None, max_new_tokens=4, **common)
         data = ReasoningDataModule(
             num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6
         )
     elif recipe == "flow_grpo_skip_tied":  # rank 0's groups all tie, rank 1's do not: equal backward counts
         module = FlowGRPO(flow, rewards=[RankTiedReward()], train_tied_groups=False, **common)
+        data = OnPolicyDataModule(
+            num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6
+        )
+    elif recipe in ("flow_grpo_rank_nan", "flow_grpo_all_nan"):  # rank 0's (or every) reward NaN
+        bad = (0,) if recipe == "flow_grpo_rank_nan" else (0, 1)
+        module = FlowGRPO(flow, rewards=[RankNaNReward(bad)], **common)
         data = OnPolicyDataModule(
             num_train=60, num_val=12, prompts_per_step=2, group_size=2, val_batch_size=6
         )
@@ -117,12 +144,15 @@ def main(out_dir: str, recipe: str) -> None:
         "geneval": float(trainer.logged_metrics["val/geneval/overall"]),
         "trained_rows_frac": float(trainer.logged_metrics.get("train/trained_rows_frac", -1.0)),
         "empty_batches": float(trainer.logged_metrics.get("train/empty_batches", -1.0)),
+        "bad_rewards": float(module.bad_rewards),
+        "skipped_steps": float(module.skipped_steps),
+        "global_step": trainer.global_step,
     }
-    if recipe == "unigrpo":
+    if recipe.startswith("unigrpo"):
         result["text_checksum"] = checksum(module.text_policy)
     if trainer.is_global_zero:  # the saved full weights equal the gathered ones
         result["saved_checksum"] = checksum(TinyFlowModel.from_pretrained(save_to))
-        if recipe == "unigrpo":
+        if recipe.startswith("unigrpo"):
             result["saved_text_checksum"] = checksum(
                 TinyTextPolicy.from_pretrained(os.path.join(save_to, "text_policy"))
             )

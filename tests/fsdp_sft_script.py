@@ -2,7 +2,8 @@
 
 Run by tests/test_fsdp.py as `python fsdp_sft_script.py OUT_DIR [RECIPE]` (RECIPE: sft, the default;
 grpo_filter_rank_tied: GRPO with filter_zero_std where rank 0's groups all tie and rank 1's do not;
-grpo_filter_all_tied: every group ties on both ranks). Lightning re-launches it once per rank.
+grpo_filter_all_tied: every group ties on both ranks; grpo_rank_nan: GRPO where rank 0's rewards are all
+NaN). Lightning re-launches it once per rank.
 Writes each rank's result (full parameters' checksum, loss, counters) to OUT_DIR.
 """
 
@@ -33,6 +34,15 @@ class TiedOnRanks(RewardFunction):
         return torch.rand(len(ctx.specs), generator=torch.Generator().manual_seed(len(ctx.specs)))
 
 
+class NaNOnRank0(RewardFunction):
+    """NaN for every sample on rank 0, a seeded random reward on the others."""
+
+    def __call__(self, ctx):
+        if torch.distributed.get_rank() == 0:
+            return torch.full((len(ctx.specs),), float("nan"))
+        return torch.rand(len(ctx.specs), generator=torch.Generator().manual_seed(len(ctx.specs)))
+
+
 def checksum(module: torch.nn.Module) -> float:
     full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in module.state_dict().items()}
     return float(sum(v.double().abs().sum() for v in full.values()))
@@ -50,8 +60,9 @@ def main(out_dir: str, recipe: str = "sft") -> None:
         module = DiscreteGRPO(
             policy,
             warm_start=None,
-            rewards=[TiedOnRanks(tied)],
-            filter_zero_std=True,
+            rewards=[NaNOnRank0() if recipe == "grpo_rank_nan" else TiedOnRanks(tied)],
+            filter_zero_std=recipe != "grpo_rank_nan",
+            answer_sft_weight=0.5 if recipe == "grpo_rank_nan" else 0.0,  # rank 0: no image to learn from
             beta=0.04,
             micro_batch_size=1,
             lr=1e-3,
@@ -82,6 +93,8 @@ def main(out_dir: str, recipe: str = "sft") -> None:
         "geneval": metrics["val/geneval/overall"],
         "global_step": trainer.global_step,
         "empty_batches": metrics.get("train/empty_batches", -1.0),
+        "bad_rewards": metrics.get("train/bad_rewards_total", -1.0),
+        "skipped_steps": metrics.get("train/skipped_steps", -1.0),
     }
     if trainer.is_global_zero:  # the saved full weights equal the gathered ones
         result["saved_checksum"] = checksum(TinyUnifiedModel.from_pretrained(save_to))

@@ -113,3 +113,23 @@ def test_datamodule_state_is_the_streams_position():
     resumed.setup("fit")
     assert resumed.state_dict() == {"batches_used": 3}
     assert _take(resumed.train_dataloader(), 1)[0].prompts == first[3].prompts
+
+
+def test_a_prompt_file_with_a_bad_line_fails_at_setup_naming_file_line_and_field(tmp_path):
+    """A run's prompt file with a malformed spec stops the run at setup, before any rollout."""
+    import json
+
+    import pytest
+
+    from unirl_lightning.data import generate_specs
+    from unirl_lightning.data.specs import SpecError
+
+    good = generate_specs(4, ["circle", "square"], seed=0)
+    lines = [json.dumps(s) for s in good[:2]] + ['{"tag": "counting", "include": [{"class": "circle"}]}']
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "val.jsonl").write_text("\n".join(json.dumps(s) for s in good[2:]) + "\n")
+    dm = OnPolicyDataModule(
+        train_prompts=str(tmp_path / "train.jsonl"), val_prompts=str(tmp_path / "val.jsonl")
+    )
+    with pytest.raises(SpecError, match=r"train\.jsonl:3: .*include\[0\] is missing \"count\""):
+        dm.setup("fit")

@@ -10,6 +10,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from unirl_lightning.callbacks import PolicyEMA
 from unirl_lightning.data import OnPolicyDataModule, generate_specs
+from unirl_lightning.data.datamodule import PromptBatch
 from unirl_lightning.models.flow import TinyFlowConfig, TinyFlowModel
 from unirl_lightning.modules import flow_grpo
 from unirl_lightning.modules.flow_grpo import FlowGRPO
@@ -861,3 +862,81 @@ def test_a_run_that_raises_saves_its_last_completed_update(tmp_path):
         and state["global_step"] == 1
         and "reward server went away" in state["exception"]
     )
+
+
+class _PoisonedLatentMean(LatentMeanReward):
+    """LatentMeanReward with NaN on row 1 and inf on row 4 (`poison`), or NaN everywhere (`everywhere`)."""
+
+    def __init__(self, poison: bool = True, everywhere: bool = False):
+        super().__init__(name="poisoned")
+        self.poison, self.everywhere = poison, everywhere
+
+    def __call__(self, ctx):
+        reward = super().__call__(ctx).clone()
+        if self.everywhere:
+            return torch.full_like(reward, math.nan)
+        if self.poison:
+            reward[1], reward[4] = math.nan, math.inf
+        return reward
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_samples_with_bad_rewards_add_nothing_to_the_gradient(tmp_path, tied):
+    """NaN / inf rewards on two rows: the step's gradient (policy loss and regulariser) equals that of
+    the same rollout with those rows removed, and the step goes on, counted."""
+    good = [0, 2, 3, 5]
+    runs, logged = {}, {}
+    for removed in (False, True):
+        record = _Record()
+        module = FlowGRPO(
+            _tiny(),
+            rewards=[_PoisonedLatentMean(poison=not removed)],
+            warm_start=None,
+            num_steps=3,
+            noise_level=1.0,
+            beta=0.5,
+            micro_batch_size=8,
+            train_tied_groups=tied,
+            lr=1e-3,
+        )
+        torch.manual_seed(3)
+        with torch.no_grad():  # a reference apart from the policy: the regulariser has a gradient at once
+            for p in module.reference.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        if removed:
+            step = module.training_step
+
+            def without_bad_rows(batch, batch_idx, step=step):
+                specs, ids = [batch.specs[i] for i in good], batch.group_ids[good]
+                return step(PromptBatch(specs, ids, batch.rollout.select(good)), batch_idx)
+
+            module.training_step = without_bad_rows
+        grads = capture_backward_grads(module, module.policy.transformer.proj_out.weight)
+        torch.manual_seed(5)
+        _trainer(tmp_path, 1, [record]).fit(module, datamodule=_data(P=2, G=3))
+        runs[removed], logged[removed] = grads, record.rows[0]
+    assert len(runs[False]) == len(runs[True]) == 2  # one micro-batch x 2 trained steps
+    for with_bad, without in zip(runs[False], runs[True]):
+        assert with_bad.abs().sum() > 0
+        torch.testing.assert_close(with_bad, without, rtol=1e-4, atol=1e-9)
+    assert logged[False]["train/bad_rewards"] == 2.0 and logged[True]["train/bad_rewards"] == 0.0
+    assert logged[False]["train/skipped_steps"] == 0.0
+    assert logged[False]["reward/total"] == pytest.approx(logged[True]["reward/total"])
+    fracs = logged[False]["train/trained_rows_frac"], logged[True]["train/trained_rows_frac"]
+    assert fracs[0] == pytest.approx(4 / 6 * fracs[1])
+
+
+def test_a_batch_with_every_reward_nan_trains_nothing_and_the_run_goes_on(tmp_path):
+    record = _Record()
+    module = FlowGRPO(
+        _tiny(), rewards=[_PoisonedLatentMean(everywhere=True)], warm_start=None, num_steps=3, lr=1e-2
+    )
+    before = _snapshot(module.policy)
+    grads = capture_backward_grads(module, module.policy.transformer.proj_out.weight)
+    with pytest.warns(UserWarning, match="6 of 6 rewards at step 0 are NaN or inf from reward 'poisoned'"):
+        _trainer(tmp_path, 3, [record]).fit(module, datamodule=_data())
+    assert grads == [] and module.global_step == 3
+    assert [r["train/empty_batches"] for r in record.rows] == [1.0, 2.0, 3.0]
+    assert [r["train/bad_rewards_total"] for r in record.rows] == [6.0, 12.0, 18.0]
+    assert all(r["train/bad_rewards"] == 6.0 and r["train/skipped_steps"] == 0.0 for r in record.rows)
+    assert all(torch.equal(before[k], v) for k, v in module.policy.state_dict().items())

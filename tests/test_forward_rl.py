@@ -191,3 +191,30 @@ def test_nft_rollouts_come_from_the_old_policy(monkeypatch):
 def test_bad_settings_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DiffusionNFT(_tiny(), warm_start=None, **kwargs)
+
+
+class _HalfNaN(LatentMeanReward):
+    """NaN for the first `bad` samples of each batch (all of them when bad is None)."""
+
+    def __init__(self, bad=None):
+        super().__init__()
+        self.bad = bad
+
+    def __call__(self, ctx):
+        r = super().__call__(ctx).clone()
+        r[: self.bad] = float("nan")
+        return r
+
+
+def test_bad_rewards_train_nothing_and_every_bad_step_is_skipped():
+    module = AdvantageWeightedMatching(_tiny(), warm_start=None, rewards=[_HalfNaN()], num_steps=4,
+                                       timesteps_per_sample=2, lr=1e-2)
+    start = copy.deepcopy(module.policy.state_dict())
+    trainer = _fit(module, 2)
+    assert trainer.global_step == 2 and module.empty_batches == 2 and module.bad_rewards == 12
+    assert all(torch.equal(v, module.policy.state_dict()[k]) for k, v in start.items())
+    partial = DiffusionNFT(_tiny(), warm_start=None, rewards=[_HalfNaN(2)], num_steps=4,
+                           timesteps_per_sample=2, lr=1e-2)
+    trainer = _fit(partial, 1)
+    assert partial.bad_rewards == 2 and partial.empty_batches == 0
+    assert trainer.logged_metrics["train/bad_rewards"] == 2

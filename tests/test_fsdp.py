@@ -126,3 +126,25 @@ def test_sharded_updates_match_one_process_on_the_same_rollouts(tmp_path, recipe
 def _mkdir(path: Path) -> Path:
     path.mkdir()
     return path
+
+
+@pytest.mark.parametrize("recipe", ["flow_grpo_rank_nan", "unigrpo_rank_nan", "grpo_rank_nan"])
+def test_nan_rewards_on_one_rank_keep_ranks_in_step(tmp_path, recipe):
+    """Every reward of rank 0 NaN (for the flow recipes its rollout log-probs too, so any use of those
+    rows in a loss would skip the step): rank 0 runs padding micro-batches that train nothing, rank 1's
+    rows train the shared weights, both ranks count the same bad rewards and stay equal."""
+    script = "fsdp_sft_script.py" if recipe.startswith("grpo") else "fsdp_flow_script.py"
+    first, second = _run_ranks(script, tmp_path, recipe)
+    assert first["checksum"] == pytest.approx(second["checksum"], rel=1e-9)
+    assert abs(first["checksum"] - first["initial"]) > 1e-4
+    assert first["skipped_steps"] == second["skipped_steps"] == 0.0
+    assert first["bad_rewards"] == second["bad_rewards"] == 8.0  # 4 rows on rank 0, 2 steps
+    assert first["empty_batches"] == second["empty_batches"] == 0.0
+
+
+def test_flow_grpo_with_every_reward_nan_on_every_rank_trains_nothing_and_goes_on(tmp_path):
+    first, second = _run_ranks("fsdp_flow_script.py", tmp_path, "flow_grpo_all_nan")
+    assert first["checksum"] == pytest.approx(first["initial"], rel=1e-12) == second["checksum"]
+    assert first["global_step"] == second["global_step"] == 2
+    assert first["empty_batches"] == second["empty_batches"] == 2.0
+    assert first["bad_rewards"] == second["bad_rewards"] == 16.0

@@ -11,6 +11,7 @@ of the exact probabilities transformers samples from (after its CFG). Greedy dec
 """
 
 import inspect
+import warnings
 
 import lightning as L
 import pytest
@@ -295,3 +296,17 @@ def test_grpo_under_fsdp2_on_two_cpu_processes(tmp_path):
     assert all(r["unit"].startswith("FSDP") for r in ranks), ranks
     assert abs(ranks[0]["checksum"] - ranks[1]["checksum"]) < 1e-6 * ranks[0]["checksum"]
     assert all(r["ratio"] == 1.0 for r in ranks)  # on-policy, one update per rollout
+
+
+def test_a_warm_start_of_another_janus_size_fails_naming_the_nested_config_fields(tmp_path):
+    from unirl_lightning.modules.base import load_warm_start
+
+    _policy(0, hidden_size=16, num_heads=2).save_pretrained(tmp_path / "small")
+    with pytest.raises(ValueError, match="holds another architecture than this run's JanusPolicy") as info:
+        load_warm_start(_policy(1), tmp_path / "small", "model.warm_start")
+    assert "text_config.hidden_size (folder: 16, this run: 32)" in str(info.value)
+    same = _policy(0)
+    same.save_pretrained(tmp_path / "same")
+    with warnings.catch_warnings():  # the same architecture: loads without a word
+        warnings.simplefilter("error", UserWarning)
+        load_warm_start(_policy(1), tmp_path / "same", "model.warm_start")

@@ -95,6 +95,45 @@ def test_zero_std_fraction():
     assert zero_std_fraction(rewards, ids) == pytest.approx(3 / 4)
 
 
+@pytest.mark.parametrize("clip", [None, 1.5])
+@pytest.mark.parametrize("unbiased", [True, False])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_non_finite_rewards_are_left_out_of_the_advantages(scale, unbiased, clip):
+    """NaN / inf rewards get advantage exactly 0, and the others' advantages are those of the batch
+    without them (each group's mean and std, or the batch's std, over its finite rewards only)."""
+    for seed in range(4):
+        rewards, ids = _shuffled_groups(seed)
+        g = torch.Generator().manual_seed(100 + seed)
+        bad = torch.zeros_like(ids, dtype=torch.bool)
+        # per group 0, 1, 2 or all 6 samples bad, in a seeded order of the groups
+        for gid, count in zip(ids.unique()[torch.randperm(4, generator=g)], [0, 1, 2, 6]):
+            rows = (ids == gid).nonzero().flatten()
+            bad[rows[torch.randperm(6, generator=g)[:count]]] = True
+        poisoned = rewards.clone()
+        values = torch.tensor([math.nan, math.inf, -math.inf], dtype=rewards.dtype)
+        poisoned[bad] = values[torch.randint(3, (int(bad.sum()),), generator=g)]
+        adv = group_advantages(poisoned, ids, scale=scale, unbiased=unbiased, clip=clip)
+        assert torch.equal(adv[bad], torch.zeros(int(bad.sum()), dtype=adv.dtype))
+        expected = _hand_advantages(rewards[~bad], ids[~bad], scale, 1e-4, unbiased)
+        if clip is not None:
+            expected = expected.clamp(-clip, clip)
+        assert_close(adv[~bad], expected)
+        assert_close(adv[~bad], group_advantages(rewards[~bad], ids[~bad], scale=scale, unbiased=unbiased,
+                                                 clip=clip))
+        # the fully bad group counts as flat (no signal), like a tied one
+        assert zero_std_fraction(poisoned, ids) == pytest.approx(1 / 4)
+
+
+def test_every_reward_non_finite_gives_zero_advantages():
+    ids = torch.tensor([0, 0, 1, 1])
+    for scale in ("group", "batch", "none"):
+        adv = group_advantages(torch.full((4,), math.nan), ids, scale=scale)
+        assert torch.equal(adv, torch.zeros(4))
+    assert zero_std_fraction(torch.tensor([math.inf, math.nan, 1.0, 1.0]), ids) == 1.0
+    assert zero_std_fraction(torch.tensor([math.inf, 0.5, 1.0, 1.0]), ids) == 1.0  # a singleton and a tie
+    assert zero_std_fraction(torch.tensor([math.inf, 0.5, 1.0, 2.0]), ids) == 0.5
+
+
 def test_advantage_errors():
     with pytest.raises(ValueError, match="group, batch, none"):
         group_advantages(torch.zeros(2), torch.zeros(2, dtype=torch.long), scale="prompt")

@@ -1,6 +1,8 @@
 """The recipes end to end on tiny models: they run under a real Trainer, and their updates move the
 policy the way their objectives say."""
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -9,6 +11,7 @@ from unirl_lightning.data import OnPolicyDataModule
 from unirl_lightning.models.tiny import TinyConfig, TinyUnifiedModel
 from unirl_lightning.modules import DiscreteGRPO, UniRLSFT
 from grad_capture import assert_follows_advantages, record_rollouts
+from unirl_lightning.rewards import RewardFunction
 
 
 def _tiny(order="autoregressive"):
@@ -258,8 +261,6 @@ def test_grpo_answer_sft_on_correct_uses_only_judged_correct_images(tmp_path):
 
 def test_grpo_filter_zero_std_with_every_group_tied_trains_nothing_and_goes_on(tmp_path):
     """`filter_zero_std` with every group tied (a constant reward): no backward, counted, the run goes on."""
-    from unirl_lightning.rewards import RewardFunction
-
     class ConstantReward(RewardFunction):
         def __call__(self, ctx):
             return torch.ones(len(ctx.specs))
@@ -277,3 +278,135 @@ def test_grpo_filter_zero_std_with_every_group_tied_trains_nothing_and_goes_on(t
     m = trainer.logged_metrics
     assert float(m["train/empty_batches"]) == 2.0 and float(m["train/trained_rows_frac"]) == 0.0
     assert float(m["train/zero_std_frac"]) == 1.0
+
+
+_REWARDS = torch.tensor([0.1, 0.7, 0.4, 0.9, 0.2, 0.5])  # differ inside each group of three
+
+
+class _Poisoned(RewardFunction):
+    """`_REWARDS`, with NaN on row 1 and inf on row 4 of each batch (or NaN everywhere)."""
+
+    def __init__(self, everywhere: bool = False):
+        super().__init__(name="poisoned")
+        self.everywhere = everywhere
+
+    def __call__(self, ctx):
+        reward = _REWARDS[: len(ctx.specs)].clone()
+        if self.everywhere:
+            return torch.full_like(reward, float("nan"))
+        reward[1], reward[4] = float("nan"), float("inf")
+        return reward
+
+
+def test_grpo_leaves_samples_with_nan_or_inf_rewards_out_and_goes_on(tmp_path, monkeypatch):
+    """NaN / inf rewards: those samples get advantage 0 and are left out of every loss (the others'
+    advantages are their groups' without them); counted in `train/bad_rewards`, with a warning."""
+    from unirl_lightning.modules import grpo
+    from unirl_lightning.objectives import group_advantages
+
+    policy = _tiny()
+    before = _snapshot(policy)
+    module = DiscreteGRPO(
+        policy, warm_start=None, rewards=[_Poisoned()], beta=0.04, answer_sft_weight=0.5, lr=1e-2
+    )
+    seen = record_rollouts(module, monkeypatch, grpo)
+    kept, streams = [], module._streams
+    monkeypatch.setattr(module, "_streams", lambda ctx, keep, chunks: (kept.append(keep.tolist()),
+                                                                        streams(ctx, keep, chunks))[1])
+    with pytest.warns(UserWarning, match=r"2 of 6 rewards at step 0 are NaN or inf from reward 'poisoned'"):
+        trainer = _fit(module, tmp_path, steps=2)
+    assert kept == [[0, 2, 3, 5]] * 2
+    good = torch.tensor([0, 2, 3, 5])
+    expected = group_advantages(_REWARDS[good], torch.tensor([0, 0, 1, 1]))
+    for recorded in seen:
+        assert torch.equal(recorded.advantages[[1, 4]], torch.zeros(2))
+        torch.testing.assert_close(recorded.advantages[good], expected)
+    m = trainer.logged_metrics
+    assert float(m["train/bad_rewards"]) == 2.0 and float(m["train/bad_rewards_total"]) == 4.0
+    assert module.bad_rewards == 4 and float(m["train/skipped_steps"]) == 0.0
+    assert float(m["reward/total"]) == pytest.approx(_REWARDS[good].mean().item())
+    assert _changed(before, policy) and all(torch.isfinite(v).all() for v in policy.state_dict().values())
+
+
+def test_grpo_with_every_reward_nan_skips_the_step_and_goes_on(tmp_path):
+    """Every sample's reward NaN: no backward (not even the answer SFT), counted, global_step advances."""
+    policy = _tiny()
+    before = _snapshot(policy)
+    module = DiscreteGRPO(
+        policy, warm_start=None, rewards=[_Poisoned(everywhere=True)], answer_sft_weight=0.5, lr=1e-2
+    )
+    calls = []
+    backward = module.manual_backward
+    module.manual_backward = lambda loss, *a, **k: (calls.append(1), backward(loss, *a, **k))
+    with pytest.warns(UserWarning, match="every sample: the step trains nothing"):
+        trainer = _fit(module, tmp_path, steps=2)
+    assert calls == [] and trainer.global_step == 2 and not _changed(before, policy)
+    m = trainer.logged_metrics
+    assert float(m["train/empty_batches"]) == 2.0 and module.bad_rewards == 12
+    assert float(m["train/bad_rewards"]) == 6.0 and float(m["train/trained_rows_frac"]) == 0.0
+
+
+def test_a_reward_that_raises_in_training_names_the_reward_and_the_prompt(tmp_path):
+    class Boom(RewardFunction):
+        """Fails on every sample of the prompt that ends the first batch."""
+
+        target = None
+
+        def __call__(self, ctx):
+            Boom.target = Boom.target or ctx.specs[-1]["prompt"]
+            if any(s["prompt"] == Boom.target for s in ctx.specs):
+                raise ZeroDivisionError("division by zero")
+            return torch.zeros(len(ctx.specs))
+
+    module = DiscreteGRPO(_tiny(), warm_start=None, rewards=[Boom(name="boom")], lr=1e-2)
+    with pytest.raises(RuntimeError, match=r"reward 'boom' \(Boom\) raised ZeroDivisionError") as info:
+        _fit(module, tmp_path, steps=1)
+    assert f"prompt {Boom.target!r}" in str(info.value) and "fails on sample" in str(info.value)
+
+
+def _error_before_training(module, tmp_path) -> str:
+    """Fit `module`; returns the message of the ValueError it raised before any rollout."""
+    module.make_rollouts = lambda batch: pytest.fail("a rollout ran before the warm start was checked")
+    with pytest.raises(ValueError) as info:
+        _fit(module, tmp_path, steps=1)
+    return str(info.value)
+
+
+def test_a_warm_start_of_another_size_fails_before_training_naming_folder_fields_and_fix(tmp_path):
+    folder = tmp_path / "small"
+    TinyUnifiedModel(TinyConfig(d_model=16, n_layers=2, n_heads=2)).save_pretrained(folder)
+    message = _error_before_training(DiscreteGRPO(_tiny(), warm_start=str(folder)), tmp_path)
+    assert f"model.warm_start: {folder} holds another architecture than this run's TinyUnifiedModel" in (
+        message
+    )
+    assert "d_model (folder: 16, this run: 32)" in message and "n_layers" not in message
+    assert "point model.warm_start at a folder saved from a TinyUnifiedModel" in message
+    assert "set model.warm_start: null" in message
+
+
+def test_a_warm_start_of_another_model_class_fails_before_training(tmp_path):
+    from unirl_lightning.models.flow import TinyFlowConfig, TinyFlowModel
+
+    folder = tmp_path / "flow"
+    TinyFlowModel(TinyFlowConfig(num_layers=1, num_heads=2, head_dim=8, text_dim=16)).save_pretrained(folder)
+    message = _error_before_training(DiscreteGRPO(_tiny(), warm_start=str(folder)), tmp_path)
+    assert f"model.warm_start: {folder} cannot be loaded as a TinyUnifiedModel (TypeError:" in message
+    assert "fields only the folder's config has: cell, head_dim, image_position_learned" in message
+    assert "fields only this run's config has: d_model, dropout" in message
+
+
+def test_a_warm_start_whose_weights_fit_loads_and_warns_about_differing_fields(tmp_path):
+    from unirl_lightning.modules.base import load_warm_start
+
+    source = TinyUnifiedModel(TinyConfig(d_model=32, n_layers=2, n_heads=2, mask_steps=8))
+    source.save_pretrained(tmp_path / "ar")
+    policy = _tiny()  # mask_steps 4
+    with pytest.warns(UserWarning, match=r"\(fields that differ: mask_steps \(folder: 8, this run: 4\)\)"):
+        load_warm_start(policy, tmp_path / "ar", "model.warm_start")
+    assert not _changed(_snapshot(source), policy) and policy.config.mask_steps == 4
+    _tiny().save_pretrained(tmp_path / "same")
+    with warnings.catch_warnings():  # the same config: loads without a word
+        warnings.simplefilter("error")
+        load_warm_start(policy, tmp_path / "same", "model.warm_start")
+    with pytest.raises(FileNotFoundError, match="model.warm_start: .* is not a folder"):
+        load_warm_start(policy, tmp_path / "missing", "model.warm_start")

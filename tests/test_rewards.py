@@ -85,3 +85,65 @@ def test_combine_rewards_rejects_wrong_shapes_and_empty_lists(scenes):
         combine_rewards([Short()], _ctx(specs, images))
     with pytest.raises(ValueError, match="at least one entry"):
         combine_rewards([], _ctx(specs, images))
+
+
+class _FailsOn(GenEvalReward):
+    """GenEval, but raises on any batch holding the spec `bad` (or, `batch_only`, on batches of more than
+    one sample: a failure of the batch as a whole)."""
+
+    def __init__(self, bad: dict | None = None, batch_only: bool = False):
+        super().__init__("binary", name="flaky")
+        self.bad, self.batch_only = bad, batch_only
+
+    def __call__(self, ctx):
+        if self.batch_only and len(ctx.specs) > 1:
+            raise MemoryError("out of memory in the reward model")
+        if self.bad is not None and self.bad in ctx.specs:
+            raise KeyError("unknown object")
+        return super().__call__(ctx)
+
+
+def test_a_reward_that_raises_is_named_with_the_prompt_that_fails(scenes):
+    specs, images, _ = scenes
+    with pytest.raises(RuntimeError) as info:
+        combine_rewards([GenEvalReward("partial"), _FailsOn(bad=specs[5])], _ctx(specs, images))
+    message = str(info.value)
+    assert "reward 'flaky' (_FailsOn) raised KeyError: 'unknown object'" in message
+    assert f"fails on sample 5 of {len(specs)}, prompt {specs[5]['prompt']!r}" in message
+    assert isinstance(info.value.__cause__, KeyError)  # the original error, with its traceback
+
+
+def test_a_reward_that_fails_only_on_whole_batches_names_the_batchs_prompts(scenes):
+    specs, images, _ = scenes
+    with pytest.raises(RuntimeError, match="each sample alone scores without error") as info:
+        combine_rewards([_FailsOn(batch_only=True)], _ctx(specs, images))
+    message = str(info.value)
+    assert "raised MemoryError: out of memory in the reward model" in message
+    assert all(repr(s["prompt"]) in message for s in specs[:4]) and f"and {len(specs) - 4} more" in message
+
+
+def test_rollout_context_select_cuts_every_per_sample_field(scenes):
+    specs, images, _ = scenes
+    ctx = _ctx(specs[:6], images[:6], answers=[f"answer {i}" for i in range(6)])
+    ctx.cache.update(geneval=list(range(6)), step_s=1.5, scores=torch.arange(6.0))
+    sub = ctx.select([4, 1])
+    assert sub.specs == [specs[4], specs[1]] and torch.equal(sub.images, images[[4, 1]])
+    assert sub.answers.texts == ["answer 4", "answer 1"] and sub.answers.tokens.shape == (2, 1)
+    assert sub.cache["geneval"] == [4, 1] and sub.cache["step_s"] == 1.5
+    assert torch.equal(sub.cache["scores"], torch.tensor([4.0, 1.0]))
+
+
+def test_non_finite_rewards_are_counted_and_kept_out_of_the_logged_means(scenes):
+    specs, images, _ = scenes
+
+    class HalfNaN(GenEvalReward):
+        def __call__(self, ctx):
+            r = super().__call__(ctx)
+            r[::2] = float("nan")
+            return r
+
+    ctx = _ctx(specs, images)
+    total, logs = combine_rewards([HalfNaN("binary", name="half")], ctx)
+    assert int(torch.isnan(total).sum()) == len(specs) // 2
+    assert logs["reward/half"] == pytest.approx(total[1::2].mean().item())
+    assert ctx.cache["bad_reward_terms"] == {"half": len(specs) // 2}

@@ -6,6 +6,8 @@ import lightning as L
 import pytest
 import torch
 
+from grad_capture import LatentMeanReward, capture_backward_grads
+from unirl_lightning.data.datamodule import PromptBatch
 from unirl_lightning.data.reasoning import (
     WARM_START_HELD_OUT,
     ReasoningDataModule,
@@ -391,3 +393,79 @@ def test_print_config_parses(capsys):
         run=False,
     )
     assert isinstance(cli.model, UniGRPO) and isinstance(cli.datamodule, ReasoningDataModule)
+
+
+class _PoisonedLatentMean(LatentMeanReward):
+    """LatentMeanReward with NaN on row 1 and inf on row 4 (`poison`), or NaN everywhere (`everywhere`)."""
+
+    def __init__(self, poison: bool = True, everywhere: bool = False):
+        super().__init__(name="poisoned")
+        self.poison, self.everywhere = poison, everywhere
+
+    def __call__(self, ctx):
+        reward = super().__call__(ctx).clone()
+        if self.everywhere:
+            return torch.full_like(reward, float("nan"))
+        if self.poison:
+            reward[1], reward[4] = float("nan"), float("inf")
+        return reward
+
+
+def test_samples_with_bad_rewards_add_nothing_to_either_policys_gradient():
+    """NaN / inf rewards on two rows: both policies' gradients (surrogates, velocity MSE, text KL) equal
+    those of the same rollouts with the two rows removed; the step goes on and counts them."""
+    good = [0, 2, 3, 5]
+    runs, logged = {}, {}
+    for removed in (False, True):
+        module = _module(rewards=[_PoisonedLatentMean(poison=not removed)], micro_batch_size=8, beta=0.5,
+                         beta_text=0.5)
+        torch.manual_seed(3)
+        with torch.no_grad():  # references apart from the policies: the penalties have gradients at once
+            for p in [*module.reference.parameters(), *module.text_reference.parameters()]:
+                p.add_(0.05 * torch.randn_like(p))
+        if removed:
+            step = module.training_step
+
+            def without_bad_rows(batch, batch_idx, step=step):
+                specs, ids = [batch.specs[i] for i in good], batch.group_ids[good]
+                return step(PromptBatch(specs, ids, batch.rollout.select(good)), batch_idx)
+
+            module.training_step = without_bad_rows
+        text_param = module.text_policy.blocks[0].qkv.weight
+        grads = {
+            "flow": capture_backward_grads(module, module.policy.transformer.proj_out.weight),
+            "text": capture_backward_grads(module, text_param),
+        }
+        record = _Record()
+        torch.manual_seed(5)
+        _trainer(1, [record]).fit(module, datamodule=_data(P=2, G=3))
+        runs[removed], logged[removed] = grads, record.rows[0]
+    for name in ("flow", "text"):
+        assert len(runs[False][name]) == len(runs[True][name]) == 3  # text, then 2 image steps
+        total = torch.stack(runs[False][name]).sum(0)
+        assert total.abs().sum() > 0
+        torch.testing.assert_close(total, torch.stack(runs[True][name]).sum(0), rtol=1e-4, atol=1e-9)
+    assert logged[False]["train/bad_rewards"] == 2.0 and logged[False]["train/skipped_steps"] == 0.0
+    assert logged[False]["reward/total"] == pytest.approx(logged[True]["reward/total"])
+
+
+def test_a_batch_with_every_reward_nan_trains_neither_policy_and_the_run_goes_on():
+    module = _module(rewards=[_PoisonedLatentMean(everywhere=True)])
+    before = _snapshot(module)
+    record = _Record()
+    with pytest.warns(UserWarning, match="every sample: the step trains nothing"):
+        _trainer(2, [record]).fit(module, datamodule=_data())
+    assert module.global_step == 2 and not _changed(before, module)
+    assert [r["train/empty_batches"] for r in record.rows] == [1.0, 2.0]
+    assert [r["train/bad_rewards"] for r in record.rows] == [6.0, 6.0] and module.bad_rewards == 12
+
+
+def test_a_text_warm_start_of_another_architecture_fails_naming_folder_and_fields(tmp_path):
+    TinyTextPolicy(TinyTextConfig(d_model=16, n_layers=1, n_heads=2)).save_pretrained(tmp_path / "text")
+    module = _module(text_warm_start=str(tmp_path / "text"))
+    expected = (
+        "model.text_warm_start: .* holds another architecture than this run's TinyTextPolicy: "
+        r"fields that differ: d_model \(folder: 16, this run: 32\)"
+    )
+    with pytest.raises(ValueError, match=expected):
+        module.setup("fit")

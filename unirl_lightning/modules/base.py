@@ -7,12 +7,14 @@ the recipes add their training steps.
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from unirl_lightning.callbacks.save_on_exception import SaveOnException
@@ -25,7 +27,13 @@ from unirl_lightning.modules.resume import (
     rescale_resumed_lrs,
     run_settings,
 )
-from unirl_lightning.modules.training import expect_frozen_eval_modules, rng_states, set_rng_states
+from unirl_lightning.modules.training import (
+    count_bad_rewards,
+    expect_frozen_eval_modules,
+    rng_states,
+    set_rng_states,
+)
+from unirl_lightning.rewards.base import RolloutContext, describe_sample
 from unirl_lightning.worlds.detector import WorldDetector
 
 
@@ -47,7 +55,7 @@ class RecipeModule(L.LightningModule):
     #: init arguments kept out of `hparams` (models and callables: not hyper-parameters)
     hparams_ignore: tuple[str, ...] = ("policy", "detector", "rewards")
     #: counters of the run, saved in checkpoints (a resumed run keeps counting)
-    run_counters: tuple[str, ...] = ("skipped_steps", "empty_batches")
+    run_counters: tuple[str, ...] = ("skipped_steps", "empty_batches", "bad_rewards")
     #: resume from a checkpoint whose settings differ from this run's (the CLI's
     #: --override_checkpoint_settings); otherwise such a resume is refused, naming the fields
     override_checkpoint_settings: bool = False
@@ -83,6 +91,32 @@ class RecipeModule(L.LightningModule):
         self.skipped_steps = 0  # optimiser steps skipped for non-finite gradients (shared.guarded_step)
         self.empty_batches = 0  # rollout batches with nothing to train (every group tied or filtered out)
         self._resume: dict[str, Any] | None = None  # what on_load_checkpoint read, applied at train start
+        self.bad_rewards = 0  # samples whose reward was NaN or inf, left out of advantages and losses
+        self._warned_bad_rewards = False
+
+    # ---- rewards ----------------------------------------------------------------------
+    def screen_rewards(self, rewards: torch.Tensor, ctx: RolloutContext) -> tuple[torch.Tensor, int, bool]:
+        """This rank's mask of finite rewards `[N]`, this step's count of NaN / inf rewards over every
+        rank (added to `self.bad_rewards`, logged as `train/bad_rewards`), and whether every sample of
+        the step is bad on every rank (the recipe then skips its backward; the same answer on every
+        rank). The first time a step has bad rewards, a warning names the reward and a prompt."""
+        finite, bad, total = count_bad_rewards(self, rewards)
+        self.bad_rewards += bad
+        if bad and not self._warned_bad_rewards:
+            self._warned_bad_rewards = True
+            terms = ctx.cache.get("bad_reward_terms", {})
+            names = ", ".join(f"{name!r} ({k} samples)" for name, k in terms.items())
+            local = (~finite).nonzero().flatten().tolist()
+            where = f" from reward {names}" if names else ""
+            if local:  # this rank's: the others' samples are not here
+                where += f", e.g. on prompt {describe_sample(ctx.specs[local[0]])}"
+            rank_zero_warn(
+                f"{type(self).__name__}: {bad} of {total} rewards at step {self.global_step} are NaN or inf"
+                f"{where}; those samples are left out of the advantages and the loss"
+                + (" (every sample: the step trains nothing)" if bad == total else "")
+                + "; counted in train/bad_rewards (later ones without a warning)"
+            )
+        return finite, bad, bad == total
 
     # ---- warm start -------------------------------------------------------------------
     def resuming(self, stage: str) -> bool:
@@ -105,12 +139,7 @@ class RecipeModule(L.LightningModule):
             source = self.auto_warm_start()
             if source is None:
                 return
-        if not Path(source).is_dir():
-            raise FileNotFoundError(
-                f"model.warm_start: {source!r} is not a folder written by save_pretrained"
-            )
-        loaded = type(self.policy).from_pretrained(source)
-        self.policy.load_state_dict(loaded.state_dict())
+        load_warm_start(self.policy, source, "model.warm_start")
         self.on_warm_started()
 
     def on_fit_start(self) -> None:
@@ -242,3 +271,109 @@ class RecipeModule(L.LightningModule):
             weight_decay=self.hparams.weight_decay,
             betas=tuple(self.hparams.betas),
         )
+
+
+# ---- warm starts ----------------------------------------------------------------------------------
+#: config entries that say nothing about the architecture (versions, paths, storage dtype)
+_CONFIG_NOISE = {"transformers_version", "_diffusers_version", "torch_dtype", "dtype", "architectures"}
+
+
+def load_warm_start(policy: nn.Module, source: str | Path, field: str) -> None:
+    """Load the weights of `source`, a folder written by `save_pretrained`, into `policy`; `field` is
+    the config key that named it. A folder of another model class or architecture (other sizes, vocabulary)
+    fails here, before any compute, naming the folder, the config fields that differ and the fix
+    (rather than as a size mismatch inside `load_state_dict`). When the weights fit but some config
+    fields differ (e.g. sampling options), they load with a warning naming those fields: this run keeps
+    its own values."""
+    cls = type(policy).__name__
+    if not Path(source).is_dir():
+        raise FileNotFoundError(f"{field}: {str(source)!r} is not a folder written by save_pretrained")
+    fix = (
+        f"point {field} at a folder saved from a {cls} with this run's config, make the policy's config "
+        f"match the folder's, or set {field}: null to start from the policy's initial weights"
+    )
+    try:
+        loaded = type(policy).from_pretrained(source)
+    except Exception as error:
+        differ = _config_diff(_folder_config(source), _config_of(policy))
+        raise ValueError(
+            f"{field}: {source} cannot be loaded as a {cls} ({type(error).__name__}: {error})"
+            f"{'; ' + differ if differ else ''}; {fix}"
+        ) from error
+    ours, theirs = policy.state_dict(), loaded.state_dict()
+    unfit = sorted(set(ours) ^ set(theirs)) + [
+        k for k in ours if k in theirs and ours[k].shape != theirs[k].shape
+    ]
+    differ = _config_diff(_config_of(loaded), _config_of(policy))
+    if unfit:
+        shown = ", ".join(unfit[:4]) + (f" and {len(unfit) - 4} more" if len(unfit) > 4 else "")
+        raise ValueError(
+            f"{field}: {source} holds another architecture than this run's {cls}: "
+            + (differ or f"weights that do not fit: {shown}")
+            + f"; {fix}"
+        )
+    policy.load_state_dict(theirs)
+    if differ:
+        rank_zero_warn(
+            f"{field}: the config of {source} differs from this run's ({differ}); its weights fit and are "
+            "loaded, and this run keeps its own config"
+        )
+
+
+def _config_of(model: nn.Module) -> dict[str, Any] | None:
+    """A policy's config as a dict: the built-in models' dataclass, or the wrapped transformers /
+    diffusers model's config (None when there is none)."""
+    config = getattr(model, "config", None)
+    for inner in ("model", "transformer"):
+        if config is None:
+            config = getattr(getattr(model, inner, None), "config", None)
+    if is_dataclass(config) and not isinstance(config, type):
+        return asdict(config)
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    return dict(config) if isinstance(config, dict) else None
+
+
+def _folder_config(source: str | Path) -> dict[str, Any] | None:
+    """The folder's `config.json` (None when absent or unreadable)."""
+    try:
+        return json.loads((Path(source) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _config_diff(theirs: dict | None, ours: dict | None, shown: int = 8) -> str:
+    """How a folder's config differs from this run's: the fields of both whose values differ
+    (`name (folder: value, this run: value)`), then the fields only one of them has (a folder of another
+    model class); empty when they agree or either is unknown."""
+    if theirs is None or ours is None:
+        return ""
+
+    def flat(config: dict, prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in config.items():
+            key = str(key)  # e.g. transformers' id2label has int keys
+            if key.startswith("_") or key in _CONFIG_NOISE:
+                continue
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def short(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    def listed(items: list[str]) -> str:
+        return ", ".join(items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")
+
+    a, b = flat(theirs), flat(ours)
+    differ = [f"{k} (folder: {short(a[k])}, this run: {short(b[k])})" for k in sorted(set(a) & set(b))
+              if a[k] != b[k]]
+    parts = [f"fields that differ: {listed(differ)}"] if differ else []
+    if set(a) - set(b):
+        parts.append(f"fields only the folder's config has: {listed(sorted(set(a) - set(b)))}")
+    if set(b) - set(a):
+        parts.append(f"fields only this run's config has: {listed(sorted(set(b) - set(a)))}")
+    return "; ".join(parts)

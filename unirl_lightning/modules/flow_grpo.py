@@ -30,6 +30,7 @@ from unirl_lightning.modules.flow_base import FlowPolicyModule
 from unirl_lightning.modules.training import (
     check_lr_decay,
     guarded_step,
+    live_mean,
     rank_advantages,
     warmup_then_decay,
 )
@@ -41,7 +42,7 @@ from unirl_lightning.objectives import (
     policy_loss,
     velocity_mse,
 )
-from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards
+from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards, finite_mean
 from unirl_lightning.rewards.geneval import GenEvalReward
 from unirl_lightning.worlds.vocab import TASKS
 
@@ -117,7 +118,8 @@ class FlowGRPO(FlowPolicyModule):
             unchanged and the regulariser is taken as its mean over the trained rows (the same
             strength, on fewer states). Saves the tied share of the training compute. Under
             data parallelism every rank trains as many rows as the rank with the most untied
-            ones (equal backward counts for the collectives), filling with tied rows.
+            ones (equal backward counts for the collectives), filling with tied rows. Rows whose
+            reward is NaN or inf never train (`train/bad_rewards`): they fill last, loss masked.
         clip_range: ratio clip epsilon; ~1e-4 for mean-over-dims log-probs (Flow-GRPO).
         scale / adv_clip: advantage normalisation ("batch" = Flow-GRPO's global std for SD3,
             "group", "none") and clip.
@@ -393,16 +395,16 @@ class FlowGRPO(FlowPolicyModule):
             else self.policy.encode_text([rollout.prompts[r] for r in rows.tolist()])
         )
 
-    def _trained_rows(self, adv: torch.Tensor) -> torch.Tensor:
-        """Rows to back-propagate, long `[m]`: all, or (`train_tied_groups: False`) those with a
-        non-zero advantage, padded with tied rows to the most any rank has."""
-        if self.hparams.train_tied_groups:
-            return torch.arange(len(adv), device=adv.device)
-        untied = adv != 0
-        count = torch.tensor(int(untied.sum()), device=adv.device)
-        count = int(self.all_gather(count).max()) if self.trainer.world_size > 1 else int(count)
-        untied_first = torch.argsort(untied.to(torch.int8), descending=True, stable=True)
-        return untied_first[:count].sort().values
+    def _trained_rows(self, adv: torch.Tensor, finite: torch.Tensor, uneven: bool) -> torch.Tensor:
+        """Rows to back-propagate, long `[m]`: those with a finite reward (bool `[N]` `finite`), or
+        (`train_tied_groups: False`) those with a non-zero advantage; when ranks may differ (`uneven`,
+        the same on every rank) padded to the most any rank has, with tied rows first, then rows
+        with a bad reward (whose loss the caller masks out)."""
+        eligible = finite if self.hparams.train_tied_groups else adv != 0
+        count = torch.tensor(int(eligible.sum()), device=adv.device)
+        count = int(self.all_gather(count).max()) if uneven and self.trainer.world_size > 1 else int(count)
+        priority = eligible.to(torch.int8) + finite.to(torch.int8)
+        return torch.argsort(priority, descending=True, stable=True)[:count].sort().values
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         hp = self.hparams
@@ -410,6 +412,7 @@ class FlowGRPO(FlowPolicyModule):
         rollout: FlowRollout = ctx.rollout
         t0 = time.perf_counter()
         rewards, logs = combine_rewards(self.rewards, ctx)
+        finite, bad, _ = self.screen_rewards(rewards, ctx)
         adv, zero_frac = rank_advantages(
             self, rewards, batch.group_ids, scale=self.hparams.scale, clip=self.hparams.adv_clip
         )
@@ -417,8 +420,11 @@ class FlowGRPO(FlowPolicyModule):
         weights = self.step_weights(rollout, steps)
         per_row = rollout.steps_per_row  # each row's loss averages over its own trained steps
         n = len(rollout)
-        trained = self._trained_rows(adv)
+        trained = self._trained_rows(adv, finite, uneven=not hp.train_tied_groups or bad > 0)
         m = len(trained)
+        # rows with a bad reward are masked out: the policy loss averages over the n_live rows with a
+        # finite reward, the regulariser over the m_live of them that train
+        n_live, m_live = int(finite.sum()), int(finite[trained].sum())
         opt = self.optimizers()
         accumulate = hp.rollouts_per_update
         update = (batch_idx + 1) % accumulate == 0  # gradients accumulate over this many rollouts
@@ -427,7 +433,7 @@ class FlowGRPO(FlowPolicyModule):
         # into micro-batches, so a rollout costs as many backwards as with one window (a backward
         # per step ran ~14-row batches, 2.5x the training time). Every row has the same number of
         # steps, so each rank makes the same number of backwards (FSDP's collectives match).
-        if m == 0:  # every group tied on every rank: nothing to train (each rank agrees, no backward)
+        if m == 0:  # every group tied or bad on every rank: nothing to train (each rank agrees, no backward)
             parts = []
             self.empty_batches += 1
         elif rollout.row_mask is None:
@@ -450,28 +456,30 @@ class FlowGRPO(FlowPolicyModule):
         for _ in range(hp.num_iterations):
             for c, (rows, at, weight, cond) in enumerate(parts):
                 out, old = self.policy.pairs_log_prob(rollout, rows, at, cond), rollout.log_probs[rows, at]
+                live = finite[rows]
                 # a positive weight scales the clipped surrogate -min(rA, clip(r)A) exactly as it scales A
                 loss, stats = policy_loss(
                     out.log_prob[:, None],
                     old[:, None],
                     weight * adv[rows],
-                    torch.ones_like(old, dtype=torch.bool)[:, None],
+                    live[:, None],
                     epsilon_low=hp.clip_range,
                 )
-                loss = loss * len(rows) / n  # untrained rows: advantage 0, no gradient
-                stats["approx_kl"] = 0.5 * (out.log_prob.detach() - old).square().mean()
+                loss = loss * len(rows) / max(n_live, 1)  # untrained rows: advantage 0, no gradient
+                stats["approx_kl"] = live_mean(0.5 * (out.log_prob.detach() - old).square(), live)
                 if self.has_reference:
                     if c not in ref_cache:
                         ref_cache[c] = self._reference_step(rollout, (rows, at))
                     ref = ref_cache[c]
-                    stats["velocity_mse"] = velocity_mse(out.velocity.detach(), ref.velocity).mean()
+                    stats["velocity_mse"] = live_mean(velocity_mse(out.velocity.detach(), ref.velocity), live)
                     if self.penalised:
-                        penalty = self._penalty(out, ref, rollout, at).mean()
+                        penalty = live_mean(self._penalty(out, ref, rollout, at), live)
                         stats[f"reg_{hp.regularizer}"] = penalty.detach()
-                        loss = loss + hp.beta * penalty * len(rows) / m
+                        loss = loss + hp.beta * penalty * int(live.sum()) / max(m_live, 1)
                 self.manual_backward(loss / per_row / accumulate)
-                for k, v in stats.items():
-                    acc.setdefault(k, []).append(float(v))
+                if live.any():  # a chunk of padding rows only (data parallelism) has no statistics
+                    for k, v in stats.items():
+                        acc.setdefault(k, []).append(float(v))
             if not update:
                 continue
             guarded_step(self, opt, hp.gradient_clip_val)
@@ -479,18 +487,20 @@ class FlowGRPO(FlowPolicyModule):
         logs.update({f"policy/{k}": sum(v) / len(v) for k, v in acc.items()})
         logs.update(
             {
-                "reward/total": rewards.mean().item(),
-                "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
+                "reward/total": finite_mean(rewards),
+                "reward/std": rewards[finite.cpu()].std().item() if n_live > 1 else 0.0,
                 "train/zero_std_frac": zero_frac,
                 "train/skipped_steps": float(self.skipped_steps),
                 "train/empty_batches": float(self.empty_batches),
+                "train/bad_rewards": float(bad),
+                "train/bad_rewards_total": float(self.bad_rewards),
                 "train/adv_abs": adv.abs().mean().item(),
                 "train/trained_steps": float(per_row),
-                "train/trained_rows_frac": m / n,
+                "train/trained_rows_frac": m_live / n,
                 "train/lr": opt.param_groups[0]["lr"],
                 "time/rollout_s": ctx.cache.get("rollout_s", math.nan),
                 "time/train_s": time.perf_counter() - t0,
             }
         )
         self.log_dict(logs, prog_bar=False, batch_size=n)
-        self.log("reward", rewards.mean().item(), prog_bar=True, batch_size=n)
+        self.log("reward", finite_mean(rewards), prog_bar=True, batch_size=n)

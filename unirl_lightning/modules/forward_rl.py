@@ -27,7 +27,7 @@ from unirl_lightning.modules.flow_base import FlowPolicyModule
 from unirl_lightning.modules.training import guarded_step, rank_advantages, warmup_then_decay
 from unirl_lightning.modules.warm_start import ensure_flow_warm_start
 from unirl_lightning.objectives import noised, velocity_mse
-from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards
+from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards, finite_mean
 from unirl_lightning.rewards.geneval import GenEvalReward
 
 
@@ -218,16 +218,26 @@ class ForwardProcessRL(FlowPolicyModule):
         rollout = ctx.rollout
         t0 = time.perf_counter()
         rewards, logs = combine_rewards(self.rewards, ctx)
+        finite, bad, all_bad = self.screen_rewards(rewards, ctx)
         adv, zero_frac = rank_advantages(self, rewards, batch.group_ids, scale=hp.scale, clip=None)
         x0 = rollout.latents[:, -1]
         n, k = len(x0), hp.timesteps_per_sample
         index = timestep_indices(n, k, *self._time_range, hp.timestep_sampling).to(x0.device)
         rows = torch.arange(n, device=x0.device).repeat_interleave(k)
         times = rollout.sigmas.to(x0.device)[index.flatten()]
+        if bad:  # a NaN / inf reward: the sample trains nothing (not even toward the anchors)
+            # keep pairs of bad rows as weight-0 padding so sharded ranks run as many backwards
+            live = finite.to(x0.device)[rows]
+        else:
+            live = torch.ones_like(rows, dtype=torch.bool)
+        if all_bad:
+            self.empty_batches += 1
         opt = self.optimizers()
         update = (batch_idx + 1) % hp.rollouts_per_update == 0
         acc: dict[str, list[float]] = {}
-        for part, t in zip(rows.split(hp.micro_batch_size), times.split(hp.micro_batch_size)):
+        mb = hp.micro_batch_size
+        chunks = zip(rows.split(mb), times.split(mb), live.split(mb))
+        for part, t, keep in [] if all_bad else chunks:
             x_t, target = noised(x0[part], torch.randn_like(x0[part]), t)
             cond = self._condition([rollout.prompts[r] for r in part.tolist()])
             v = self.policy.velocity(x_t, t, cond)
@@ -237,7 +247,8 @@ class ForwardProcessRL(FlowPolicyModule):
                 stats["velocity_mse_ref"] = penalty.detach().mean()
                 loss = loss + hp.beta * penalty
             stats["fm_mse"] = (v.detach() - target).flatten(1).square().mean()
-            self.manual_backward(loss.sum() / (n * k) / hp.rollouts_per_update)
+            trained = max(int(finite.sum()), 1) * k  # the mean over the finite samples' pairs
+            self.manual_backward(torch.where(keep, loss, 0.0).sum() / trained / hp.rollouts_per_update)
             for key, value in stats.items():
                 acc.setdefault(key, []).append(float(value))
         if update:
@@ -247,10 +258,12 @@ class ForwardProcessRL(FlowPolicyModule):
         logs.update({f"policy/{key}": sum(v) / len(v) for key, v in acc.items()})
         logs.update(
             {
-                "reward/total": rewards.mean().item(),
-                "reward/std": rewards.std().item() if n > 1 else 0.0,
+                "reward/total": finite_mean(rewards),
+                "reward/std": rewards[finite.cpu()].std().item() if int(finite.sum()) > 1 else 0.0,
                 "train/zero_std_frac": zero_frac,
                 "train/skipped_steps": float(self.skipped_steps),
+                "train/empty_batches": float(self.empty_batches),
+                "train/bad_rewards": float(bad),
                 "train/adv_abs": adv.abs().mean().item(),
                 "train/lr": opt.param_groups[0]["lr"],
                 "time/rollout_s": ctx.cache.get("rollout_s", math.nan),
@@ -258,4 +271,4 @@ class ForwardProcessRL(FlowPolicyModule):
             }
         )
         self.log_dict(logs, prog_bar=False, batch_size=n)
-        self.log("reward", rewards.mean().item(), prog_bar=True, batch_size=n)
+        self.log("reward", finite_mean(rewards), prog_bar=True, batch_size=n)

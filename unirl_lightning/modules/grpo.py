@@ -20,7 +20,7 @@ from unirl_lightning.modules.training import guarded_step, rank_advantages
 from unirl_lightning.modules.unified import PolicyModule
 from unirl_lightning.modules.warm_start import ensure_warm_start
 from unirl_lightning.objectives import policy_loss
-from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards
+from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards, finite_mean
 from unirl_lightning.rewards.geneval import GenEvalReward
 
 
@@ -39,6 +39,7 @@ class DiscreteGRPO(PolicyModule):
         beta: k3 KL weight to the frozen reference (0 skips the reference pass).
         scale / adv_clip: advantage normalisation ("group", "batch", "none") and optional clip.
         filter_zero_std: drop groups whose rewards are all equal (they carry no signal).
+            Samples whose reward is NaN or inf are always dropped (`train/bad_rewards`).
         cfg_scale / temperature: rollout sampling; training log-probs use exactly the same.
         answer_temperature: sampling temperature of the answers.
         answer_reward_terms: names of the reward terms (e.g. ["self_understanding"]) whose weighted
@@ -130,6 +131,7 @@ class DiscreteGRPO(PolicyModule):
         hp = self.hparams
         ctx = batch.rollout if batch.rollout is not None else self.make_rollouts(batch)
         rewards, logs = combine_rewards(self.rewards, ctx)
+        finite, bad, all_bad = self.screen_rewards(rewards, ctx)
         adv, zero_frac = rank_advantages(self, rewards, batch.group_ids, scale=hp.scale, clip=hp.adv_clip)
         advantages = {"image": adv, "answer": adv}
         if hp.answer_weight > 0 and hp.answer_reward_terms:
@@ -141,8 +143,9 @@ class DiscreteGRPO(PolicyModule):
         keep = torch.arange(len(adv), device=self.device)
         if hp.filter_zero_std:
             keep = keep[self._nonzero_std_rows(rewards, batch.group_ids)]
-        chunks, rows_per_rank = self._row_chunks(keep)
-        if not chunks:  # every group filtered out on every rank: nothing to learn, no backward anywhere
+        keep = keep[finite[keep]]  # a NaN / inf reward: the sample trains nothing
+        chunks, rows_per_rank = self._row_chunks(keep, uneven=hp.filter_zero_std or bad > 0)
+        if not chunks:  # every row filtered out on every rank: nothing to learn, no backward anywhere
             self.empty_batches += 1
         streams = self._streams(ctx, keep, chunks, rows_per_rank) if chunks else []
         opt = self.optimizers()
@@ -169,39 +172,42 @@ class DiscreteGRPO(PolicyModule):
                     if live:
                         for k, v in stats.items():
                             stats_acc.setdefault(f"{name}/{k}", []).append(float(v))
-            if hp.answer_sft_weight > 0:
-                sft = self._answer_sft_loss(ctx)
+            if hp.answer_sft_weight > 0 and not all_bad:
+                sft = self._answer_sft_loss(ctx, finite)
                 self.manual_backward(hp.answer_sft_weight * sft)
                 stats_acc.setdefault("answer_sft/loss", []).append(float(sft.detach()))
             guarded_step(self, opt, hp.gradient_clip_val)
         logs.update({k: sum(v) / len(v) for k, v in stats_acc.items()})
         logs.update(
             {
-                "reward/total": rewards.mean().item(),
-                "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
+                "reward/total": finite_mean(rewards),
+                "reward/std": rewards[finite.cpu()].std().item() if int(finite.sum()) > 1 else 0.0,
                 "train/zero_std_frac": zero_frac,
                 "train/skipped_steps": float(self.skipped_steps),
                 "train/empty_batches": float(self.empty_batches),
+                "train/bad_rewards": float(bad),
+                "train/bad_rewards_total": float(self.bad_rewards),
                 "train/trained_rows_frac": len(keep) / len(adv),
             }
         )
         self.log_dict(logs, prog_bar=False, batch_size=len(batch))
-        self.log("reward", rewards.mean().item(), prog_bar=True, batch_size=len(batch))
+        self.log("reward", finite_mean(rewards), prog_bar=True, batch_size=len(batch))
 
-    def _answer_sft_loss(self, ctx: RolloutContext) -> torch.Tensor:
-        """Mean NLL per answer token of the ground-truth answers about the rollout's own images
-        (with `answer_sft_on="correct"`, only those the judge passes; zero when none passes).
+    def _answer_sft_loss(self, ctx: RolloutContext, finite: torch.Tensor) -> torch.Tensor:
+        """Mean NLL per answer token of the ground-truth answers about the rollout's own images whose
+        reward is finite (`finite`, bool `[N]`; with `answer_sft_on="correct"`, only those the judge
+        passes); zero when no image is left.
 
         Under data parallelism the sum divides by the mean token count over ranks, not this rank's:
         the gradient reduce averages the ranks, so the update is the mean over every rank's answer
         tokens, as in one process."""
-        rows, scale = list(range(len(ctx.specs))), 1.0
+        rows, scale = finite.nonzero().flatten().tolist(), 1.0
         if self.hparams.answer_sft_on == "correct":
             if "geneval" not in ctx.cache:  # a GenEval reward already judged them otherwise
                 ctx.cache["geneval"] = self.judge(ctx.images, ctx.specs)
-            rows = [i for i, r in enumerate(ctx.cache["geneval"]) if r.correct]
-            if not rows:  # keep the same backward on every rank (sharded training): one row, weight 0
-                rows, scale = [0], 0.0
+            rows = [i for i in rows if ctx.cache["geneval"][i].correct]
+        if not rows:  # keep the same backward on every rank (sharded training): one row, weight 0
+            rows, scale = [0], 0.0
         questions, answers = self.qa([ctx.specs[i] for i in rows])
         tokens = ctx.rollout.tokens[torch.tensor(rows, device=ctx.rollout.tokens.device)]
         logp, mask = self.policy.answer_logprobs(tokens, questions, answers)
@@ -212,26 +218,29 @@ class DiscreteGRPO(PolicyModule):
 
     @staticmethod
     def _nonzero_std_rows(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+        """Rows of the groups whose finite rewards differ (at least two of them, not all equal)."""
         keep = torch.zeros_like(rewards, dtype=torch.bool)
+        finite = torch.isfinite(rewards)
         for g in group_ids.unique():
             rows = group_ids.cpu() == g.cpu()
-            keep[rows] = rewards[rows].std(unbiased=False) > 0 if rows.sum() > 1 else False
+            values = rewards[rows & finite]
+            keep[rows] = values.std(unbiased=False) > 0 if len(values) > 1 else False
         return keep.nonzero().squeeze(-1)
 
-    def _row_chunks(self, keep: torch.Tensor) -> tuple[list[tuple[torch.Tensor, bool]], float]:
+    def _row_chunks(self, keep: torch.Tensor, uneven: bool) -> tuple[list[tuple[torch.Tensor, bool]], float]:
         """Micro-batches `(rows, live)` of the kept rows, and the mean count of kept rows over ranks.
 
-        Under data parallelism with `filter_zero_std`, ranks keep different numbers of rows: each is
-        padded to the most chunks any rank has with dead chunks (row 0, loss weight 0), so every rank
-        runs as many forwards and backwards and the sharded collectives stay paired; no rank has any
-        when every rank filtered everything. The losses divide by the mean count rather than this
-        rank's: the gradient reduce averages the ranks' gradients, so the update is then the mean over
-        every rank's kept rows, as in one process (a rank's own count would weigh the rows of a rank
-        that kept fewer more)."""
+        Under data parallelism, when ranks may keep different numbers of rows (`uneven`:
+        `filter_zero_std`, or bad rewards this step; the same on every rank), each is padded to the most
+        chunks any rank has with dead chunks (row 0, loss weight 0), so every rank runs as many forwards
+        and backwards and the sharded collectives stay paired; no rank has any when every rank filtered
+        everything. The losses divide by the mean count rather than this rank's: the gradient reduce
+        averages the ranks' gradients, so the update is then the mean over every rank's kept rows, as in
+        one process (a rank's own count would weigh the rows of a rank that kept fewer more)."""
         mb = self.hparams.micro_batch_size
         chunks = [(rows, True) for rows in keep.split(mb)] if len(keep) else []
         rows_per_rank = float(len(keep))
-        if self.hparams.filter_zero_std and self.trainer.world_size > 1:
+        if uneven and self.trainer.world_size > 1:
             kept = self.all_gather(torch.tensor(len(keep), device=self.device))
             most = max(-(-int(k) // mb) for k in kept.flatten())
             chunks += [(keep.new_zeros(1), False)] * (most - len(chunks))

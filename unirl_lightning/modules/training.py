@@ -22,10 +22,25 @@ def gather_ranks(module: L.LightningModule, x: torch.Tensor) -> torch.Tensor:
     return module.all_gather(x).reshape(-1, *x.shape[1:])
 
 
+def count_bad_rewards(module: L.LightningModule, rewards: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """This rank's mask of finite rewards `[N]` (on the module's device), and the non-finite rewards
+    and all rewards counted over every rank: the same numbers on each rank, so that what a recipe
+    decides from them (skip the step or not, pad micro-batches or not) agrees across ranks."""
+    finite = torch.isfinite(rewards).to(module.device)
+    counts = torch.tensor([[int((~finite).sum()), finite.numel()]], device=module.device)
+    counts = gather_ranks(module, counts).sum(0)
+    return finite, int(counts[0]), int(counts[1])
+
+
+def live_mean(x: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """Mean of `[B]` `x` over the `live` rows (bool `[B]`; 0 when none, and a dead row's NaN stays out)."""
+    return torch.where(live, x, torch.zeros_like(x)).sum() / live.sum().clamp(min=1)
+
+
 def rank_advantages(module: L.LightningModule, rewards: torch.Tensor, group_ids: torch.Tensor, *, scale: str,
                     clip: float | None) -> tuple[torch.Tensor, float]:
     """This rank's advantages `[N]`, normalised over every rank's rewards (groups may span ranks),
-    and the fraction of zero-std groups."""
+    and the fraction of zero-std groups. Non-finite rewards are left out (advantage 0)."""
     all_r = gather_ranks(module, rewards.to(module.device))
     all_g = gather_ranks(module, group_ids.to(module.device))
     adv = group_advantages(all_r, all_g, scale=scale, clip=clip)

@@ -27,11 +27,12 @@ from unirl_lightning.callbacks.image_grid import log_image_grid
 from unirl_lightning.data.datamodule import PromptBatch
 from unirl_lightning.models.flow import FlowPolicy, FlowRollout
 from unirl_lightning.models.text.policies import TextPolicy, TextRollout, text_matches
+from unirl_lightning.modules.base import load_warm_start
 from unirl_lightning.modules.flow_grpo import FlowGRPO
-from unirl_lightning.modules.training import guarded_step, rank_advantages
+from unirl_lightning.modules.training import guarded_step, live_mean, rank_advantages
 from unirl_lightning.modules.warm_start import ensure_text_warm_start
 from unirl_lightning.objectives import kl_k3, policy_loss, velocity_mse
-from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards
+from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards, finite_mean
 
 CONDITIONS = ("text", "riddle", "prompt")
 
@@ -140,8 +141,7 @@ class UniGRPO(FlowGRPO):
             source = ensure_text_warm_start(self.text_policy)
             if source is None:
                 return  # a pretrained LM is its own warm start
-        loaded = type(self.text_policy).from_pretrained(source)
-        self.text_policy.load_state_dict(loaded.state_dict())
+        load_warm_start(self.text_policy, source, "model.text_warm_start")
         self.text_reference = self._make_text_reference()
 
     # ---- sharding and saving -----------------------------------------------------------------
@@ -214,48 +214,56 @@ class UniGRPO(FlowGRPO):
         return ctx
 
     # ---- training -----------------------------------------------------------------------------
-    def _text_loss(self, riddles: list[str], text: TextRollout, adv: torch.Tensor, ref: torch.Tensor | None):
-        """lambda_text * L_text + beta_text * KL_text of one micro-batch, and its stats."""
+    def _text_loss(
+        self, riddles: list[str], text: TextRollout, adv: torch.Tensor, ref: torch.Tensor | None,
+        live: torch.Tensor,
+    ):
+        """lambda_text * L_text + beta_text * KL_text of one micro-batch (rows `live` only), and its
+        stats."""
         hp = self.hparams
         logp = self.text_policy.logprobs(riddles, text)
+        mask = text.mask & live[:, None]
         loss, stats = policy_loss(
             logp,
             text.logprobs,
             adv,
-            text.mask,
+            mask,
             loss_type=hp.text_loss_type,
             epsilon_low=hp.text_clip_range,
             ref_logp=ref,
         )
         total = hp.lambda_text * loss
         if hp.beta_text > 0:
-            m = text.mask.float()
-            kl = ((kl_k3(logp, ref) * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+            m = mask.float()
+            kl = ((torch.where(mask, kl_k3(logp, ref), 0.0) * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
             total = total + hp.beta_text * kl
         stats["loss"] = loss.detach()
         return total, stats
 
     def _image_loss(
-        self, sub: FlowRollout, step: int, adv: torch.Tensor, cond, ref_cache: dict, key, weight: float = 1.0
+        self, sub: FlowRollout, step: int, adv: torch.Tensor, cond, ref_cache: dict, key, live: torch.Tensor,
+        weight: float = 1.0,
     ):
-        """lambda_img * weight * L_img + beta * L_reg of one trained step of one micro-batch, and its
-        stats (`weight`: the step's `step_weighting` weight)."""
+        """lambda_img * weight * L_img + beta * L_reg of one trained step of one micro-batch (rows
+        `live` only, each counted as 1 / len(rows)), and its stats (`weight`: the step's
+        `step_weighting` weight)."""
         hp = self.hparams
         out = self.policy.step_log_prob(sub, step, cond)
         old = sub.log_probs[:, step]
-        ones = torch.ones_like(old, dtype=torch.bool)[:, None]
-        loss, stats = policy_loss(out.log_prob[:, None], old[:, None], adv, ones, epsilon_low=hp.clip_range)
+        loss, stats = policy_loss(
+            out.log_prob[:, None], old[:, None], adv, live[:, None], epsilon_low=hp.clip_range
+        )
         stats.pop("kl")  # no text-style reference log-probs here; the regulariser is logged below
-        stats["approx_kl"] = 0.5 * (out.log_prob.detach() - old).square().mean()
+        stats["approx_kl"] = live_mean(0.5 * (out.log_prob.detach() - old).square(), live)
         stats["loss"] = loss.detach()
         total = hp.lambda_img * weight * loss
         if self.has_reference:
             if key not in ref_cache:
                 ref_cache[key] = self._reference_step(sub, step)
             ref = ref_cache[key]
-            stats["velocity_mse"] = velocity_mse(out.velocity.detach(), ref.velocity).mean()
+            stats["velocity_mse"] = live_mean(velocity_mse(out.velocity.detach(), ref.velocity), live)
             if self.penalised:
-                penalty = self._penalty(out, ref, sub, step).mean()
+                penalty = torch.where(live, self._penalty(out, ref, sub, step), 0.0).mean()
                 stats[f"reg_{hp.regularizer}"] = penalty.detach()
                 total = total + hp.beta * penalty
         return total, stats
@@ -268,15 +276,22 @@ class UniGRPO(FlowGRPO):
         riddles = _riddles(batch.specs)
         t0 = time.perf_counter()
         rewards, logs = combine_rewards(self.rewards, ctx)
+        finite, bad, all_bad = self.screen_rewards(rewards, ctx)
         adv, zero_frac = rank_advantages(
             self, rewards, batch.group_ids, scale=self.hparams.scale, clip=self.hparams.adv_clip
         )  # one A_i per trajectory, both streams
         steps, n = rollout.trained_steps, len(rollout)
+        # Rows with a bad reward are masked out of both losses, which average over the n_live others;
+        # every rank still runs every micro-batch (equal backward counts under sharding).
+        n_live = max(int(finite.sum()), 1)
         weights = self.step_weights(rollout)
         chunks = [
             torch.arange(i, min(i + hp.micro_batch_size, n), device=self.device)
             for i in range(0, n, hp.micro_batch_size)
         ]
+        if all_bad:  # every sample's reward is NaN / inf on every rank: nothing to train, no backward
+            chunks = []
+            self.empty_batches += 1
         subs = [rollout.select(rows) for rows in chunks]
         train_text = self.trains_text and text is not None
         opt = self.optimizers()
@@ -287,7 +302,8 @@ class UniGRPO(FlowGRPO):
         update = (batch_idx + 1) % accumulate == 0  # gradients accumulate over this many rollouts
         for _ in range(hp.num_iterations):
             for c, (rows, sub) in enumerate(zip(chunks, subs)):
-                share = len(rows) / n / accumulate
+                share = len(rows) / n_live / accumulate
+                live = finite[rows]
                 if train_text:
                     sub_text, sub_riddles = text.select(rows), [riddles[i] for i in rows.tolist()]
                     if c not in text_ref:
@@ -297,19 +313,21 @@ class UniGRPO(FlowGRPO):
                                 if self.text_reference is None
                                 else self.text_reference.logprobs(sub_riddles, sub_text)
                             )
-                    loss, stats = self._text_loss(sub_riddles, sub_text, adv[rows], text_ref[c])
+                    loss, stats = self._text_loss(sub_riddles, sub_text, adv[rows], text_ref[c], live)
                     self.manual_backward(loss * share)
                     for k, v in stats.items():
-                        acc.setdefault(f"text/{k}", []).append(float(v))
+                        if live.any():  # a micro-batch of bad-reward rows only has no statistics
+                            acc.setdefault(f"text/{k}", []).append(float(v))
                 cond = None
                 if not self.policy.text_trainable:
                     with torch.no_grad():
                         cond = self.policy.encode_text(sub.prompts)
                 for j, weight in zip(steps, weights):
-                    loss, stats = self._image_loss(sub, j, adv[rows], cond, img_ref, (c, j), weight)
+                    loss, stats = self._image_loss(sub, j, adv[rows], cond, img_ref, (c, j), live, weight)
                     self.manual_backward(loss * share / len(steps))
                     for k, v in stats.items():
-                        acc.setdefault(f"image/{k}", []).append(float(v))
+                        if live.any():
+                            acc.setdefault(f"image/{k}", []).append(float(v))
             if not update:
                 continue
             guarded_step(self, opt, hp.gradient_clip_val)
@@ -318,10 +336,13 @@ class UniGRPO(FlowGRPO):
         logs.update(self._text_logs(batch.specs, ctx.cache["texts"], text, rewards))
         logs.update(
             {
-                "reward/total": rewards.mean().item(),
-                "reward/std": rewards.std().item() if n > 1 else 0.0,
+                "reward/total": finite_mean(rewards),
+                "reward/std": rewards[finite.cpu()].std().item() if int(finite.sum()) > 1 else 0.0,
                 "train/zero_std_frac": zero_frac,
                 "train/skipped_steps": float(self.skipped_steps),
+                "train/empty_batches": float(self.empty_batches),
+                "train/bad_rewards": float(bad),
+                "train/bad_rewards_total": float(self.bad_rewards),
                 "train/adv_abs": adv.abs().mean().item(),
                 "train/trained_steps": float(len(steps)),
                 "train/lr": opt.param_groups[0]["lr"],
@@ -331,7 +352,7 @@ class UniGRPO(FlowGRPO):
             }
         )
         self.log_dict(logs, prog_bar=False, batch_size=n)
-        self.log("reward", rewards.mean().item(), prog_bar=True, batch_size=n)
+        self.log("reward", finite_mean(rewards), prog_bar=True, batch_size=n)
 
     @staticmethod
     def _text_logs(
@@ -343,8 +364,8 @@ class UniGRPO(FlowGRPO):
         if text is not None:
             logs["text/len"] = text.mask.sum(-1).float().mean().item()
         if exact.any() and not exact.all():
-            logs["reward/exact_text"] = rewards[exact].mean().item()
-            logs["reward/wrong_text"] = rewards[~exact].mean().item()
+            logs["reward/exact_text"] = finite_mean(rewards[exact])
+            logs["reward/wrong_text"] = finite_mean(rewards[~exact])
         return logs
 
     # ---- evaluation ---------------------------------------------------------------------------

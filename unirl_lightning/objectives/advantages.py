@@ -13,6 +13,9 @@ Std convention: by default the std is Bessel-corrected (``unbiased=True``), as i
 pass ``unbiased=False`` to reproduce it exactly. One convention is used for both the "group"
 and the "batch" scales, so text and image advantages (UniGRPO) stay comparable. For G = 8 the
 two differ by a factor sqrt(8/7) ~ 1.07 in |A|.
+
+Non-finite rewards (NaN, +-inf: a reward that failed on some samples) are left out: the other
+samples' advantages are those of the batch without them, and theirs are exactly 0.
 """
 
 from __future__ import annotations
@@ -71,7 +74,9 @@ def group_advantages(
 
     Returns:
         [N] advantages in ``rewards``' dtype promoted to at least float32. Samples of a group
-        whose rewards are all equal (including singleton groups) get exactly 0.
+        whose rewards are all equal (including singleton groups) get exactly 0. Samples whose
+        reward is not finite get exactly 0 and are left out of every mean and std: the others'
+        advantages equal those computed on the batch without them.
     """
     _check_rewards(rewards, group_ids)
     if scale not in SCALES:
@@ -79,6 +84,14 @@ def group_advantages(
     r = rewards.to(torch.promote_types(rewards.dtype, torch.float32))
     if r.numel() == 0:
         return r.clone()
+    finite = torch.isfinite(r)
+    if not finite.all():
+        adv = torch.zeros_like(r)
+        if finite.any():
+            adv[finite] = group_advantages(
+                r[finite], group_ids[finite], scale, eps, clip, unbiased=unbiased
+            )
+        return adv
 
     inverse, counts, flat = _groups(r, group_ids)
     mean = r.new_zeros(counts.numel()).index_add_(0, inverse, r) / counts
@@ -102,7 +115,8 @@ def group_advantages(
 
 
 def zero_std_fraction(rewards: Tensor, group_ids: Tensor) -> float:
-    """Fraction of groups whose rewards are all equal (no signal; singletons count as such).
+    """Fraction of groups whose rewards are all equal (no signal; singletons count as such), over
+    their finite rewards (a group with none counts as flat).
 
     Args:
         rewards: [N] rewards; group_ids: [N] integer group ids.
@@ -110,5 +124,10 @@ def zero_std_fraction(rewards: Tensor, group_ids: Tensor) -> float:
     _check_rewards(rewards, group_ids)
     if rewards.numel() == 0:
         return 0.0
-    _, _, flat = _groups(rewards.to(torch.promote_types(rewards.dtype, torch.float32)), group_ids)
-    return flat.float().mean().item()
+    finite = torch.isfinite(rewards)
+    n_groups = group_ids.unique().numel()
+    r = rewards[finite].to(torch.promote_types(rewards.dtype, torch.float32))
+    if r.numel() == 0:
+        return 1.0
+    _, _, flat = _groups(r, group_ids[finite])
+    return (flat.sum().item() + n_groups - flat.numel()) / n_groups
