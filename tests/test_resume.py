@@ -46,6 +46,13 @@ TINY = {
         "--model.init_args.lora_rank", "4",
         "--trainer.callbacks+=unirl_lightning.callbacks.CPUTimeBudget", "--trainer.callbacks.minutes", "100",
     ],
+    # the old policy (a frozen copy that samples and anchors, soft-updated each step) resumes too
+    "diffusion_nft": [
+        "--model.init_args.warm_start", "null", "--data.init_args.prompts_per_step", "2",
+        "--data.init_args.group_size", "4", "--model.init_args.num_steps", "4",
+        "--model.init_args.timesteps_per_sample", "2", "--model.init_args.rollouts_per_update", "1",
+        "--model.init_args.eta_rate", "0.2",
+    ],
     "unigrpo": [
         "--model.init_args.warm_start", "null", "--model.init_args.text_warm_start", "null",
         "--data.init_args.prompts_per_step", "2", "--data.init_args.group_size", "4",
