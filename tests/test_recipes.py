@@ -311,8 +311,8 @@ def test_grpo_leaves_samples_with_nan_or_inf_rewards_out_and_goes_on(tmp_path, m
     )
     seen = record_rollouts(module, monkeypatch, grpo)
     kept, streams = [], module._streams
-    monkeypatch.setattr(module, "_streams", lambda ctx, keep, chunks: (kept.append(keep.tolist()),
-                                                                        streams(ctx, keep, chunks))[1])
+    monkeypatch.setattr(module, "_streams", lambda ctx, keep, *rest: (kept.append(keep.tolist()),
+                                                                       streams(ctx, keep, *rest))[1])
     with pytest.warns(UserWarning, match=r"2 of 6 rewards at step 0 are NaN or inf from reward 'poisoned'"):
         trainer = _fit(module, tmp_path, steps=2)
     assert kept == [[0, 2, 3, 5]] * 2
