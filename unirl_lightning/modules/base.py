@@ -8,7 +8,6 @@ the recipes add their training steps.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,12 @@ from unirl_lightning.evaluation.judge import GenEvalJudge
 from unirl_lightning.evaluation.metrics import GenEvalScore
 from unirl_lightning.modules.resume import (
     check_resume_settings,
+    config_of,
+    flatten,
     lr_by_group,
     rescale_resumed_lrs,
     run_settings,
+    short,
 )
 from unirl_lightning.modules.training import (
     count_bad_rewards,
@@ -275,7 +277,9 @@ class RecipeModule(L.LightningModule):
 
 # ---- warm starts ----------------------------------------------------------------------------------
 #: config entries that say nothing about the architecture (versions, paths, storage dtype)
-_CONFIG_NOISE = {"transformers_version", "_diffusers_version", "torch_dtype", "dtype", "architectures"}
+_CONFIG_NOISE = frozenset(
+    {"transformers_version", "_diffusers_version", "torch_dtype", "dtype", "architectures"}
+)
 
 
 def load_warm_start(policy: nn.Module, source: str | Path, field: str) -> None:
@@ -295,7 +299,7 @@ def load_warm_start(policy: nn.Module, source: str | Path, field: str) -> None:
     try:
         loaded = type(policy).from_pretrained(source)
     except Exception as error:
-        differ = _config_diff(_folder_config(source), _config_of(policy))
+        differ = _config_diff(_folder_config(source), config_of(policy))
         raise ValueError(
             f"{field}: {source} cannot be loaded as a {cls} ({type(error).__name__}: {error})"
             f"{'; ' + differ if differ else ''}; {fix}"
@@ -304,7 +308,7 @@ def load_warm_start(policy: nn.Module, source: str | Path, field: str) -> None:
     unfit = sorted(set(ours) ^ set(theirs)) + [
         k for k in ours if k in theirs and ours[k].shape != theirs[k].shape
     ]
-    differ = _config_diff(_config_of(loaded), _config_of(policy))
+    differ = _config_diff(config_of(loaded), config_of(policy))
     if unfit:
         shown = ", ".join(unfit[:4]) + (f" and {len(unfit) - 4} more" if len(unfit) > 4 else "")
         raise ValueError(
@@ -318,20 +322,6 @@ def load_warm_start(policy: nn.Module, source: str | Path, field: str) -> None:
             f"{field}: the config of {source} differs from this run's ({differ}); its weights fit and are "
             "loaded, and this run keeps its own config"
         )
-
-
-def _config_of(model: nn.Module) -> dict[str, Any] | None:
-    """A policy's config as a dict: the built-in models' dataclass, or the wrapped transformers /
-    diffusers model's config (None when there is none)."""
-    config = getattr(model, "config", None)
-    for inner in ("model", "transformer"):
-        if config is None:
-            config = getattr(getattr(model, inner, None), "config", None)
-    if is_dataclass(config) and not isinstance(config, type):
-        return asdict(config)
-    if hasattr(config, "to_dict"):
-        return config.to_dict()
-    return dict(config) if isinstance(config, dict) else None
 
 
 def _folder_config(source: str | Path) -> dict[str, Any] | None:
@@ -349,27 +339,11 @@ def _config_diff(theirs: dict | None, ours: dict | None, shown: int = 8) -> str:
     if theirs is None or ours is None:
         return ""
 
-    def flat(config: dict, prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in config.items():
-            key = str(key)  # e.g. transformers' id2label has int keys
-            if key.startswith("_") or key in _CONFIG_NOISE:
-                continue
-            if isinstance(value, dict):
-                out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-        return out
-
-    def short(value: Any) -> str:
-        text = repr(value)
-        return text if len(text) <= 40 else text[:37] + "..."
-
     def listed(items: list[str]) -> str:
         return ", ".join(items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
-    a, b = flat(theirs), flat(ours)
-    differ = [f"{k} (folder: {short(a[k])}, this run: {short(b[k])})" for k in sorted(set(a) & set(b))
+    a, b = flatten(theirs, skip=_CONFIG_NOISE), flatten(ours, skip=_CONFIG_NOISE)
+    differ = [f"{k} (folder: {short(a[k], 40)}, this run: {short(b[k], 40)})" for k in sorted(set(a) & set(b))
               if a[k] != b[k]]
     parts = [f"fields that differ: {listed(differ)}"] if differ else []
     if set(a) - set(b):

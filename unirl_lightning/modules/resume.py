@@ -35,18 +35,51 @@ def _class_name(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
+def config_of(model: Any) -> dict[str, Any] | None:
+    """A policy's config as a dict: the built-in models' dataclass, or the wrapped transformers /
+    diffusers model's config (None when there is none)."""
+    config = getattr(model, "config", None)
+    for inner in ("model", "transformer"):
+        if config is None:
+            config = getattr(getattr(model, inner, None), "config", None)
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return dataclasses.asdict(config)
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    return dict(config) if isinstance(config, dict) else None
+
+
+def flatten(tree: dict[str, Any], prefix: str = "", skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}` (tuples as lists); keys starting with "_" or in `skip` are
+    left out."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        key = str(key)  # e.g. transformers' id2label has int keys
+        if key.startswith("_") or key in skip:
+            continue
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}.", skip))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def short(value: Any, width: int = 120) -> str:
+    """`repr(value)`, cut to `width` characters."""
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    if isinstance(obj, (Path, set, frozenset)):
-        return str(obj) if isinstance(obj, Path) else sorted(obj, key=str)
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=str)
     return f"<{type(obj).__qualname__}>"  # an object without settings of its own (e.g. a detector)
 
 
 def _plain(obj: Any) -> Any:
-    """JSON-comparable copy (tuples become lists, configs become dicts)."""
+    """JSON-comparable copy (tuples become lists)."""
     return json.loads(json.dumps(obj, default=_jsonable, sort_keys=True))
 
 
@@ -65,7 +98,7 @@ def run_settings(module: L.LightningModule) -> dict[str, Any]:
     for name in ("policy", "text_policy"):
         model = getattr(module, name, None)
         if model is not None:
-            settings[name] = {"class": _class_name(model), "config": getattr(model, "config", None)}
+            settings[name] = {"class": _class_name(model), "config": config_of(model)}
     if getattr(module, "rewards", None):
         settings["rewards"] = [_describe(r) for r in module.rewards]
     datamodule = module._trainer.datamodule if module._trainer is not None else None
@@ -75,21 +108,10 @@ def run_settings(module: L.LightningModule) -> dict[str, Any]:
     return _plain(settings)
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(field, checkpoint's value, this run's value) for each field that differs and may not."""
     missing = "(not set)"
-    a, b = _flatten(saved), _flatten(current)
+    a, b = flatten(saved), flatten(current)
     fields = sorted(set(a) | set(b))
     return [
         (f, a.get(f, missing), b.get(f, missing))
@@ -105,10 +127,6 @@ def check_resume_settings(saved: dict[str, Any], current: dict[str, Any], overri
     diffs = changed_settings(saved, current)
     if not diffs:
         return
-
-    def short(v: Any) -> str:
-        text = repr(v)
-        return text if len(text) <= 120 else text[:117] + "..."
 
     lines = "\n".join(f"  {f}: checkpoint {short(old)}, this run {short(new)}" for f, old, new in diffs[:25])
     more = f"\n  ... and {len(diffs) - 25} more" if len(diffs) > 25 else ""
