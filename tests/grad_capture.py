@@ -21,6 +21,22 @@ class LatentMeanReward(RewardFunction):
         return ctx.rollout.latents[:, -1].flatten(1).mean(1)
 
 
+class PoisonedLatentMean(LatentMeanReward):
+    """LatentMeanReward with NaN on row 1 and inf on row 4 (`poison`), or NaN everywhere (`everywhere`)."""
+
+    def __init__(self, poison: bool = True, everywhere: bool = False):
+        super().__init__(name="poisoned")
+        self.poison, self.everywhere = poison, everywhere
+
+    def __call__(self, ctx):
+        reward = super().__call__(ctx).clone()
+        if self.everywhere:
+            return torch.full_like(reward, float("nan"))
+        if self.poison:
+            reward[1], reward[4] = float("nan"), float("inf")
+        return reward
+
+
 def capture_backward_grads(module, parameter: torch.nn.Parameter) -> list[torch.Tensor]:
     """Wrap `module.manual_backward`; returns the list it fills with each call's gradient on `parameter`."""
     grads: list[torch.Tensor] = []

@@ -19,8 +19,8 @@ from unirl_lightning.data import FlowSceneDataModule
 from unirl_lightning.modules.flow_pretrain import FlowWarmStart
 from unirl_lightning.worlds import render_batch
 from unirl_lightning.objectives import noise_aware_step_weights
-from grad_capture import (LatentMeanReward, assert_follows_advantages, capture_backward_grads,
-                          flow_log_prob_change, record_rollouts)
+from grad_capture import (LatentMeanReward, PoisonedLatentMean, assert_follows_advantages,
+                          capture_backward_grads, flow_log_prob_change, record_rollouts)
 from unirl_lightning.testing import tiny_sd3_pipeline
 
 PROMPTS = ["a photo of a red square", "a photo of two circles", "a photo of a cross left of a triangle"]
@@ -864,22 +864,6 @@ def test_a_run_that_raises_saves_its_last_completed_update(tmp_path):
     )
 
 
-class _PoisonedLatentMean(LatentMeanReward):
-    """LatentMeanReward with NaN on row 1 and inf on row 4 (`poison`), or NaN everywhere (`everywhere`)."""
-
-    def __init__(self, poison: bool = True, everywhere: bool = False):
-        super().__init__(name="poisoned")
-        self.poison, self.everywhere = poison, everywhere
-
-    def __call__(self, ctx):
-        reward = super().__call__(ctx).clone()
-        if self.everywhere:
-            return torch.full_like(reward, math.nan)
-        if self.poison:
-            reward[1], reward[4] = math.nan, math.inf
-        return reward
-
-
 @pytest.mark.parametrize("tied", [True, False])
 def test_samples_with_bad_rewards_add_nothing_to_the_gradient(tmp_path, tied):
     """NaN / inf rewards on two rows: the step's gradient (policy loss and regulariser) equals that of
@@ -890,7 +874,7 @@ def test_samples_with_bad_rewards_add_nothing_to_the_gradient(tmp_path, tied):
         record = _Record()
         module = FlowGRPO(
             _tiny(),
-            rewards=[_PoisonedLatentMean(poison=not removed)],
+            rewards=[PoisonedLatentMean(poison=not removed)],
             warm_start=None,
             num_steps=3,
             noise_level=1.0,
@@ -929,7 +913,7 @@ def test_samples_with_bad_rewards_add_nothing_to_the_gradient(tmp_path, tied):
 def test_a_batch_with_every_reward_nan_trains_nothing_and_the_run_goes_on(tmp_path):
     record = _Record()
     module = FlowGRPO(
-        _tiny(), rewards=[_PoisonedLatentMean(everywhere=True)], warm_start=None, num_steps=3, lr=1e-2
+        _tiny(), rewards=[PoisonedLatentMean(everywhere=True)], warm_start=None, num_steps=3, lr=1e-2
     )
     before = _snapshot(module.policy)
     grads = capture_backward_grads(module, module.policy.transformer.proj_out.weight)

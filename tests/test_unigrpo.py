@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from grad_capture import LatentMeanReward, capture_backward_grads
+from grad_capture import LatentMeanReward, PoisonedLatentMean, capture_backward_grads
 from unirl_lightning.data.datamodule import PromptBatch
 from unirl_lightning.data.reasoning import (
     WARM_START_HELD_OUT,
@@ -264,8 +264,6 @@ def test_shared_advantage_reaches_both_policies_on_policy_ratio_one_velocity_mse
 
 def test_image_steps_follow_step_weighting():
     """UniGRPO's image loss takes FlowGRPO's `step_weighting`: per-step backward = uniform one x weight."""
-    from grad_capture import LatentMeanReward, capture_backward_grads
-
     from unirl_lightning.objectives import noise_aware_step_weights
 
     runs = {}
@@ -395,29 +393,13 @@ def test_print_config_parses(capsys):
     assert isinstance(cli.model, UniGRPO) and isinstance(cli.datamodule, ReasoningDataModule)
 
 
-class _PoisonedLatentMean(LatentMeanReward):
-    """LatentMeanReward with NaN on row 1 and inf on row 4 (`poison`), or NaN everywhere (`everywhere`)."""
-
-    def __init__(self, poison: bool = True, everywhere: bool = False):
-        super().__init__(name="poisoned")
-        self.poison, self.everywhere = poison, everywhere
-
-    def __call__(self, ctx):
-        reward = super().__call__(ctx).clone()
-        if self.everywhere:
-            return torch.full_like(reward, float("nan"))
-        if self.poison:
-            reward[1], reward[4] = float("nan"), float("inf")
-        return reward
-
-
 def test_samples_with_bad_rewards_add_nothing_to_either_policys_gradient():
     """NaN / inf rewards on two rows: both policies' gradients (surrogates, velocity MSE, text KL) equal
     those of the same rollouts with the two rows removed; the step goes on and counts them."""
     good = [0, 2, 3, 5]
     runs, logged = {}, {}
     for removed in (False, True):
-        module = _module(rewards=[_PoisonedLatentMean(poison=not removed)], micro_batch_size=8, beta=0.5,
+        module = _module(rewards=[PoisonedLatentMean(poison=not removed)], micro_batch_size=8, beta=0.5,
                          beta_text=0.5)
         torch.manual_seed(3)
         with torch.no_grad():  # references apart from the policies: the penalties have gradients at once
@@ -450,7 +432,7 @@ def test_samples_with_bad_rewards_add_nothing_to_either_policys_gradient():
 
 
 def test_a_batch_with_every_reward_nan_trains_neither_policy_and_the_run_goes_on():
-    module = _module(rewards=[_PoisonedLatentMean(everywhere=True)])
+    module = _module(rewards=[PoisonedLatentMean(everywhere=True)])
     before = _snapshot(module)
     record = _Record()
     with pytest.warns(UserWarning, match="every sample: the step trains nothing"):
