@@ -192,3 +192,41 @@ def test_a_resumed_run_counts_the_time_its_checkpoint_spent():
     # 24 s carried + 5 s start-up: updates of 8 s continue while used + 8 <= 57
     assert resumed.used_seconds() == pytest.approx(29.0 + 8 * module.updates)
     assert resumed.used_seconds() + 8 > 57 >= resumed.used_seconds()
+
+
+class Saving(Accumulating):
+    """`Accumulating` with the recipes' `save_policies` (writes its weights and the clock)."""
+
+    def save_policies(self, path):
+        path.mkdir(parents=True)
+        torch.save({"weight": self.layer.weight.detach().clone(), "clock": self.clock.now}, path / "w.pt")
+
+
+def test_snapshots_every_cpu_minutes_at_update_boundaries(tmp_path):
+    import json
+
+    from unirl_lightning.callbacks import PolicySnapshots
+
+    clock = FakeClock()
+    module = Saving(clock, per_batch=10.0, rollouts_per_update=4)  # 40 CPU s per update
+    budget = CPUTimeBudget(minutes=10.0, reserve_minutes=0.0)
+    budget.clock = clock
+    snaps = PolicySnapshots(dirpath=str(tmp_path / "snaps"), every_cpu_minutes=1.5)
+    trainer = pl.Trainer(max_steps=12, callbacks=[budget, snaps], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module)
+    index = json.loads((tmp_path / "snaps" / "index.json").read_text())
+    # boundaries every 40 s: the first at or past each 90 s mark is 120, 200, 280, 360, 480
+    minutes = [e["cpu_minutes"] for e in index]
+    assert [round(m * 60) for m in minutes] == [120, 200, 280, 360, 480]
+    for e in index:
+        saved = torch.load(tmp_path / "snaps" / e["folder"] / "w.pt")
+        assert abs(saved["clock"] / 60 - e["cpu_minutes"]) < 1e-3  # saved at that moment
+        assert e["rollouts"] == 4 * e["step"] and e["step"] == saved["clock"] / 40
+    # one per mark: no two snapshots inside one 1.5-minute window
+    assert len({int(m // 1.5) for m in minutes}) == len(minutes)
+    # a new run refuses the folder
+    again = PolicySnapshots(dirpath=str(tmp_path / "snaps"), every_cpu_minutes=1.5)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        pl.Trainer(max_steps=1, callbacks=[again], logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False).fit(Saving(FakeClock(), 1.0, 1))

@@ -1,4 +1,4 @@
-"""Callbacks: periodic evaluation and logging, step checkpoints, budgets, EMA, progress."""
+"""Callbacks: periodic evaluation and logging, step checkpoints, CPU budgets and snapshots, EMA, progress."""
 
 from unirl_lightning.callbacks.checkpoint import StepCheckpoint
 from unirl_lightning.callbacks.cpu_budget import CPUTimeBudget
@@ -8,12 +8,14 @@ from unirl_lightning.callbacks.policy_ema import PolicyEMA
 from unirl_lightning.callbacks.policy_eval import PolicyGenEvalCallback
 from unirl_lightning.callbacks.progress import StepProgress
 from unirl_lightning.callbacks.save_on_exception import SaveOnException
+from unirl_lightning.callbacks.snapshots import PolicySnapshots
 
 __all__ = [
     "CPUTimeBudget",
     "GenEvalCallback",
     "PolicyEMA",
     "PolicyGenEvalCallback",
+    "PolicySnapshots",
     "SaveOnException",
     "StepCheckpoint",
     "StepProgress",
