@@ -45,7 +45,7 @@ def run_curve(snapshots: Path, specs: list[dict], samples: int) -> list[tuple[fl
     if not index.exists():
         raise FileNotFoundError(f"{index} not found: is {snapshots} a PolicySnapshots folder?")
     return [
-        (e["cpu_minutes"], score(snapshots / e["folder"], specs, samples)["geneval"])
+        (e["cpu_minutes"], score(snapshots / e["folder"], specs, samples)["overall"])
         for e in json.loads(index.read_text())
     ]
 
@@ -80,7 +80,7 @@ def main() -> None:
     data = OnPolicyDataModule()
     data.setup("fit")
     specs = data.val_specs
-    warm = score(Path(args.warm), specs, args.samples)["geneval"]
+    warm = score(Path(args.warm), specs, args.samples)["overall"]
 
     means: dict[str, list[tuple[float, float]]] = {}
     fig, ax = plt.subplots(figsize=(6.4, 4.2))

@@ -133,3 +133,25 @@ def test_a_prompt_file_with_a_bad_line_fails_at_setup_naming_file_line_and_field
     )
     with pytest.raises(SpecError, match=r"train\.jsonl:3: .*include\[0\] is missing \"count\""):
         dm.setup("fit")
+
+
+def test_flow_scenes_curriculum_draws_first_tasks_then_the_mixture():
+    import pytest
+
+    from unirl_lightning.data import FlowSceneDataModule
+
+    data = FlowSceneDataModule(
+        batch_size=16, num_train=120, num_val=12, first_steps=3, first_task_weights={"position": 1.0}
+    )
+    data.setup("fit")
+    stream = iter(data.train_dataloader())
+    first = [next(stream) for _ in range(3)]
+    assert all(s["tag"] == "position" for b in first for s in b["specs"])
+    later = {s["tag"] for _ in range(6) for s in next(stream)["specs"]}
+    assert len(later) >= 4  # the whole mixture once the first phase is over
+    # the images are those of their specs (rendered per batch, as in the mixture)
+    assert first[0]["images"].shape == (16, 3, 32, 32)
+    with pytest.raises(ValueError, match="first_steps and data.first_task_weights"):
+        FlowSceneDataModule(first_steps=5)
+    with pytest.raises(ValueError, match="unknown task"):
+        FlowSceneDataModule(first_steps=5, first_task_weights={"posture": 1.0})

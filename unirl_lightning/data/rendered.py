@@ -7,7 +7,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from unirl_lightning.data.datamodule import OnPolicyDataModule
+from unirl_lightning.data.datamodule import OnPolicyDataModule, check_task_weights, reweight_by_task
 from unirl_lightning.data.qa import answer_for, question_for
 from unirl_lightning.worlds.render import WorldConfig, render_batch
 
@@ -15,17 +15,31 @@ from unirl_lightning.worlds.render import WorldConfig, render_batch
 class RenderedSceneStream(IterableDataset):
     """Endless seeded batches: specs drawn from `specs`, each rendered with a fresh seed.
 
-    Yields dicts with specs, prompts, images uint8 `[B, 3, H, W]`, questions, answers.
+    `first = (n, first_specs)` draws the first `n` batches from `first_specs` instead (a
+    curriculum: e.g. position scenes alone before the mixture). Yields dicts with specs, prompts,
+    images uint8 `[B, 3, H, W]`, questions, answers.
     """
 
-    def __init__(self, specs: list[dict], batch_size: int, world: WorldConfig, seed: int, rank: int = 0):
+    def __init__(
+        self,
+        specs: list[dict],
+        batch_size: int,
+        world: WorldConfig,
+        seed: int,
+        rank: int = 0,
+        first: tuple[int, list[dict]] | None = None,
+    ):
         self.specs, self.batch_size, self.world, self.seed, self.rank = specs, batch_size, world, seed, rank
+        self.first = first
 
     def __iter__(self) -> Iterator[dict]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank)
+        batches = 0
         while True:
-            idx = torch.randint(len(self.specs), (self.batch_size,), generator=gen).tolist()
-            specs = [self.specs[i] for i in idx]
+            pool = self.first[1] if self.first is not None and batches < self.first[0] else self.specs
+            batches += 1
+            idx = torch.randint(len(pool), (self.batch_size,), generator=gen).tolist()
+            specs = [pool[i] for i in idx]
             seeds = torch.randint(2**62, (self.batch_size,), generator=gen).tolist()
             images, _ = render_batch(specs, seeds, self.world)
             yield {
@@ -42,21 +56,39 @@ class RenderedSceneDataModule(OnPolicyDataModule):
 
     Args:
         batch_size: scenes per step; canvas / sizes / grid: the world (must match the model's).
+        first_steps / first_task_weights: a curriculum: the first `first_steps` batches draw the
+            training prompts reweighted by `first_task_weights` (e.g. `{position: 1.0}`: position
+            scenes alone), the rest the whole training set.
         Other arguments as in `OnPolicyDataModule`.
     """
 
     def __init__(
-        self, batch_size: int = 64, canvas: int = 32, sizes: tuple[int, ...] = (8,), grid: int = 8, **kwargs
+        self,
+        batch_size: int = 64,
+        canvas: int = 32,
+        sizes: tuple[int, ...] = (8,),
+        grid: int = 8,
+        first_steps: int = 0,
+        first_task_weights: dict[str, float] | None = None,
+        **kwargs,
     ):
         super().__init__(**kwargs)
+        if first_steps < 0 or (first_steps > 0) != (first_task_weights is not None):
+            raise ValueError(
+                "data.first_steps and data.first_task_weights go together (steps > 0 with weights, or "
+                f"0 and None); got {first_steps} and {first_task_weights}"
+            )
+        if first_task_weights is not None:
+            check_task_weights(first_task_weights, "data.first_task_weights")
         self.save_hyperparameters()
         self.world = WorldConfig(canvas=canvas, sizes=tuple(sizes), grid=grid)
 
     def train_dataloader(self) -> DataLoader:
         rank, _ = self._rank()
-        stream = RenderedSceneStream(
-            self.train_specs, self.hparams.batch_size, self.world, self.hparams.seed, rank
-        )
+        hp, first = self.hparams, None
+        if hp.first_task_weights is not None:
+            first = (hp.first_steps, reweight_by_task(self.train_specs, hp.first_task_weights, hp.seed))
+        stream = RenderedSceneStream(self.train_specs, hp.batch_size, self.world, hp.seed, rank, first)
         return DataLoader(stream, batch_size=None)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):

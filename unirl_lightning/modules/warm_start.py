@@ -195,6 +195,8 @@ def ensure_flow_warm_start(policy, recipe: dict | None = None) -> Path | None:
             sizes=world.sizes,
             num_train=r["num_train"],
             seed=r["seed"],
+            first_steps=r.get("first_steps", 0),
+            first_task_weights=r.get("first_task_weights"),
         )
         L.seed_everything(r["seed"], verbose=False)
         trainer = L.Trainer(

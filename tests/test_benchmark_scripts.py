@@ -1,0 +1,77 @@
+"""Flow benchmark scripts: drift from a reference, the curve of snapshots, minutes to a target."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from unirl_lightning.data import OnPolicyDataModule
+from unirl_lightning.models.flow import TinyFlowModel
+from unirl_lightning.worlds.vocab import TASKS
+
+
+@pytest.fixture
+def scripts(monkeypatch):
+    monkeypatch.syspath_prepend("benchmarks")  # the scripts import their siblings by name
+    import evaluate_flow
+    import flow_rl_curves
+
+    return evaluate_flow, flow_rl_curves
+
+
+def _specs(n_per_task: int = 1) -> list[dict]:
+    data = OnPolicyDataModule()
+    data.setup("fit")
+    return [s for t in TASKS for s in [v for v in data.val_specs if v["tag"] == t][:n_per_task]]
+
+
+def _policy(seed: int) -> TinyFlowModel:
+    torch.manual_seed(seed)
+    return TinyFlowModel(num_layers=1, num_heads=2, head_dim=16).eval()
+
+
+def test_evaluate_flow_drift_is_zero_against_itself_and_positive_against_another(scripts):
+    evaluate_flow, _ = scripts
+    policy, other, specs = _policy(0), _policy(1), _specs()
+    same = evaluate_flow.evaluate_flow(policy, specs, samples=1, steps=3, reference=policy)
+    assert same["velocity_mse"] == 0.0
+    drift = evaluate_flow.evaluate_flow(policy, specs, samples=1, steps=3, reference=other)["velocity_mse"]
+    # by hand: both velocities at every state of the same seeded ODE trajectories
+    with torch.no_grad():
+        rollout = policy.sample(
+            [s["prompt"] for s in specs],
+            num_steps=3,
+            noise_level=0.0,
+            generator=torch.Generator().manual_seed(0),
+        )
+        per_step = []
+        for t in range(3):
+            x, sigma = rollout.latents[:, t], rollout.sigmas[t].expand(len(specs))
+            v = policy.velocity(x, sigma, policy.encode_text(rollout.prompts))
+            v_ref = other.velocity(x, sigma, other.encode_text(rollout.prompts))
+            per_step.append(float((v - v_ref).square().mean()))
+    assert drift > 0 and drift == pytest.approx(sum(per_step) / 3, rel=1e-5)
+    assert same["no_position"] == pytest.approx(sum(same[t] for t in TASKS if t != "position") / 5)
+
+
+def test_curve_scores_each_snapshot_once_and_finds_the_minutes_to_a_target(scripts, tmp_path):
+    _, curves = scripts
+    specs = _specs()
+    index = []
+    for i, minutes in enumerate((2.1, 4.05)):
+        _policy(i).save_pretrained(tmp_path / f"cpu-{minutes:06.2f}")
+        index.append({"folder": f"cpu-{minutes:06.2f}", "cpu_minutes": minutes, "step": i, "rollouts": 4 * i})
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    first = curves.run_curve(tmp_path, specs, samples=1)
+    assert [m for m, _ in first] == [2.1, 4.05] and all(0 <= v <= 1 for _, v in first)
+    assert (tmp_path / "cpu-002.10" / "geneval-1.json").is_file()
+    (tmp_path / "cpu-002.10" / "geneval-1.json").write_text(json.dumps({"overall": 0.5}))
+    assert curves.run_curve(tmp_path, specs, samples=1)[0] == (2.1, 0.5)  # cached, not rescored
+    assert curves.at_marks([(2.1, 0.5), (3.9, 0.6), (4.05, 0.7)], 2.0) == {1: 0.5, 2: 0.7}
+    points = [(0.0, 0.5), (2.0, 0.6), (4.0, 0.8)]
+    assert curves.minutes_to_reach(points, 0.7) == pytest.approx(3.0)
+    assert curves.minutes_to_reach(points, 0.5) == 0.0 and curves.minutes_to_reach(points, 0.9) is None
+    with pytest.raises(FileNotFoundError, match="PolicySnapshots"):
+        curves.run_curve(tmp_path / "nowhere", specs, samples=1)
