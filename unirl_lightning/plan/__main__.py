@@ -22,23 +22,30 @@ def _n(x: int) -> str:
 def format_plan(plan: Plan, config: str) -> str:
     """A markdown table of the plan, the total, the verdict and the knobs."""
     s = plan.settings
-    lines = [f"{config}: {s['recipe']} on {s['model']} ({s['policy']}), {s['world']} GPUs, {s['strategy']} "
-             f"({'sharded over ' + str(s['shard_ranks']) if s['shard_ranks'] > 1 else 'replicated'}), "
-             f"precision {s['precision']}, weights {s['torch_dtype']}, "
-             f"{'LoRA r ' + str(s['lora_rank']) if s['lora_rank'] else 'all weights trained'}",
-             "",
-             "| component | params | trainable | params GiB/rank | grads GiB/rank | AdamW GiB/rank "
-             "| activations GiB/rank | total GiB/rank | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{config}: {s['recipe']} on {s['model']} ({s['policy']}), {s['world']} GPUs, {s['strategy']} "
+        f"({'sharded over ' + str(s['shard_ranks']) if s['shard_ranks'] > 1 else 'replicated'}), "
+        f"precision {s['precision']}, weights {s['torch_dtype']}, "
+        f"{'LoRA r ' + str(s['lora_rank']) if s['lora_rank'] else 'all weights trained'}",
+        "",
+        "| component | params | trainable | params GiB/rank | grads GiB/rank | AdamW GiB/rank "
+        "| activations GiB/rank | total GiB/rank | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in plan.rows:
-        lines.append(f"| {r.name} | {_n(r.params)} | {_n(r.trainable)} | {_g(r.param_bytes)} | {_g(r.grad_bytes)} "
-                     f"| {_g(r.optim_bytes)} | {_g(r.act_bytes)} | {_g(r.total) if r.on_gpu else '(cpu)'} "
-                     f"| {r.note} |")
-    lines += ["", f"activations for one micro-batch: {plan.act_no_ckpt / GiB:.2f} GiB without activation "
-                  f"checkpointing, {plan.act_ckpt / GiB:.2f} GiB with it "
-                  f"({'on' if s['gradient_checkpointing'] and s['policy'] == 'JanusPolicy' else 'off'} here)",
-              f"total per rank: {plan.total / GiB:.1f} GiB of {plan.gpu_gib:g} GiB: "
-              f"{'fits' if plan.fits else 'does not fit'}"]
+        lines.append(
+            f"| {r.name} | {_n(r.params)} | {_n(r.trainable)} | {_g(r.param_bytes)} | {_g(r.grad_bytes)} "
+            f"| {_g(r.optim_bytes)} | {_g(r.act_bytes)} | {_g(r.total) if r.on_gpu else '(cpu)'} "
+            f"| {r.note} |"
+        )
+    lines += [
+        "",
+        f"activations for one micro-batch: {plan.act_no_ckpt / GiB:.2f} GiB without activation "
+        f"checkpointing, {plan.act_ckpt / GiB:.2f} GiB with it "
+        f"({'on' if s['gradient_checkpointing'] and s['policy'] == 'JanusPolicy' else 'off'} here)",
+        f"total per rank: {plan.total / GiB:.1f} GiB of {plan.gpu_gib:g} GiB: "
+        f"{'fits' if plan.fits else 'does not fit'}",
+    ]
     useful = [k for k in plan.knobs if k["fits"]] if not plan.fits else plan.knobs[:3]
     if plan.knobs:
         lines.append("knobs that fit:" if not plan.fits else "knobs (memory each would give):")

@@ -31,6 +31,14 @@ KNOWN_MODELS: dict[str, str] = {
 }
 
 
+#: model_type -> class, for a transformers config.json that names no architectures
+_BY_TYPE = {
+    "janus": "JanusForConditionalGeneration",
+    "owlv2": "Owlv2ForObjectDetection",
+    "clip": "CLIPModel",
+}
+
+
 class PlanError(ValueError):
     """A config the plan cannot read; the message names the file or field and the fix."""
 
@@ -45,9 +53,11 @@ def load_arch(model: str, field: str = "model") -> dict[str, Any]:
         return _read_folder(path, field)
     if not path.is_file():
         known = ", ".join(sorted(KNOWN_MODELS))
-        raise PlanError(f"{field}: {model!r} is neither a model the plan knows ({known}) nor a local folder "
-                        f"with a config.json; point it at a local copy of the model or add an arch file to "
-                        f"{ARCH_DIR}")
+        raise PlanError(
+            f"{field}: {model!r} is neither a model the plan knows ({known}) nor a local folder "
+            f"with a config.json; point it at a local copy of the model or add an arch file to "
+            f"{ARCH_DIR}"
+        )
     return json.loads(path.read_text())
 
 
@@ -62,15 +72,19 @@ def _read_folder(path: Path, field: str) -> dict[str, Any]:
                 continue
             library, cls = entry
             components[name] = {"_class": f"{library}.{cls}", "config": json.loads(cfg.read_text())}
-        return {"_source": str(path), "_class": f"diffusers.{spec['_class_name']}", "components": components}
+        return {
+            "_source": str(path),
+            "_class": f"diffusers.{spec['_class_name']}",
+            "components": components,
+        }
     cfg = path / "config.json"
     if not cfg.is_file():
         raise PlanError(f"{field}: the folder {str(path)!r} has no config.json or model_index.json")
     config = json.loads(cfg.read_text())
     if "_class_name" in config:
         return {"_source": str(cfg), "_class": f"diffusers.{config['_class_name']}", "config": config}
-    archs = config.get("architectures") or []
-    if not archs:
+    archs = config.get("architectures") or [_BY_TYPE.get(config.get("model_type"))]
+    if not archs[0]:
         raise PlanError(f"{field}: {cfg} names no architecture ('architectures' or '_class_name')")
     return {"_source": str(cfg), "_class": f"transformers.{archs[0]}", "config": config}
 

@@ -19,8 +19,10 @@ def parse_recipe(config: str | Path, overrides: list[str] | None = None) -> Any:
     from unirl_lightning.cli import UniRLCLI
 
     if not Path(config).is_file():
-        raise PlanError(f"--config: no file {str(config)!r}; pass a recipe config such as "
-                        f"configs/janus_pro_7b_grpo.yaml")
+        raise PlanError(
+            f"--config: no file {str(config)!r}; pass a recipe config such as "
+            f"configs/janus_pro_7b_grpo.yaml"
+        )
 
     class _ParseOnly(UniRLCLI):
         def instantiate_classes(self) -> None:  # the plan needs the settings, never the objects
@@ -29,12 +31,19 @@ def parse_recipe(config: str | Path, overrides: list[str] | None = None) -> Any:
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            cli = _ParseOnly(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
-                             subclass_mode_data=True, args=["--config", str(config), *(overrides or [])],
-                             run=False, auto_configure_optimizers=False, seed_everything_default=False)
+            cli = _ParseOnly(
+                L.LightningModule,
+                L.LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                args=["--config", str(config), *(overrides or [])],
+                run=False,
+                auto_configure_optimizers=False,
+                seed_everything_default=False,
+            )
     except SystemExit:
         text = err.getvalue()
-        reason = text[text.find("error:"):].strip() if "error:" in text else text.strip()
+        reason = text[text.find("error:") :].strip() if "error:" in text else text.strip()
         raise PlanError(f"{config}: the CLI refused it: {reason}") from None
     return cli.config
 

@@ -18,8 +18,10 @@ def _world(cfg: Any) -> int:
         return len(devices) * nodes
     if isinstance(devices, str):
         if devices in ("auto", "-1"):
-            raise PlanError("trainer.devices: 'auto' / -1 depends on the machine; give the GPU count "
-                            "(e.g. --trainer.devices 8) so the plan knows the ranks")
+            raise PlanError(
+                "trainer.devices: 'auto' / -1 depends on the machine; give the GPU count "
+                "(e.g. --trainer.devices 8) so the plan knows the ranks"
+            )
         devices = len(devices.split(",")) if "," in devices else int(devices)
     return int(devices) * nodes
 
@@ -27,7 +29,9 @@ def _world(cfg: Any) -> int:
 def _sharding(cfg: Any, world: int) -> tuple[str, int]:
     """(strategy name, ranks that share one copy's shards: 1 = replicated)."""
     strategy = get(cfg, "trainer.strategy", "auto")
-    name = strategy if isinstance(strategy, str) else str(get(strategy, "class_path", "")).rsplit(".", 1)[-1]
+    name = (
+        strategy if isinstance(strategy, str) else str(get(strategy, "class_path", "")).rsplit(".", 1)[-1]
+    )
     if name == "ModelParallelStrategy":
         dp = get(strategy, "init_args.data_parallel_size", "auto")
         return name, world if dp == "auto" else int(dp)
@@ -42,22 +46,33 @@ def read_settings(cfg: Any) -> dict[str, Any]:
     policy_cls = str(get(cfg, "model.init_args.policy.class_path", "")).rsplit(".", 1)[-1]
     pol = get(cfg, "model.init_args.policy.init_args")
     if policy_cls not in (JANUS, SD3, FLUX):
-        raise PlanError(f"model.init_args.policy: the plan builds {JANUS}, {SD3} and {FLUX} from their "
-                        f"published architectures, not {policy_cls or 'this policy'}; the built-in models "
-                        f"of the CPU configs fit in any GPU")
+        raise PlanError(
+            f"model.init_args.policy: the plan builds {JANUS}, {SD3} and {FLUX} from their "
+            f"published architectures, not {policy_cls or 'this policy'}; the built-in models "
+            f"of the CPU configs fit in any GPU"
+        )
     world = _world(cfg)
     strategy, shard = _sharding(cfg, world)
     det = get(model, "detector")
     detector = None
     if det is not None and str(get(det, "class_path", "")).endswith("PretrainedDetector"):
-        detector = {"paths": [p for p in (get(det, "init_args.detector_path"), get(det, "init_args.clip_path"))
-                              if p], "device": str(get(det, "init_args.device", "cpu"))}
+        detector = {
+            "paths": [
+                p for p in (get(det, "init_args.detector_path"), get(det, "init_args.clip_path")) if p
+            ],
+            "device": str(get(det, "init_args.device", "cpu")),
+        }
     reward_models = []
     for i, reward in enumerate(get(model, "rewards", []) or []):
         for key, value in (get(reward, "init_args") or {}).items():
             if key.endswith("_path") and value:
-                reward_models.append({"field": f"model.init_args.rewards[{i}].init_args.{key}", "path": value,
-                                      "name": str(get(reward, "class_path")).rsplit(".", 1)[-1]})
+                reward_models.append(
+                    {
+                        "field": f"model.init_args.rewards[{i}].init_args.{key}",
+                        "path": value,
+                        "name": str(get(reward, "class_path")).rsplit(".", 1)[-1],
+                    }
+                )
     return {
         "recipe": str(get(cfg, "model.class_path")).rsplit(".", 1)[-1],
         "policy": policy_cls,
@@ -75,7 +90,9 @@ def read_settings(cfg: Any) -> dict[str, Any]:
         "world": world,
         "strategy": strategy,
         "shard_ranks": shard,
-        "micro_batch_size": int(get(model, "micro_batch_size", get(cfg, "data.init_args.prompts_per_step", 1))),
+        "micro_batch_size": int(
+            get(model, "micro_batch_size", get(cfg, "data.init_args.prompts_per_step", 1))
+        ),
         "prompts_per_step": int(get(cfg, "data.init_args.prompts_per_step", 1)),
         "cfg_scale": float(get(model, "cfg_scale", 1.0)),
         "beta": float(get(model, "beta", 0.0)),
