@@ -2,6 +2,14 @@
 
 from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards
 from unirl_lightning.rewards.geneval import GenEvalReward
+from unirl_lightning.rewards.models import (
+    AestheticReward,
+    CLIPScoreReward,
+    ModelReward,
+    OCRReward,
+    PickScoreReward,
+    VLMJudgeReward,
+)
 from unirl_lightning.rewards.understanding import SelfUnderstandingReward, corl_rewards
 
 __all__ = [
@@ -9,6 +17,12 @@ __all__ = [
     "RolloutContext",
     "combine_rewards",
     "GenEvalReward",
+    "ModelReward",
+    "CLIPScoreReward",
+    "PickScoreReward",
+    "AestheticReward",
+    "OCRReward",
+    "VLMJudgeReward",
     "SelfUnderstandingReward",
     "corl_rewards",
 ]

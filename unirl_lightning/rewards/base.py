@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Sequence
@@ -73,19 +74,22 @@ class RewardFunction(ABC):
 def combine_rewards(
     rewards: list[RewardFunction], ctx: RolloutContext
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted sum `[N]` of the terms, each term's mean for logging (`reward/<name>`), and the sum's
-    mean per GenEval task (`reward_by_task/<tag>`, for specs that carry a tag): the overall mean hides
-    which tasks learn. Each weighted term is also kept in `ctx.cache["reward_terms"]`."""
+    """Weighted sum `[N]` of the terms, each term's mean for logging (`reward/<name>`) and its wall
+    time (`time/reward/<name>`, seconds), and the sum's mean per GenEval task (`reward_by_task/<tag>`,
+    for specs that carry a tag): the overall mean hides which tasks learn. Each weighted term is also
+    kept in `ctx.cache["reward_terms"]`."""
     if not rewards:
         raise ValueError("no reward functions configured: give model.rewards at least one entry")
     total = torch.zeros(len(ctx.specs))
     logs: dict[str, float] = {}
     for fn in rewards:
+        start = time.perf_counter()
         try:
             r = fn(ctx)
         except Exception as error:
             raise _reward_failure(fn, ctx, error) from error
-        r = r.float().cpu()
+        r = r.float().cpu()  # waits for a reward on another device: its time is all counted
+        logs[f"time/reward/{fn.name}"] = time.perf_counter() - start
         if r.shape != total.shape:
             raise ValueError(
                 f"reward {fn.name} returned shape {tuple(r.shape)}, expected ({len(ctx.specs)},)"
