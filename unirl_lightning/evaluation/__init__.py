@@ -1,7 +1,8 @@
 """GenEval scoring rules, detectors and torchmetrics metrics (GenEval accuracy, imbalance).
 
-`TransformersDetector` is imported on first access, so `import unirl_lightning.evaluation`
-does not pay for transformers.
+The transformers detectors (`Mask2FormerDetector`: GenEval's official Mask2Former + CLIP pipeline;
+`TransformersDetector`: open-vocabulary OWLv2 + CLIP) are imported on first access, so
+`import unirl_lightning.evaluation` does not pay for transformers.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ __all__ = [
     "ImbalanceScore",
     "TransformersDetector",
     "PretrainedDetector",
+    "Mask2FormerDetector",
+    "PretrainedMask2FormerDetector",
     "evaluate",
     "relative_position",
     "validate_spec",
@@ -31,4 +34,8 @@ def __getattr__(name: str) -> Any:
         from unirl_lightning.evaluation import detectors
 
         return getattr(detectors, name)
+    if name in ("Mask2FormerDetector", "PretrainedMask2FormerDetector"):
+        from unirl_lightning.evaluation import mask2former
+
+        return getattr(mask2former, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
