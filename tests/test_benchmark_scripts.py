@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +76,45 @@ def test_curve_scores_each_snapshot_once_and_finds_the_minutes_to_a_target(scrip
     assert curves.minutes_to_reach(points, 0.5) == 0.0 and curves.minutes_to_reach(points, 0.9) is None
     with pytest.raises(FileNotFoundError, match="PolicySnapshots"):
         curves.run_curve(tmp_path / "nowhere", specs, samples=1)
+
+
+def test_geneval_agreement_reads_official_records_and_scores_them_again(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend("benchmarks")
+    import geneval_agreement as ga
+    from PIL import Image
+
+    from unirl_lightning.evaluation import Detection
+
+    specs = [
+        {"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"},
+        {"tag": "counting", "include": [{"class": "cat", "count": 2}], "prompt": "a photo of two cats"},
+        {"tag": "counting", "include": [{"class": "cat", "count": 3}], "prompt": "a photo of three cats"},
+    ]
+    lines = []
+    for i, (spec, official) in enumerate(zip(specs, (True, True, True))):
+        Image.new("RGB", (16, 16)).save(tmp_path / f"{i}.png")
+        record = {
+            "filename": f"{i}.png",
+            "tag": spec["tag"],
+            "correct": official,
+            "metadata": json.dumps(spec),
+        }
+        lines.append(json.dumps(record))
+    (tmp_path / "results.jsonl").write_text("\n".join(lines))
+
+    def detector(images, classes=None):  # one dog and two cats in every image
+        assert images.dtype == torch.uint8 and images.shape == (1, 3, 16, 16)
+        return [[Detection("dog", 0.95, (0, 0, 4, 4))] + [Detection("cat", 0.95, (8, 8, 12, 12))] * 2]
+
+    rows = ga.read_results(tmp_path / "results.jsonl")
+    assert rows[1]["metadata"]["include"][0]["count"] == 2 and Path(rows[0]["filename"]).is_file()
+    ours = ga.our_verdicts(rows, detector)
+    assert ours == [True, True, False]
+    table = {r["task"]: r for r in ga.agreement_table(rows, ours)}
+    assert table["counting"]["images"] == 2 and table["counting"]["agreement"] == 0.5
+    assert table["overall"]["official"] == 1.0 and table["overall"]["ours"] == pytest.approx(2 / 3)
+    assert ga.cohen_kappa([True, False, True, False], [True, False, True, False]) == 1.0
+    assert ga.cohen_kappa([True, False], [False, True]) == -1.0
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"filename": "0.png"}))
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: record lacks"):
+        ga.read_results(tmp_path / "bad.jsonl")
