@@ -147,3 +147,25 @@ def test_non_finite_rewards_are_counted_and_kept_out_of_the_logged_means(scenes)
     assert int(torch.isnan(total).sum()) == len(specs) // 2
     assert logs["reward/half"] == pytest.approx(total[1::2].mean().item())
     assert ctx.cache["bad_reward_terms"] == {"half": len(specs) // 2}
+
+
+def test_geneval_rewards_without_a_detector_judge_with_the_recipes_detector():
+    from unirl_lightning.models.flow import TinyFlowModel
+    from unirl_lightning.modules import FlowGRPO
+    from unirl_lightning.worlds.detector import WorldDetector
+
+    class Nothing:  # a stand-in real detector: sees nothing
+        def __call__(self, images, classes=None):
+            return [[] for _ in range(len(images))]
+
+    own = GenEvalReward("binary", detector=WorldDetector(), name="own")
+    module = FlowGRPO(
+        TinyFlowModel(num_layers=1),
+        rewards=[GenEvalReward("partial"), own],
+        detector=Nothing(),
+        warm_start=None,
+    )
+    module.setup("fit")
+    assert module.rewards[0].judge is module.judge and own.judge is not module.judge
+    assert isinstance(module.rewards[0].judge.detector, Nothing)
+    assert isinstance(own.judge.detector, WorldDetector)  # an explicit detector stays

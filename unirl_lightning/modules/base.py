@@ -36,6 +36,7 @@ from unirl_lightning.modules.training import (
     set_rng_states,
 )
 from unirl_lightning.rewards.base import RolloutContext, describe_sample
+from unirl_lightning.rewards.geneval import GenEvalReward
 from unirl_lightning.worlds.detector import WorldDetector
 
 
@@ -131,6 +132,7 @@ class RecipeModule(L.LightningModule):
         return None
 
     def setup(self, stage: str) -> None:
+        self.share_judge()
         if self._warm_started or self.hparams.warm_start is None:
             return
         if self.resuming(stage):
@@ -200,6 +202,13 @@ class RecipeModule(L.LightningModule):
         if self._val_rng is not None:
             set_rng_states(self._val_rng)
             self._val_rng = None
+
+    def share_judge(self) -> None:
+        """GenEval rewards configured without a detector judge with this recipe's (`model.detector`):
+        a real-model config names its detector once, for validation and rewards alike."""
+        for fn in getattr(self, "rewards", None) or []:
+            if isinstance(fn, GenEvalReward) and fn.uses_recipe_detector:
+                fn.judge = self.judge
 
     def on_warm_started(self) -> None:
         """Hook: runs after the warm-start weights are loaded (e.g. to copy the reference)."""

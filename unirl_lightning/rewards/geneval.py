@@ -17,6 +17,8 @@ class GenEvalReward(RewardFunction):
 
     mode: "binary" = official correctness, "strict" = exact counts, "partial" = Flow-GRPO's
     partial credit per clause (gives early groups a signal when nothing is fully right).
+    detector: None judges with the recipe's detector (`model.detector`; the synthetic world's
+    exact detector outside a recipe).
     """
 
     def __init__(
@@ -30,6 +32,7 @@ class GenEvalReward(RewardFunction):
             raise ValueError(f"GenEvalReward.mode must be binary, strict or partial, got {mode!r}")
         super().__init__(weight, name or f"geneval_{mode}")
         self.mode = mode
+        self.uses_recipe_detector = detector is None  # the recipe hands it its judge at setup
         self.judge = GenEvalJudge(detector or WorldDetector())
 
     def results(self, ctx: RolloutContext):
