@@ -27,6 +27,7 @@ KNOWN_MODELS: dict[str, str] = {
     "stabilityai/stable-diffusion-3.5-medium": "sd35_medium.json",
     "black-forest-labs/FLUX.1-dev": "flux1_dev.json",
     "google/owlv2-base-patch16-ensemble": "owlv2_base_patch16_ensemble.json",
+    "facebook/mask2former-swin-small-coco-instance": "mask2former_swin_small_coco_instance.json",
     "openai/clip-vit-large-patch14": "clip_vit_large_patch14.json",
 }
 
@@ -35,6 +36,7 @@ KNOWN_MODELS: dict[str, str] = {
 _BY_TYPE = {
     "janus": "JanusForConditionalGeneration",
     "owlv2": "Owlv2ForObjectDetection",
+    "mask2former": "Mask2FormerForUniversalSegmentation",
     "clip": "CLIPModel",
 }
 

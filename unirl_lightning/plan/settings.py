@@ -29,9 +29,7 @@ def _world(cfg: Any) -> int:
 def _sharding(cfg: Any, world: int) -> tuple[str, int]:
     """(strategy name, ranks that share one copy's shards: 1 = replicated)."""
     strategy = get(cfg, "trainer.strategy", "auto")
-    name = (
-        strategy if isinstance(strategy, str) else str(get(strategy, "class_path", "")).rsplit(".", 1)[-1]
-    )
+    name = strategy if isinstance(strategy, str) else str(get(strategy, "class_path", "")).rsplit(".", 1)[-1]
     if name == "ModelParallelStrategy":
         dp = get(strategy, "init_args.data_parallel_size", "auto")
         return name, world if dp == "auto" else int(dp)
@@ -55,11 +53,16 @@ def read_settings(cfg: Any) -> dict[str, Any]:
     strategy, shard = _sharding(cfg, world)
     det = get(model, "detector")
     detector = None
-    if det is not None and str(get(det, "class_path", "")).endswith("PretrainedDetector"):
+    if det is not None and str(get(det, "class_path", "")).endswith(
+        ("PretrainedDetector", "Mask2FormerDetector")
+    ):
+        paths = (
+            get(det, "init_args.detector_path"),
+            get(det, "init_args.model_path"),
+            get(det, "init_args.clip_path"),
+        )
         detector = {
-            "paths": [
-                p for p in (get(det, "init_args.detector_path"), get(det, "init_args.clip_path")) if p
-            ],
+            "paths": [p for p in paths if p],
             "device": str(get(det, "init_args.device", "cpu")),
         }
     reward_models = []
