@@ -208,3 +208,46 @@ def test_real_model_flow_configs_instantiate_through_the_cli(name, tmp_path, flu
     module.setup("fit")
     assert module.policy.lora_scaling == 2.0  # alpha 64 / r 32
     assert all(".lora_" in n for n, p in module.policy.named_parameters() if p.requires_grad)
+
+
+def test_sd35_config_trains_one_step_with_a_pickscore_reward_from_a_folder(tmp_path):
+    """configs/sd35_flow_grpo.yaml at tiny size with its reward swapped for PickScore loaded from a
+    local folder (a tiny CLIP): the path-built reward, on the recipe's device, through one step."""
+    from pathlib import Path
+
+    from unirl_lightning.cli import cli_main
+    from unirl_lightning.data import generate_specs, save_specs, world_vocabulary
+    from unirl_lightning.rewards import PickScoreReward
+    from unirl_lightning.testing import tiny_clip, tiny_sd3_pipeline
+
+    clip, processor = tiny_clip()
+    clip.save_pretrained(tmp_path / "clip")
+    processor.save_pretrained(tmp_path / "clip")
+    tiny_sd3_pipeline(tmp_path / "sd3")
+    for split in ("train", "val"):
+        save_specs(generate_specs(6, world_vocabulary(), seed=len(split)), tmp_path / f"{split}.jsonl")
+    reward = (
+        "[{class_path: unirl_lightning.rewards.PickScoreReward, init_args: "
+        f"{{model_path: {tmp_path / 'clip'}, processor_path: {tmp_path / 'clip'}, batch_size: 3}}}}]"
+    )
+    config = Path(__file__).resolve().parents[1] / "configs" / "sd35_flow_grpo.yaml"
+    cli = cli_main(["--config", str(config),
+                    "--model.init_args.policy.init_args.pretrained", str(tmp_path / "sd3"),
+                    "--model.init_args.policy.init_args.resolution", "64",
+                    "--model.init_args.policy.init_args.torch_dtype", "float32",
+                    "--model.init_args.policy.init_args.max_sequence_length", "12",
+                    "--model.init_args.policy.init_args.drop_t5", "true",
+                    "--model.init_args.rewards", reward, "--model.init_args.num_steps", "3",
+                    "--model.init_args.rollouts_per_update", "1",
+                    "--data.init_args.train_prompts", str(tmp_path / "train.jsonl"),
+                    "--data.init_args.val_prompts", str(tmp_path / "val.jsonl"),
+                    "--data.init_args.vocabulary", "null", "--model.init_args.detector", "null",
+                    "--data.init_args.prompts_per_step", "1", "--data.init_args.group_size", "4",
+                    "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
+                    "--trainer.precision", "32-true", "--trainer.max_steps", "1",
+                    "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
+                    "--trainer.default_root_dir", str(tmp_path)], run=False)  # fmt: skip
+    assert [type(r) for r in cli.model.rewards] == [PickScoreReward]
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 1 and "reward/pickscore" in cli.trainer.logged_metrics
+    assert cli.trainer.logged_metrics["time/reward/pickscore"] > 0
