@@ -217,3 +217,23 @@ def test_bad_inputs_fail_clearly(tmp_path, capsys):
     assert "micro_batch_sizee" in capsys.readouterr().err
     with pytest.raises(PlanError, match="model.init_args.policy.*unknown/model"):
         load_arch("unknown/model", "model.init_args.policy")
+
+
+def test_reward_models_are_counted_where_and_as_their_config_runs_them():
+    """A PickScore reward (CLIP-H, 0.986B) with no model_path plans its default model; bf16 on the GPU
+    counts 2 bytes a parameter, on the CPU it is listed and not counted."""
+    from unirl_lightning.plan import plan_config
+
+    def reward_row(device: str):
+        rewards = f"[{{class_path: unirl_lightning.rewards.PickScoreReward, init_args: {{device: {device}, " \
+                  "dtype: bfloat16}}]"  # fmt: skip
+        plan = plan_config(str(CONFIGS / "sd35_flow_grpo.yaml"), 80, ["--model.init_args.rewards", rewards])
+        rows = [r for r in plan.rows if r.name.startswith("reward model (PickScoreReward)")]
+        assert len(rows) == 1
+        return plan, rows[0]
+
+    plan, row = reward_row("cuda")
+    assert row.params == pytest.approx(0.986e9, rel=0.01) and row.on_gpu
+    assert row.param_bytes == 2 * row.params
+    on_cpu, cpu_row = reward_row("cpu")
+    assert not cpu_row.on_gpu and on_cpu.total == pytest.approx(plan.total - row.param_bytes)

@@ -29,6 +29,7 @@ KNOWN_MODELS: dict[str, str] = {
     "google/owlv2-base-patch16-ensemble": "owlv2_base_patch16_ensemble.json",
     "facebook/mask2former-swin-small-coco-instance": "mask2former_swin_small_coco_instance.json",
     "openai/clip-vit-large-patch14": "clip_vit_large_patch14.json",
+    "yuvalkirstain/PickScore_v1": "pickscore_v1.json",
 }
 
 

@@ -137,9 +137,7 @@ def _build_policy(s: dict[str, Any]) -> tuple[nn.Module, dict[str, nn.Module], l
     names = ["text_encoder", "text_encoder_2"] + (
         [] if s["policy"] == FLUX or s["drop_t5"] else ["text_encoder_3"]
     )
-    frozen = {
-        n: build_meta(component(arch, n)).to(dtype) for n in [*names, "vae"] if n in arch["components"]
-    }
+    frozen = {n: build_meta(component(arch, n)).to(dtype) for n in [*names, "vae"] if n in arch["components"]}
     units = [
         *getattr(transformer, "transformer_blocks", []),
         *getattr(transformer, "single_transformer_blocks", []),
@@ -194,9 +192,7 @@ def _activations(s: dict[str, Any], cfg: dict[str, Any], mixed: bool) -> tuple[f
 
         def image(ck: bool) -> float:  # teacher-forced image tokens; guided float32 log-softmax
             return (
-                lm.bytes(r_img * (PROMPT_TOKENS + L - 1), ck)
-                + r_img * L * (6 * h + 6 * K)
-                + rows * L * K * 4
+                lm.bytes(r_img * (PROMPT_TOKENS + L - 1), ck) + r_img * L * (6 * h + 6 * K) + rows * L * K * 4
             )
 
         def answer(ck: bool) -> float:  # SigLIP on the decoded image, then the LM over the chat
@@ -204,9 +200,7 @@ def _activations(s: dict[str, Any], cfg: dict[str, Any], mixed: bool) -> tuple[f
             return vit.bytes(rows * L, ck) + lm.bytes(rows * seq, ck) + rows * ANSWER_TOKENS * V * 10
 
         what = f"{rows} rows x {cfg_rows} (CFG) x {PROMPT_TOKENS + L - 1} tokens"
-        if (
-            s["recipe"] == "UniRLSFT"
-        ):  # one backward through image logits, relaxed tokens, VQ decoder, SigLIP
+        if s["recipe"] == "UniRLSFT":  # one backward through image logits, relaxed tokens, VQ decoder, SigLIP
             grid = int(L**0.5)
             vq = (
                 act.vq_decoder_bytes(
@@ -255,14 +249,27 @@ def _detector_rows(s: dict[str, Any]) -> list[Row]:
     models = []
     if s["detector"]:
         models += [(p, "detector (GenEval judge)", s["detector"]["device"]) for p in s["detector"]["paths"]]
-    models += [(m["path"], f"reward model ({m['name']})", "cuda") for m in s["reward_models"]]
-    for path, role, device in models:
-        m = build_meta(load_arch(path, "model.init_args.detector"))
+    # reward models run where their config puts them (device, dtype), one copy per rank
+    models += [
+        (m["path"], f"reward model ({m['name']})", m["device"], m["dtype"], m["field"])
+        for m in s["reward_models"]
+    ]
+    for path, role, device, *rest in models:
+        dtype, field = rest if rest else ("float32", "model.init_args.detector")
+        m = build_meta(load_arch(path, field))
         n, _ = count(m)
         on_gpu = not device.startswith("cpu")
-        note = "fp32, whole on every rank" + ("" if on_gpu else "; on the CPU (device: cpu), not counted")
+        element = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 4)
+        note = f"{dtype}, whole on every rank" + ("" if on_gpu else "; on the CPU (device: cpu), not counted")
         rows.append(
-            Row(f"{role}: {path.rsplit('/', 1)[-1]}", n, 0, _param_bytes(m), on_gpu=on_gpu, note=note)
+            Row(
+                f"{role}: {path.rsplit('/', 1)[-1]}",
+                n,
+                0,
+                _param_bytes(m, element=element),
+                on_gpu=on_gpu,
+                note=note,
+            )
         )
     return rows
 

@@ -20,8 +20,7 @@ def parse_recipe(config: str | Path, overrides: list[str] | None = None) -> Any:
 
     if not Path(config).is_file():
         raise PlanError(
-            f"--config: no file {str(config)!r}; pass a recipe config such as "
-            f"configs/janus_pro_7b_grpo.yaml"
+            f"--config: no file {str(config)!r}; pass a recipe config such as configs/janus_pro_7b_grpo.yaml"
         )
 
     class _ParseOnly(UniRLCLI):

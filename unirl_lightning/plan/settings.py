@@ -67,15 +67,18 @@ def read_settings(cfg: Any) -> dict[str, Any]:
         }
     reward_models = []
     for i, reward in enumerate(get(model, "rewards", []) or []):
-        for key, value in (get(reward, "init_args") or {}).items():
-            if key.endswith("_path") and value:
-                reward_models.append(
-                    {
-                        "field": f"model.init_args.rewards[{i}].init_args.{key}",
-                        "path": value,
-                        "name": str(get(reward, "class_path")).rsplit(".", 1)[-1],
-                    }
-                )
+        args = get(reward, "init_args") or {}
+        path = args.get("model_path") or _default_reward_model(str(get(reward, "class_path", "")))
+        if path:
+            reward_models.append(
+                {
+                    "field": f"model.init_args.rewards[{i}].init_args.model_path",
+                    "path": path,
+                    "name": str(get(reward, "class_path")).rsplit(".", 1)[-1],
+                    "device": str(args.get("device", "cpu")),
+                    "dtype": str(args.get("dtype", "float32")),
+                }
+            )
     return {
         "recipe": str(get(cfg, "model.class_path")).rsplit(".", 1)[-1],
         "policy": policy_cls,
@@ -108,3 +111,20 @@ def read_settings(cfg: Any) -> dict[str, Any]:
         "detector": detector,
         "reward_models": reward_models,
     }
+
+
+def _default_reward_model(class_path: str) -> str | None:
+    """The model a model-scored reward loads when its config names none (its `model_path` default)."""
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    default = inspect.signature(cls).parameters.get("model_path")
+    value = (
+        getattr(cls, "default_model", None) if default is None or default.default is None else default.default
+    )
+    return value if isinstance(value, str) else None
