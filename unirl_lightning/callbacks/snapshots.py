@@ -19,7 +19,7 @@ from unirl_lightning.callbacks.cpu_budget import CPUTimeBudget, process_cpu_seco
 
 
 class PolicySnapshots(pl.Callback):
-    """Every `every_cpu_minutes` of CPU time, `save_policies(<dirpath>/cpu-<minutes>)`.
+    """Every `every_cpu_minutes` of CPU time, and when fit ends, `save_policies(<dirpath>/cpu-<minutes>)`.
 
     CPU time is `CPUTimeBudget`'s count when the trainer has one (same `since`, carried over a
     resume), else this process's user + system time. Snapshots are taken at update boundaries
@@ -77,6 +77,20 @@ class PolicySnapshots(pl.Callback):
         # the first boundary past the next mark (one snapshot per mark passed, however long the update)
         if int(minutes // self.every) <= int(last // self.every):
             return
+        self._snapshot(trainer, pl_module, minutes, per_update)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The policy as fit ends (the curve's last point), unless the last snapshot is of this step."""
+        if self.entries and self.entries[-1]["step"] == trainer.global_step:
+            return
+        hparams = getattr(pl_module, "hparams", {}) or {}
+        self._snapshot(
+            trainer, pl_module, self.cpu_minutes(), max(1, int(hparams.get("rollouts_per_update", 1) or 1))
+        )
+
+    def _snapshot(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, minutes: float, per_update: int
+    ) -> None:
         folder = f"cpu-{minutes:06.2f}"
         pl_module.save_policies(Path(self.dirpath) / folder)
         self.entries.append(
