@@ -210,24 +210,40 @@ def test_real_model_flow_configs_instantiate_through_the_cli(name, tmp_path, flu
     assert all(".lora_" in n for n, p in module.policy.named_parameters() if p.requires_grad)
 
 
-def test_sd35_config_trains_one_step_with_a_pickscore_reward_from_a_folder(tmp_path):
-    """configs/sd35_flow_grpo.yaml at tiny size with its reward swapped for PickScore loaded from a
-    local folder (a tiny CLIP): the path-built reward, on the recipe's device, through one step."""
+def test_sd35_config_trains_one_step_with_mask2former_geneval_and_pickscore_from_folders(tmp_path):
+    """configs/sd35_flow_grpo.yaml at tiny size: its GenEval reward judged by the config's
+    Mask2Former + CLIP detector and a PickScore term, each loaded from a local folder (tiny random
+    models), through one optimiser step."""
     from pathlib import Path
+
+    import transformers
 
     from unirl_lightning.cli import cli_main
     from unirl_lightning.data import generate_specs, save_specs, world_vocabulary
-    from unirl_lightning.rewards import PickScoreReward
+    from unirl_lightning.evaluation import Mask2FormerDetector
+    from unirl_lightning.rewards import GenEvalReward, PickScoreReward
     from unirl_lightning.testing import tiny_clip, tiny_sd3_pipeline
 
     clip, processor = tiny_clip()
     clip.save_pretrained(tmp_path / "clip")
     processor.save_pretrained(tmp_path / "clip")
+    swin = transformers.SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1],
+                                   num_heads=[1, 1, 1, 1], window_size=2,
+                                   out_features=["stage1", "stage2", "stage3", "stage4"])  # fmt: skip
+    names = {0: "circle", 1: "square", 2: "triangle", 3: "cross"}
+    m2f = transformers.Mask2FormerConfig(backbone_config=swin, feature_size=32, mask_feature_size=32,
+                                         hidden_dim=32, encoder_feedforward_dim=32, dim_feedforward=32,
+                                         encoder_layers=1, decoder_layers=2, num_attention_heads=2,
+                                         num_queries=6, num_labels=4, id2label=names,
+                                         label2id={v: k for k, v in names.items()})  # fmt: skip
+    transformers.Mask2FormerForUniversalSegmentation(m2f).save_pretrained(tmp_path / "m2f")
+    transformers.Mask2FormerImageProcessorPil(size_divisor=32).save_pretrained(tmp_path / "m2f")
     tiny_sd3_pipeline(tmp_path / "sd3")
     for split in ("train", "val"):
         save_specs(generate_specs(6, world_vocabulary(), seed=len(split)), tmp_path / f"{split}.jsonl")
-    reward = (
-        "[{class_path: unirl_lightning.rewards.PickScoreReward, init_args: "
+    rewards = (
+        "[{class_path: unirl_lightning.rewards.GenEvalReward, init_args: {mode: partial}}, "
+        "{class_path: unirl_lightning.rewards.PickScoreReward, init_args: "
         f"{{model_path: {tmp_path / 'clip'}, processor_path: {tmp_path / 'clip'}, batch_size: 3}}}}]"
     )
     config = Path(__file__).resolve().parents[1] / "configs" / "sd35_flow_grpo.yaml"
@@ -237,17 +253,26 @@ def test_sd35_config_trains_one_step_with_a_pickscore_reward_from_a_folder(tmp_p
                     "--model.init_args.policy.init_args.torch_dtype", "float32",
                     "--model.init_args.policy.init_args.max_sequence_length", "12",
                     "--model.init_args.policy.init_args.drop_t5", "true",
-                    "--model.init_args.rewards", reward, "--model.init_args.num_steps", "3",
+                    "--model.init_args.detector.init_args.model_path", str(tmp_path / "m2f"),
+                    "--model.init_args.detector.init_args.clip_path", str(tmp_path / "clip"),
+                    "--model.init_args.detector.init_args.device", "cpu",
+                    "--model.init_args.detector.init_args.shortest_edge", "64",
+                    "--model.init_args.rewards", rewards, "--model.init_args.num_steps", "3",
                     "--model.init_args.rollouts_per_update", "1",
                     "--data.init_args.train_prompts", str(tmp_path / "train.jsonl"),
                     "--data.init_args.val_prompts", str(tmp_path / "val.jsonl"),
-                    "--data.init_args.vocabulary", "null", "--model.init_args.detector", "null",
+                    "--data.init_args.vocabulary", "null",
                     "--data.init_args.prompts_per_step", "1", "--data.init_args.group_size", "4",
                     "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
                     "--trainer.precision", "32-true", "--trainer.max_steps", "1",
                     "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
                     "--trainer.default_root_dir", str(tmp_path)], run=False)  # fmt: skip
-    assert [type(r) for r in cli.model.rewards] == [PickScoreReward]
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    assert cli.trainer.global_step == 1 and "reward/pickscore" in cli.trainer.logged_metrics
-    assert cli.trainer.logged_metrics["time/reward/pickscore"] > 0
+    module = cli.model
+    assert [type(r) for r in module.rewards] == [GenEvalReward, PickScoreReward]
+    assert isinstance(module.judge.detector, Mask2FormerDetector)
+    cli.trainer.fit(module, datamodule=cli.datamodule)
+    assert module.rewards[0].judge is module.judge  # the GenEval reward judged with Mask2Former
+    logged = cli.trainer.logged_metrics
+    assert cli.trainer.global_step == 1
+    assert "reward/pickscore" in logged and "reward/geneval_partial" in logged
+    assert logged["time/reward/pickscore"] > 0 and logged["time/reward/geneval_partial"] > 0
