@@ -51,10 +51,11 @@ def run_curve(snapshots: Path, specs: list[dict], samples: int) -> list[tuple[fl
 
 
 def at_marks(curve: list[tuple[float, float]], every: float) -> dict[int, float]:
-    """The curve at each mark k * `every` (its first snapshot at or past the mark)."""
+    """The curve at each mark k * `every`: the snapshot nearest it (snapshots land just past their
+    mark; the end of a 20-minute run counts as the 20-minute mark), the first one if two round alike."""
     out: dict[int, float] = {}
     for minutes, value in curve:
-        out.setdefault(int(minutes // every), value)
+        out.setdefault(round(minutes / every), value)
     return out
 
 

@@ -70,7 +70,7 @@ def test_curve_scores_each_snapshot_once_and_finds_the_minutes_to_a_target(scrip
     assert (tmp_path / "cpu-002.10" / "geneval-1.json").is_file()
     (tmp_path / "cpu-002.10" / "geneval-1.json").write_text(json.dumps({"overall": 0.5}))
     assert curves.run_curve(tmp_path, specs, samples=1)[0] == (2.1, 0.5)  # cached, not rescored
-    assert curves.at_marks([(2.1, 0.5), (3.9, 0.6), (4.05, 0.7)], 2.0) == {1: 0.5, 2: 0.7}
+    assert curves.at_marks([(2.1, 0.5), (4.05, 0.6), (19.8, 0.7)], 2.0) == {1: 0.5, 2: 0.6, 10: 0.7}
     points = [(0.0, 0.5), (2.0, 0.6), (4.0, 0.8)]
     assert curves.minutes_to_reach(points, 0.7) == pytest.approx(3.0)
     assert curves.minutes_to_reach(points, 0.5) == 0.0 and curves.minutes_to_reach(points, 0.9) is None
