@@ -188,25 +188,32 @@ def test_janus_configs_instantiate_through_the_cli(name, tmp_path):
     import yaml
 
     from unirl_lightning.cli import cli_main
-    from unirl_lightning.data import generate_specs, save_specs, world_vocabulary
 
     config = Path(__file__).resolve().parents[1] / "configs" / name
     cfg = yaml.safe_load(config.read_text())
     assert cfg["trainer"]["strategy"]["class_path"].endswith("ModelParallelStrategy")  # FSDP2
     assert cfg["trainer"]["precision"] == "bf16-mixed"
+    cli = cli_main(_tiny_janus_config_args(config, tmp_path), run=False)
+    assert isinstance(cli.model.policy, JanusPolicy)
+
+
+def _tiny_janus_config_args(config, tmp_path, *extra: str) -> list[str]:
+    """CLI arguments that run a Janus config on a local tiny checkpoint, prompt files (written here)
+    and a CPU trainer, without the detector; `extra` after them."""
+    from unirl_lightning.data import generate_specs, save_specs, world_vocabulary
+
     _policy().save_pretrained(tmp_path / "janus")
     for split in ("train", "val"):
         save_specs(generate_specs(6, world_vocabulary(), seed=len(split)), tmp_path / f"{split}.jsonl")
-    cli = cli_main(["--config", str(config),
-                    "--model.init_args.policy.init_args.model_path", str(tmp_path / "janus"),
-                    "--model.init_args.policy.init_args.gradient_checkpointing", "false",
-                    "--data.init_args.train_prompts", str(tmp_path / "train.jsonl"),
-                    "--data.init_args.val_prompts", str(tmp_path / "val.jsonl"),
-                    "--data.init_args.vocabulary", "null", "--model.init_args.detector", "null",
-                    "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
-                    "--trainer.precision", "32-true",
-                    "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)], run=False)
-    assert isinstance(cli.model.policy, JanusPolicy)
+    return ["--config", str(config),
+            "--model.init_args.policy.init_args.model_path", str(tmp_path / "janus"),
+            "--model.init_args.policy.init_args.gradient_checkpointing", "false",
+            "--data.init_args.train_prompts", str(tmp_path / "train.jsonl"),
+            "--data.init_args.val_prompts", str(tmp_path / "val.jsonl"),
+            "--data.init_args.vocabulary", "null", "--model.init_args.detector", "null",
+            "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
+            "--trainer.precision", "32-true",
+            "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path), *extra]  # fmt: skip
 
 
 # ---- GRPO smoke run ----------------------------------------------------------------------
@@ -318,24 +325,12 @@ def test_janus_grpo_config_trains_one_step_with_its_corl_rewards(tmp_path):
     from pathlib import Path
 
     from unirl_lightning.cli import cli_main
-    from unirl_lightning.data import generate_specs, save_specs, world_vocabulary
     from unirl_lightning.rewards import GenEvalReward, SelfUnderstandingReward
 
     config = Path(__file__).resolve().parents[1] / "configs" / "janus_pro_1b_grpo.yaml"
-    _policy().save_pretrained(tmp_path / "janus")
-    for split in ("train", "val"):
-        save_specs(generate_specs(6, world_vocabulary(), seed=len(split)), tmp_path / f"{split}.jsonl")
-    cli = cli_main(["--config", str(config),
-                    "--model.init_args.policy.init_args.model_path", str(tmp_path / "janus"),
-                    "--model.init_args.policy.init_args.gradient_checkpointing", "false",
-                    "--data.init_args.train_prompts", str(tmp_path / "train.jsonl"),
-                    "--data.init_args.val_prompts", str(tmp_path / "val.jsonl"),
-                    "--data.init_args.vocabulary", "null", "--model.init_args.detector", "null",
-                    "--data.init_args.prompts_per_step", "1", "--data.init_args.group_size", "4",
-                    "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
-                    "--trainer.precision", "32-true", "--trainer.max_steps", "1",
-                    "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
-                    "--trainer.default_root_dir", str(tmp_path)], run=False)  # fmt: skip
+    extra = ("--data.init_args.prompts_per_step", "1", "--data.init_args.group_size", "4",
+             "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0")  # fmt: skip
+    cli = cli_main(_tiny_janus_config_args(config, tmp_path, *extra), run=False)
     rewards = cli.model.rewards
     assert [type(r) for r in rewards] == [GenEvalReward, SelfUnderstandingReward]
     assert [r.weight for r in rewards] == [1.0, 0.8]
