@@ -15,6 +15,12 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 
+def batches_per_update(pl_module: pl.LightningModule) -> int:
+    """Training batches per optimiser update: the module's `rollouts_per_update`, else 1."""
+    hparams = getattr(pl_module, "hparams", {}) or {}
+    return max(1, int(hparams.get("rollouts_per_update", 1) or 1))
+
+
 def process_cpu_seconds() -> float:
     """User + system CPU seconds of this process so far, every thread included."""
     use = resource.getrusage(resource.RUSAGE_SELF)
@@ -70,11 +76,6 @@ class CPUTimeBudget(pl.Callback):
         self._carried = float(state_dict["used_seconds"])
         self._update_costs = list(state_dict["update_costs"])
 
-    @staticmethod
-    def _batches_per_update(pl_module: pl.LightningModule) -> int:
-        hparams = getattr(pl_module, "hparams", {}) or {}
-        return max(1, int(hparams.get("rollouts_per_update", 1) or 1))
-
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._origin = self.clock() if self.since == "fit" else 0.0
         self._last = self.clock()
@@ -91,7 +92,7 @@ class CPUTimeBudget(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if (batch_idx + 1) % self._batches_per_update(pl_module) != 0:
+        if (batch_idx + 1) % batches_per_update(pl_module) != 0:
             return
         now = self.clock()
         self._update_costs.append(now - self._last)

@@ -15,7 +15,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from unirl_lightning.callbacks.cpu_budget import CPUTimeBudget, process_cpu_seconds
+from unirl_lightning.callbacks.cpu_budget import CPUTimeBudget, batches_per_update, process_cpu_seconds
 
 
 class PolicySnapshots(pl.Callback):
@@ -68,8 +68,7 @@ class PolicySnapshots(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        hparams = getattr(pl_module, "hparams", {}) or {}
-        per_update = max(1, int(hparams.get("rollouts_per_update", 1) or 1))
+        per_update = batches_per_update(pl_module)
         if (batch_idx + 1) % per_update:
             return
         minutes = self.cpu_minutes()
@@ -83,10 +82,7 @@ class PolicySnapshots(pl.Callback):
         """The policy as fit ends (the curve's last point), unless the last snapshot is of this step."""
         if self.entries and self.entries[-1]["step"] == trainer.global_step:
             return
-        hparams = getattr(pl_module, "hparams", {}) or {}
-        self._snapshot(
-            trainer, pl_module, self.cpu_minutes(), max(1, int(hparams.get("rollouts_per_update", 1) or 1))
-        )
+        self._snapshot(trainer, pl_module, self.cpu_minutes(), batches_per_update(pl_module))
 
     def _snapshot(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, minutes: float, per_update: int
