@@ -57,6 +57,15 @@ from unirl_lightning.models.base import (
     ImageRollout,
     UnifiedPolicy,
 )
+from unirl_lightning.models.static_decode import (
+    StaticKVCache,
+    attention_mask,
+    check_decode_mode,
+    compile_step,
+    decode_tokens,
+    reuse_cache,
+    sample_token,
+)
 from unirl_lightning.objectives import guided_logits, gumbel_noise
 
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PILImageResampling -> F.interpolate mode
@@ -89,6 +98,12 @@ class JanusPolicy(UnifiedPolicy):
         freeze_vq: keep the VQ tokenizer fixed, as Janus does. The relaxed route still passes
             gradients through it to the image-token logits, but cannot repaint the decoder to
             please the understanding loss (which would change every decoded image).
+        decode: how image rollouts decode: "dynamic" (transformers' growing cache), "static" (a
+            preallocated cache, every step the same shapes) or "compiled" (the static step under
+            `torch.compile`, CUDA graphs on GPU: the fast path at real size). All three draw the
+            same Gumbel stream (`benchmarks/rollout_speed.md`).
+        compile_mode: `torch.compile` mode of the compiled step (default: "reduce-overhead" on
+            GPU, inductor's default on CPU).
     """
 
     image_order = "autoregressive"
@@ -102,26 +117,36 @@ class JanusPolicy(UnifiedPolicy):
         attn_implementation: str | None = "sdpa",
         gradient_checkpointing: bool = False,
         freeze_vq: bool = True,
+        decode: str = "dynamic",
+        compile_mode: str | None = None,
     ):
         super().__init__()
         from transformers import JanusForConditionalGeneration, JanusProcessor
 
+        check_decode_mode(decode)
         model = JanusForConditionalGeneration.from_pretrained(
             model_path, dtype=_dtype(torch_dtype), attn_implementation=attn_implementation)
-        self._setup(model, JanusProcessor.from_pretrained(model_path), gradient_checkpointing, freeze_vq)
+        self._setup(model, JanusProcessor.from_pretrained(model_path), gradient_checkpointing, freeze_vq,
+                    decode, compile_mode)
 
     @classmethod
     def from_components(cls, model: nn.Module, processor: Any, gradient_checkpointing: bool = False,
-                        freeze_vq: bool = True) -> "JanusPolicy":
+                        freeze_vq: bool = True, decode: str = "dynamic",
+                        compile_mode: str | None = None) -> "JanusPolicy":
         """Wrap a built `JanusForConditionalGeneration` and its `JanusProcessor` (tests, custom loading)."""
         policy = cls.__new__(cls)
         UnifiedPolicy.__init__(policy)  # nn.Module state before any submodule is assigned
-        policy._setup(model, processor, gradient_checkpointing, freeze_vq)
+        policy._setup(model, processor, gradient_checkpointing, freeze_vq, check_decode_mode(decode),
+                      compile_mode)
         return policy
 
-    def _setup(self, model: nn.Module, processor: Any, gradient_checkpointing: bool, freeze_vq: bool) -> None:
+    def _setup(self, model: nn.Module, processor: Any, gradient_checkpointing: bool, freeze_vq: bool,
+               decode: str = "dynamic", compile_mode: str | None = None) -> None:
         self.model = model
         self.processor = processor
+        self.decode, self.compile_mode = decode, compile_mode
+        self._static_cache: StaticKVCache | None = None
+        self._compiled_step = None
         tok = processor.tokenizer
         gen_pad = getattr(model.generation_config, "pad_token_id", None)
         self.pad_id = int(gen_pad if gen_pad is not None else tok.pad_token_id)
@@ -204,9 +229,18 @@ class JanusPolicy(UnifiedPolicy):
     @torch.no_grad()
     def generate_images(self, prompts, *, cfg_scale=1.0, temperature=1.0, generator=None,
                         return_gumbel=False) -> ImageRollout:
+        prompts = list(prompts)
+        decode = self._decode_dynamic if self.decode == "dynamic" else self._decode_static
+        tokens, logps, gumbel = decode(prompts, cfg_scale, temperature, generator, return_gumbel)
+        return ImageRollout(
+            prompts=prompts, tokens=tokens, logprobs=logps,
+            action_mask=torch.ones_like(tokens, dtype=torch.bool), cfg_scale=cfg_scale,
+            temperature=temperature, gumbel=gumbel,
+        )
+
+    def _decode_dynamic(self, prompts, cfg_scale, temperature, generator, return_gumbel):
         from transformers import DynamicCache
 
-        prompts = list(prompts)
         B, L = len(prompts), self.tokens_per_image
         ids, mask = self.generation_inputs(prompts, cfg_scale)
         R, S = ids.shape
@@ -215,30 +249,60 @@ class JanusPolicy(UnifiedPolicy):
         cache = DynamicCache(config=self._lm.config)
         h = self._step(self._embed(ids), None if full is None else full[:, :S], cache)
         head = self.model.model.generation_head
-        tokens = torch.empty(B, L, dtype=torch.long, device=self.device)
-        logps = torch.empty(B, L, device=self.device)
-        noises = []
-        for l in range(L):
-            logits = guided_logits(head(h), cfg_scale, temperature)  # [B, K]
-            if temperature > 0:
-                g = gumbel_noise(logits.shape, generator, logits.device)
-                tok = (logits + g).argmax(-1)  # Gumbel-max: an exact draw from softmax(logits)
-                if return_gumbel:
-                    noises.append(g)
-            else:
-                tok = logits.argmax(-1)
-                if return_gumbel:
-                    noises.append(torch.zeros_like(logits))
-            tokens[:, l] = tok
-            logps[:, l] = torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
-            if l + 1 < L:
-                step = self.model.prepare_embeddings_for_image_generation(tok.repeat(R // B)[:, None])
-                h = self._step(step, None if full is None else full[:, : S + l + 1], cache)
-        return ImageRollout(
-            prompts=prompts, tokens=tokens, logprobs=logps,
-            action_mask=torch.ones_like(tokens, dtype=torch.bool), cfg_scale=cfg_scale,
-            temperature=temperature, gumbel=torch.stack(noises, 1) if return_gumbel else None,
-        )
+
+        def step(tok: Tensor, position: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+            emb = self.model.prepare_embeddings_for_image_generation(tok.repeat(R // B)[:, None])
+            p = int(position)
+            h = self._step(emb, None if full is None else full[:, : p + 1], cache)
+            return sample_token(guided_logits(head(h), cfg_scale, temperature), noise, temperature)
+
+        first = guided_logits(head(h), cfg_scale, temperature)
+        return decode_tokens(first, step, L, S, temperature, generator, return_gumbel)
+
+    # ---- static-cache decoding (decode="static" | "compiled") ---------------------------
+    def _layers(self, x: Tensor, positions: Tensor, mask: Tensor, cache: StaticKVCache) -> Tensor:
+        """The language model's decoder layers over `x` `[R, S, D]` at `positions` (long `[S]`),
+        writing keys / values into `cache`; bool `mask` `[R, 1, S, T]` -> normed states `[R, S, D]`."""
+        lm = self._lm
+        cos_sin = lm.rotary_emb(x, positions[None].expand(x.shape[0], -1))
+        for layer in lm.layers:
+            x = layer(x, attention_mask=mask, position_embeddings=cos_sin, cache=cache,
+                      cache_position=positions)
+        return lm.norm(x)
+
+    def _static_step(self, tok: Tensor, position: Tensor, noise: Tensor, keys_ok: Tensor
+                     ) -> tuple[Tensor, Tensor]:
+        """Feed image token `tok` `[B]` at `position` (0-dim long) -> next token `[B]`, its log-prob
+        `[B]`. Fixed shapes and no Python branching on values: `torch.compile` captures it whole."""
+        R, B = keys_ok.shape[0], tok.shape[0]
+        cfg_scale, temperature = self._decode_args
+        positions = position.view(1)
+        emb = self.model.prepare_embeddings_for_image_generation(tok.repeat(R // B)[:, None])
+        h = self._layers(emb, positions, attention_mask(keys_ok, positions), self._static_cache)
+        logits = guided_logits(self.model.model.generation_head(h[:, -1]), cfg_scale, temperature)
+        return sample_token(logits, noise, temperature)
+
+    def _decode_static(self, prompts, cfg_scale, temperature, generator, return_gumbel):
+        L = self.tokens_per_image
+        ids, mask = self.generation_inputs(prompts, cfg_scale)
+        R, S = ids.shape
+        cfg = self._lm.config
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self._static_cache = reuse_cache(self._static_cache, cfg.num_hidden_layers, R, heads, S + L,
+                                         head_dim, self.model.lm_head.weight.dtype, self.device)
+        keys_ok = torch.cat([mask.bool(), mask.new_ones(R, L, dtype=torch.bool)], 1)
+        positions = torch.arange(S, device=self.device)
+        h = self._layers(self._embed(ids), positions, attention_mask(keys_ok, positions), self._static_cache)
+        first = guided_logits(self.model.model.generation_head(h[:, -1]), cfg_scale, temperature)
+        self._decode_args = (float(cfg_scale), float(temperature))
+        step = self._static_step
+        if self.decode == "compiled":
+            if self._compiled_step is None:
+                self._compiled_step = compile_step(self._static_step, self.compile_mode, self.device)
+            step = self._compiled_step
+        return decode_tokens(first, lambda t, p, g: step(t, p, g, keys_ok), L, S, temperature, generator,
+                             return_gumbel)
 
     def image_logits(self, rollout: ImageRollout) -> Tensor:
         B, L = rollout.tokens.shape

@@ -28,6 +28,16 @@ from unirl_lightning.models.base import (
     UnifiedPolicy,
 )
 from unirl_lightning.models.folder import load_weights, read_config, save_folder
+from unirl_lightning.models.static_decode import (
+    StaticKVCache,
+    StaticLayerCache,
+    attention_mask,
+    check_decode_mode,
+    compile_step,
+    decode_tokens,
+    reuse_cache,
+    sample_token,
+)
 from unirl_lightning.objectives import guided_logits, gumbel_noise
 from unirl_lightning.worlds.render import WorldConfig
 from unirl_lightning.worlds.tokenizer import PatchTokenizer
@@ -88,13 +98,16 @@ class CachedBlock(nn.Module):
         )
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, allowed: Tensor, cache: list[Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, allowed: Tensor, cache: list[Tensor] | StaticLayerCache | None = None,
+                positions: Tensor | None = None) -> Tensor:
         """x `[B, S, D]`; allowed bool `[B, 1, S, S_total]`; cache `[k, v]` of past keys, extended in
-        place."""
+        place, or a static cache written at `positions` (long `[S]`)."""
         q, k, v = rearrange(
             self.qkv(self.ln1(x)), "b s (three h e) -> three b h s e", three=3, h=self.n_heads
         )
-        if cache is not None:
+        if isinstance(cache, StaticLayerCache):
+            k, v = cache.update(k, v, positions)
+        elif cache is not None:
             if cache:
                 k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
             cache[:] = [k, v]
@@ -106,10 +119,16 @@ class CachedBlock(nn.Module):
 class TinyUnifiedModel(UnifiedPolicy):
     """The built-in unified model for the synthetic world (see the module docstring for the layout)."""
 
-    def __init__(self, config: TinyConfig | None = None, **overrides):
+    def __init__(self, config: TinyConfig | None = None, decode: str = "dynamic",
+                 compile_mode: str | None = None, **overrides):
+        """`decode` / `compile_mode`: how autoregressive rollouts decode, as `JanusPolicy`'s
+        ("dynamic", "static" cache, "compiled" static step); masked order always decodes in full."""
         super().__init__()
         cfg = config or TinyConfig(**overrides)
         self.config = cfg
+        self.decode, self.compile_mode = check_decode_mode(decode), compile_mode
+        self._static_cache: StaticKVCache | None = None
+        self._compiled_step = None
         self.image_order = cfg.image_order
         self.words = WordTokenizer(cfg.words)
         self.image_tokenizer = PatchTokenizer(self.world_config)
@@ -243,13 +262,7 @@ class TinyUnifiedModel(UnifiedPolicy):
         KV cache simple.
         """
         b, s = tokens.shape
-        x = self.tok_emb(tokens)
-        if self.config.image_embedding == "codebook":
-            code = tokens - self.image_offset
-            is_img = (code >= 0).unsqueeze(-1)
-            # F.embedding, not table[code]: indexing's backward accumulates with atomic adds across CPU
-            # threads (run-to-run differences); the embedding backward sums in a fixed order.
-            x = x + torch.where(is_img, F.embedding(code.clamp(min=0), self.code_in(self.code_pixels)), 0.0)
+        x = self._embed_tokens(tokens)
         if image_embeds is not None:
             img = self._image_slice
             x = torch.cat([x[:, : img.start - past], image_embeds.to(x.dtype), x[:, img.stop - past :]], 1)
@@ -258,6 +271,17 @@ class TinyUnifiedModel(UnifiedPolicy):
         for i, block in enumerate(self.blocks):
             x = block(x, allowed, None if cache is None else cache[i])
         return self.ln_f(x)
+
+    def _embed_tokens(self, tokens: Tensor) -> Tensor:
+        """Token embeddings `[B, S, D]` (image codes with their pixels' MLP), without positions."""
+        x = self.tok_emb(tokens)
+        if self.config.image_embedding == "codebook":
+            code = tokens - self.image_offset
+            is_img = (code >= 0).unsqueeze(-1)
+            # F.embedding, not table[code]: indexing's backward accumulates with atomic adds across CPU
+            # threads (run-to-run differences); the embedding backward sums in a fixed order.
+            x = x + torch.where(is_img, F.embedding(code.clamp(min=0), self.code_in(self.code_pixels)), 0.0)
+        return x
 
     def _logits(self, h: Tensor, span: slice) -> Tensor:
         """Logits restricted to a vocabulary range (image codes or answer words + [EOS])."""
@@ -300,22 +324,25 @@ class TinyUnifiedModel(UnifiedPolicy):
             return self._generate_masked(prompts, cfg_scale, temperature, generator, return_gumbel)
         B, L = len(prompts), self.tokens_per_image
         prefix = self._prefix(prompts, cfg_scale)
-        cache: list[list[Tensor]] = [[] for _ in self.blocks]
-        h = self._forward(prefix, cache=cache)[:, -1:]
-        tokens = torch.empty(B, L, dtype=torch.long, device=self.device)
-        logps = torch.empty(B, L, device=self.device)
-        noises = []
-        for l in range(L):
-            logits = guided_logits(self._logits(h[:, -1], self._img_vocab), cfg_scale, temperature)
-            g = gumbel_noise(logits.shape, generator, logits.device)
-            tok = (logits + g).argmax(-1)  # Gumbel-max: an exact sample of softmax(logits)
-            tokens[:, l] = tok
-            logps[:, l] = torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
-            if return_gumbel:
-                noises.append(g)
-            if l + 1 < L:
-                step = (tok + self.image_offset)[:, None].repeat(prefix.shape[0] // B, 1)
-                h = self._forward(step, cache=cache, past=prefix.shape[1] + l)
+        if self.decode == "dynamic":
+            cache: list[list[Tensor]] = [[] for _ in self.blocks]
+            h = self._forward(prefix, cache=cache)[:, -1]
+
+            def step(tok: Tensor, position: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+                ids = (tok + self.image_offset)[:, None].repeat(prefix.shape[0] // B, 1)
+                h = self._forward(ids, cache=cache, past=int(position))[:, -1]
+                return sample_token(self._image_logits(h, cfg_scale, temperature), noise, temperature)
+        else:
+            h = self._static_prefill(prefix)
+            self._decode_args = (float(cfg_scale), float(temperature))
+            step = self._static_step
+            if self.decode == "compiled":
+                if self._compiled_step is None:
+                    self._compiled_step = compile_step(self._static_step, self.compile_mode, self.device)
+                step = self._compiled_step
+        first = self._image_logits(h, cfg_scale, temperature)
+        tokens, logps, gumbel = decode_tokens(first, step, L, prefix.shape[1], temperature, generator,
+                                              return_gumbel)
         return ImageRollout(
             prompts=prompts,
             tokens=tokens,
@@ -323,8 +350,41 @@ class TinyUnifiedModel(UnifiedPolicy):
             action_mask=torch.ones_like(tokens, dtype=torch.bool),
             cfg_scale=cfg_scale,
             temperature=temperature,
-            gumbel=torch.stack(noises, 1) if return_gumbel else None,
+            gumbel=gumbel,
         )
+
+    def _image_logits(self, h: Tensor, cfg_scale: float, temperature: float) -> Tensor:
+        """Last hidden states `[R, D]` -> guided image-code logits `[B, K]`."""
+        return guided_logits(self._logits(h, self._img_vocab), cfg_scale, temperature)
+
+    def _static_prefill(self, prefix: Tensor) -> Tensor:
+        """Write the prompt rows `[R, S]` into a static cache sized for the image -> last state `[R, D]`."""
+        R, S = prefix.shape
+        d = self.config.d_model
+        self._static_cache = reuse_cache(
+            self._static_cache, len(self.blocks), R, self.config.n_heads, S + self.tokens_per_image,
+            d // self.config.n_heads, self.tok_emb.weight.dtype, self.device)
+        positions = torch.arange(S, device=self.device)
+        return self._static_blocks(self._embed_tokens(prefix), positions)[:, -1]
+
+    def _static_blocks(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Blocks over embeddings `[R, S, D]` at `positions` (long `[S]`) through the static cache."""
+        cache = self._static_cache
+        x = x + self.pos_emb(positions)
+        keys_ok = torch.ones(x.shape[0], cache.keys[0].shape[2], dtype=torch.bool, device=x.device)
+        allowed = attention_mask(keys_ok, positions)  # causal: padding is an ordinary token here
+        for i, block in enumerate(self.blocks):
+            x = block(x, allowed, cache.layer(i), positions)
+        return self.ln_f(x)
+
+    def _static_step(self, tok: Tensor, position: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """Feed image code `tok` `[B]` at `position` (0-dim long) -> next code `[B]`, its log-prob `[B]`;
+        fixed shapes, so `torch.compile` captures it whole."""
+        R, B = self._static_cache.keys[0].shape[0], tok.shape[0]
+        cfg_scale, temperature = self._decode_args
+        ids = (tok + self.image_offset)[:, None].repeat(R // B, 1)
+        h = self._static_blocks(self._embed_tokens(ids), position.view(1))[:, -1]
+        return sample_token(self._image_logits(h, cfg_scale, temperature), noise, temperature)
 
     def mask_schedule(self) -> list[int]:
         """Tokens still masked after each step (cosine schedule, MaskGIT), ending at 0."""
