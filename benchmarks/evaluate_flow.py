@@ -52,7 +52,8 @@ def evaluate_flow(
         if reference is not None:
             drift.append(velocity_drift(policy, reference, rollout))
     out = {k.split("/")[-1]: float(v) for k, v in geneval.compute().items()}
-    out["no_position"] = sum(out[t] for t in TASKS if t != "position") / (len(TASKS) - 1)
+    if all(t in out for t in TASKS):  # a subset of tasks (e.g. position alone) has no such mean
+        out["no_position"] = sum(out[t] for t in TASKS if t != "position") / (len(TASKS) - 1)
     if drift:
         out["velocity_mse"] = sum(drift) / len(drift)
     out["partial"] = sum(partial) / len(partial)

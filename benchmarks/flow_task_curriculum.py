@@ -76,6 +76,7 @@ def main() -> None:
                 flush=True,
             )
     policy.eval()
+    policy.save_pretrained(f"runs/curriculum/{args.name}")  # before scoring: a failed score keeps the model
     held_out = evaluate_flow(policy, data.val_specs, 8, 20)
     result = {
         "held_out": {k: round(v, 3) for k, v in held_out.items()},
@@ -86,7 +87,6 @@ def main() -> None:
         "cpu_s": round(time.process_time() - start),
     }
     print("RESULT", args.name, json.dumps(result), flush=True)
-    policy.save_pretrained(f"runs/curriculum/{args.name}")
 
 
 if __name__ == "__main__":
