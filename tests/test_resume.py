@@ -53,6 +53,14 @@ TINY = {
         "--model.init_args.timesteps_per_sample", "2", "--model.init_args.rollouts_per_update", "1",
         "--model.init_args.eta_rate", "0.2",
     ],
+    # the EMA policy (the rollout's anchor, decayed each step) and the frozen reference resume too
+    "awm": [
+        "--model.init_args.warm_start", "null", "--data.init_args.prompts_per_step", "2",
+        "--data.init_args.group_size", "4", "--model.init_args.num_steps", "4",
+        "--model.init_args.sde_window", "[1,3]", "--model.init_args.timesteps_per_sample", "2",
+        "--model.init_args.timestep_range", "[1,3]", "--model.init_args.rollouts_per_update", "1",
+        "--model.init_args.ema_rate", "0.2",
+    ],
     "unigrpo": [
         "--model.init_args.warm_start", "null", "--model.init_args.text_warm_start", "null",
         "--data.init_args.prompts_per_step", "2", "--data.init_args.group_size", "4",
