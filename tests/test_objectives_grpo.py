@@ -356,3 +356,29 @@ def test_gumbel_reproducible_and_samples_the_softmax():
 def test_gumbel_keeps_dtype():
     y, _ = straight_through_gumbel(torch.randn(2, 8, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and torch.equal(y.sum(-1), torch.ones(2, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_random_subset_of_reveal_steps_is_unbiased(loss_type):
+    """The mean over every k-subset of action columns (what `train_step_subset` draws uniformly) of the
+    subset's loss equals the full loss, dr_grpo with its length budget set to k, with KL too."""
+    from itertools import combinations
+
+    from unirl_lightning.modules.grpo import train_step_subset
+
+    torch.manual_seed(0)
+    B, A, k = 4, 6, 2
+    logp, old, ref = torch.randn(B, A) - 2, torch.randn(B, A) - 2, torch.randn(B, A) - 2
+    adv, full = torch.randn(B), torch.ones(B, A, dtype=torch.bool)
+    kw = dict(loss_type=loss_type, beta=0.1, ref_logp=ref)
+    want, _ = policy_loss(logp, old, adv, full, num_items_in_batch=full.sum(), **kw)
+    losses = []
+    for cols in combinations(range(A), k):
+        mask = torch.zeros(B, A, dtype=torch.bool)
+        mask[:, list(cols)] = True
+        loss, _ = policy_loss(logp, old, adv, mask, max_len=k, num_items_in_batch=mask.sum(), **kw)
+        losses.append(loss)
+    torch.testing.assert_close(torch.stack(losses).mean(), want)
+    drawn = train_step_subset(full, k)
+    assert drawn.sum(1).tolist() == [k] * B and bool((drawn == drawn[:1]).all())
+    assert train_step_subset(full, A + 1) is full

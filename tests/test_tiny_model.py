@@ -49,6 +49,26 @@ def test_masked_rollout_reveals_every_token_once():
     assert counts.tolist() == [expected] * 3 and sum(expected) == L
 
 
+def test_masked_rescoring_of_a_step_subset_equals_the_full_rescoring_there():
+    """`reveal_steps_per_update`: only the trained steps are re-scored, to the same log-probs."""
+    from unirl_lightning.modules.grpo import train_step_subset
+
+    policy = TinyUnifiedModel(
+        TinyConfig(d_model=32, n_layers=2, n_heads=2, image_order="masked", mask_steps=4)
+    ).eval()
+    rollout = policy.generate_images(["a photo of a cross"] * 3, cfg_scale=3.0,
+                                     generator=torch.Generator().manual_seed(0))
+    full = policy.image_logprobs(rollout)
+    torch.testing.assert_close(full, rollout.logprobs, atol=1e-4, rtol=0)
+    torch.manual_seed(1)
+    rollout.action_mask = train_step_subset(rollout.action_mask, 2)
+    part = policy.image_logprobs(rollout)
+    kept = rollout.action_mask
+    assert kept.sum(1).tolist() == [2, 2, 2]
+    torch.testing.assert_close(part[kept], full[kept], atol=1e-5, rtol=0)
+    assert torch.isfinite(part).all()
+
+
 def test_masked_order_attention_is_bidirectional_in_image_block_only():
     policy = TinyUnifiedModel(TinyConfig(d_model=32, n_layers=1, n_heads=2, image_order="masked"))
     seq = torch.zeros(1, policy.soi_pos + 1 + policy.tokens_per_image + 1, dtype=torch.long)

@@ -447,20 +447,25 @@ class TinyUnifiedModel(UnifiedPolicy):
                 :, self.soi_pos :
             ]  # outputs at [SOI] .. image[L-2] predict image[0 .. L-1]
             return guided_logits(self._logits(h, self._img_vocab), rollout.cfg_scale, rollout.temperature)
-        # masked: one sequence per step, holding that step's partially revealed state
+        # masked: one sequence per step, holding that step's partially revealed state; only the steps
+        # some row trains (`action_mask`) are scored, the others' tokens get zero logits
         T = self.config.mask_steps
-        steps = torch.arange(T, device=self.device)
-        known = rollout.reveal_step[None] < steps[:, None, None]  # [T, B, L]
-        tokens = rollout.tokens[None].expand(T, B, L)
-        pre = prefix.view(reps, 1, B, -1).expand(reps, T, B, -1).reshape(reps * T * B, -1)
+        steps = rollout.action_mask.to(self.device).any(0).nonzero().squeeze(-1)  # [k]
+        k = len(steps)
+        known = rollout.reveal_step[None] < steps[:, None, None]  # [k, B, L]
+        tokens = rollout.tokens[None].expand(k, B, L)
+        pre = prefix.view(reps, 1, B, -1).expand(reps, k, B, -1).reshape(reps * k * B, -1)
         seq = self._masked_state(
             pre, tokens.repeat(reps, 1, 1).reshape(-1, L), known.repeat(reps, 1, 1).reshape(-1, L)
         )
-        logits = self._logits(self._forward(seq)[:, self._image_slice], self._img_vocab)  # [reps*T*B, L, K]
-        logits = guided_logits(logits, rollout.cfg_scale, rollout.temperature).view(T, B, L, -1)
+        logits = self._logits(self._forward(seq)[:, self._image_slice], self._img_vocab)  # [reps*k*B, L, K]
+        logits = guided_logits(logits, rollout.cfg_scale, rollout.temperature).view(k, B, L, -1)
         # each token's row comes from the step that revealed it
-        pick = rollout.reveal_step[None, :, :, None].expand(1, B, L, logits.shape[-1])
-        return logits.gather(0, pick).squeeze(0)
+        slot = torch.full((T,), -1, dtype=torch.long, device=self.device)
+        slot[steps] = torch.arange(k, device=self.device)
+        index = slot[rollout.reveal_step]  # [B, L]: the token's step among the scored ones, -1 if none
+        pick = index.clamp(min=0)[None, :, :, None].expand(1, B, L, logits.shape[-1])
+        return torch.where((index >= 0)[..., None], logits.gather(0, pick).squeeze(0), 0.0)
 
     def decode_images(self, tokens: Tensor) -> Tensor:
         return self.image_tokenizer.decode(tokens)

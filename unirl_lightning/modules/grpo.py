@@ -24,6 +24,17 @@ from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine
 from unirl_lightning.rewards.geneval import GenEvalReward
 
 
+def train_step_subset(action_mask: torch.Tensor, k: int) -> torch.Tensor:
+    """bool `[B, A]` -> the same mask on `k` uniformly drawn action columns (all if `k >= A`), drawn
+    from the global RNG so seeded runs repeat."""
+    A = action_mask.shape[1]
+    if k >= A:
+        return action_mask
+    chosen = torch.zeros(A, dtype=torch.bool)
+    chosen[torch.randperm(A)[:k]] = True
+    return action_mask & chosen.to(action_mask.device)[None]
+
+
 class DiscreteGRPO(PolicyModule):
     """GRPO over image tokens and answer tokens.
 
@@ -51,6 +62,12 @@ class DiscreteGRPO(PolicyModule):
             understanding keeps pace with generation (lowers the imbalance metric); 0 = off.
         answer_sft_on: "all" images, or only those the GenEval judge passes ("correct"): the
             ground-truth answer describes the prompt, so on a wrong image it is a wrong label.
+        reveal_steps_per_update: masked (MaskGIT-order) images: train a uniformly random subset of
+            this many reveal steps per rollout (the same for every row), so the update re-scores
+            only those steps instead of one full forward per step; None trains every step. Every
+            row has the same number of steps, so the loss is an unbiased estimate of the full
+            one for every `loss_type` (dr_grpo's length budget becomes this count;
+            tests/test_objectives_grpo.py).
     """
 
     def __init__(
@@ -75,9 +92,13 @@ class DiscreteGRPO(PolicyModule):
         answer_sft_weight: float = 0.0,
         answer_sft_on: Literal["all", "correct"] = "all",
         gradient_clip_val: float | None = 1.0,
+        reveal_steps_per_update: int | None = None,
         **kwargs,
     ):
         super().__init__(policy, **kwargs)
+        if reveal_steps_per_update is not None and reveal_steps_per_update < 1:
+            raise ValueError(f"model.reveal_steps_per_update={reveal_steps_per_update}: give a count >= 1, "
+                             "or null to train every reveal step")
         if image_weight <= 0 and answer_weight <= 0 and answer_sft_weight <= 0:
             raise ValueError(
                 "model.image_weight, answer_weight and answer_sft_weight are all 0: nothing would train"
@@ -130,6 +151,8 @@ class DiscreteGRPO(PolicyModule):
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         hp = self.hparams
         ctx = batch.rollout if batch.rollout is not None else self.make_rollouts(batch)
+        if hp.reveal_steps_per_update is not None and ctx.rollout.reveal_step is not None:
+            ctx.rollout.action_mask = train_step_subset(ctx.rollout.action_mask, hp.reveal_steps_per_update)
         rewards, logs = combine_rewards(self.rewards, ctx)
         finite, bad, all_bad = self.screen_rewards(rewards, ctx)
         adv, zero_frac = rank_advantages(self, rewards, batch.group_ids, scale=hp.scale, clip=hp.adv_clip)
@@ -164,6 +187,7 @@ class DiscreteGRPO(PolicyModule):
                         epsilon_high=hp.epsilon_high,
                         beta=hp.beta,
                         ref_logp=ref,
+                        max_len=fns["max_len"],
                         num_items_in_batch=fns["num_items"],
                     )
                     # dapo already divides by the global token count; the others are means over chunk rows
@@ -260,6 +284,7 @@ class DiscreteGRPO(PolicyModule):
         hp, out = self.hparams, []
         rollout = ctx.rollout
         questions, _ = self.qa(ctx.specs)
+        subset = hp.reveal_steps_per_update is not None and rollout.reveal_step is not None
 
         def image_logp(rows, policy=None):
             return (policy or self.policy).image_logprobs(rollout.select(rows))
@@ -297,7 +322,9 @@ class DiscreteGRPO(PolicyModule):
                 (
                     name,
                     weight,
-                    {"logp": fn, "chunks": chunks, "n_rows": max(rows_per_rank, 1.0), "num_items": num_items},
+                    {"logp": fn, "chunks": chunks, "n_rows": max(rows_per_rank, 1.0), "num_items": num_items,
+                     # dr_grpo's length budget: the trained reveal steps when a subset trains
+                     "max_len": hp.reveal_steps_per_update if name == "image" and subset else None},
                 )
             )
         return out
