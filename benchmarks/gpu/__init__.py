@@ -1,0 +1,1 @@
+"""The GPU check (`python benchmarks/gpu/check.py`): see README.md."""
