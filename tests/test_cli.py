@@ -122,6 +122,16 @@ def test_cpu20_overlay_layers_a_budget_onto_the_flow_grpo_config():
     }  # policy / rewards: fresh objects, same config
 
 
+def test_masked_overlay_switches_the_image_order_and_trains_a_step_subset():
+    cli = cli_main(
+        ["--config", str(CONFIGS / "grpo.yaml"), "--config", str(CONFIGS / "grpo_masked.yaml"),
+         "--model.init_args.warm_start", "null"],
+        run=False,
+    )
+    assert cli.model.policy.image_order == "masked" and cli.model.hparams.reveal_steps_per_update == 2
+    assert cli.model.hparams.beta == 0.04  # the rest is the main config's
+
+
 def test_cli_objects_are_freed_once_dropped():
     """Nothing outside the returned CLI keeps its model and Trainer alive (jsonargparse leaves the
     last parser, which holds the CLI, in a context variable; cli_main parses in a copy of the

@@ -83,10 +83,11 @@ def test_sft_trains_understanding_and_end_to_end_generation(tmp_path, monkeypatc
     assert "train/loss" in metrics and "val/geneval/overall" in metrics and "val/imbalance/overall" in metrics
 
 
-@pytest.mark.parametrize("order", ["autoregressive", "masked"])
-def test_grpo_update_follows_the_advantages(tmp_path, monkeypatch, order):
+@pytest.mark.parametrize("order, reveal_steps", [("autoregressive", None), ("masked", None), ("masked", 2)])
+def test_grpo_update_follows_the_advantages(tmp_path, monkeypatch, order, reveal_steps):
     """Two passes over one rollout (mu = 2, KL to the reference): re-scored after the update, every
-    positive-advantage image and answer is likelier and every negative one less likely."""
+    positive-advantage image and answer is likelier and every negative one less likely (masked
+    order with `reveal_steps`: over the reveal steps it trained)."""
     from unirl_lightning.modules import grpo
     from unirl_lightning.rewards import GenEvalReward, RewardFunction, SelfUnderstandingReward
 
@@ -108,6 +109,7 @@ def test_grpo_update_follows_the_advantages(tmp_path, monkeypatch, order):
         num_iterations=2,
         micro_batch_size=4,
         lr=1e-3,
+        reveal_steps_per_update=reveal_steps,
     )
     seen = record_rollouts(module, monkeypatch, grpo)
     trainer = _fit(module, tmp_path, steps=2)  # mu = 2 optimiser steps on one rollout
@@ -121,6 +123,8 @@ def test_grpo_update_follows_the_advantages(tmp_path, monkeypatch, order):
         image_logp = policy.image_logprobs(rollout)
         answer_logp, mask = policy.answer_logprobs(rollout.tokens, module.qa(recorded.specs)[0], answers)
     assert torch.equal(mask, answers.mask)
+    if reveal_steps:
+        assert rollout.action_mask.sum(1).tolist() == [reveal_steps] * len(rollout)
     assert_follows_advantages(((image_logp - rollout.logprobs) * rollout.action_mask).sum(1), adv)
     assert_follows_advantages(((answer_logp - answers.logprobs) * mask).sum(1), adv)
 

@@ -328,17 +328,24 @@ def greedy_accuracy(
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """`python -m unirl_lightning.modules.warm_start unified|flow|text`: train (once) and print the folder."""
+    """`python -m unirl_lightning.modules.warm_start unified|flow|text [--image-order masked]`: train
+    (once) and print the folder."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("kind", choices=["unified", "flow", "text"])
-    kind = parser.parse_args(args).kind
+    parser.add_argument("--image-order", choices=["autoregressive", "masked"], default="autoregressive",
+                        help="the built-in unified model's image order (unified only)")
+    parsed = parser.parse_args(args)
+    kind = parsed.kind
     ensure = {
         "unified": (ensure_warm_start, TinyUnifiedModel),
         "flow": (ensure_flow_warm_start, TinyFlowModel),
         "text": (ensure_text_warm_start, TinyTextPolicy),
     }
     fn, model = ensure[kind]
-    print(fn(model()))
+    if kind == "unified":
+        print(fn(model(image_order=parsed.image_order)))
+    else:
+        print(fn(model()))
 
 
 if __name__ == "__main__":
