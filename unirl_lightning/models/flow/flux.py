@@ -86,13 +86,23 @@ class FluxFlowPolicy(TransformerFlowPolicy):
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((b,), self.guidance_scale, device=x.device, dtype=torch.float32)
+        txt_ids, img_ids = self._position_ids(cond.hidden.shape[1], h, w, x.device, dtype)
         out = self.transformer(
             hidden_states=pack_latents(x).to(dtype), timestep=sigma.to(dtype), guidance=guidance,
             pooled_projections=cond.pooled.to(dtype), encoder_hidden_states=cond.hidden.to(dtype),
-            txt_ids=torch.zeros(cond.hidden.shape[1], 3, device=x.device, dtype=dtype),
-            img_ids=image_ids(h, w, x.device, dtype), return_dict=False,
+            txt_ids=txt_ids, img_ids=img_ids, return_dict=False,
         )[0]  # Flux reads timestep = sigma (the pipeline's t / 1000) and scales it inside
         return unpack_latents(out, h, w)
+
+    def _position_ids(self, text_len: int, h: int, w: int, device: torch.device, dtype: torch.dtype
+                      ) -> tuple[Tensor, Tensor]:
+        """Text ids `[text_len, 3]` (zeros) and image ids `[(h/2)(w/2), 3]`, built once per layout:
+        every step of every rollout uses the same ones."""
+        key = (text_len, h, w, device, dtype)
+        if getattr(self, "_ids_key", None) != key:
+            self._ids_key = key
+            self._ids = (torch.zeros(text_len, 3, device=device, dtype=dtype), image_ids(h, w, device, dtype))
+        return self._ids
 
 
 class DiffusersFluxPolicy(PipelineFlowPolicy, FluxFlowPolicy):
