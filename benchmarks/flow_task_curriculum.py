@@ -2,14 +2,16 @@
 chosen tasks, optionally position scenes first, scored on held-out prompts.
 
     python benchmarks/flow_task_curriculum.py --name NAME [--steps 1500] [--tasks position | all] \
-        [--position-weight 3] [--position-first 1200] [--first-tasks position] [--t-shift 0] [--seed 0]
+        [--position-weight 3] [--position-first 1200] [--first-tasks position] \
+        [--phase TASKS:STEPS ...] [--t-shift 0] [--seed 0]
 
 The warm-start recipe's training (flow matching on rendered scenes, batch 64, lr 1e-3, 100 warm-up
 steps, cosine to 10%, CFG dropout 0.1, logit-normal noise levels shifted by `--t-shift`) on the
 training prompts of `--tasks` (position scenes `--position-weight` times as often), the first
-`--position-first` steps on the scenes of `--first-tasks` alone (default position). Prints held-out
-GenEval per task (8 ODE images
-per prompt), held-out position with 16, and position on 24 training prompts; saves the model in
+`--position-first` steps on the scenes of `--first-tasks` alone (default position); `--phase` gives
+several such phases in order (e.g. `--phase position:1200 --phase colors,color_attr:800`). Prints
+held-out GenEval per task (8 ODE images per prompt), held-out position with 16, and position on 24
+training prompts; saves the model in
 `runs/curriculum/NAME`. One run of 3000 steps takes about 13 CPU minutes on one thread.
 """
 
@@ -36,6 +38,9 @@ def main() -> None:
     ap.add_argument("--position-weight", type=int, default=1)
     ap.add_argument("--position-first", type=int, default=0, help="steps on `--first-tasks` scenes first")
     ap.add_argument("--first-tasks", default="position", help="comma-separated tasks of the first steps")
+    ap.add_argument("--phase", action="append", default=[], metavar="TASKS:STEPS",
+                    help="a phase on these tasks' scenes alone (e.g. colors,color_attr:800), in order; "
+                         "repeatable, replaces --position-first; the mixture follows")
     ap.add_argument("--t-shift", type=float, default=0.0, help="logit-normal mean (0 = SD3's)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -45,7 +50,11 @@ def main() -> None:
     data.setup("fit")
     tasks = args.tasks.split(",")
     position = [s for s in data.train_specs if s["tag"] == "position"]
-    first = [s for s in data.train_specs if s["tag"] in args.first_tasks.split(",")]
+    phases = [p.rsplit(":", 1) for p in args.phase] or [(args.first_tasks, args.position_first)]
+    schedule, end = [], 0  # (last step + 1, pool) of each phase
+    for names, steps in phases:
+        end += int(steps)
+        schedule.append((end, [s for s in data.train_specs if s["tag"] in names.split(",")]))
     mixture = [s for s in data.train_specs if args.tasks == "all" or s["tag"] in tasks]
     mixture += position * (args.position_weight - 1)
     policy = TinyFlowModel()
@@ -56,7 +65,7 @@ def main() -> None:
         warm, cosine = min(1.0, (step + 1) / 100), 0.1 + 0.45 * (1 + math.cos(math.pi * step / args.steps))
         for group in opt.param_groups:
             group["lr"] = args.lr * warm * cosine
-        pool = first if step < args.position_first else mixture
+        pool = next((p for stop, p in schedule if step < stop), mixture)
         specs = [pool[i] for i in torch.randint(len(pool), (64,), generator=gen).tolist()]
         images, _ = render_batch(specs, torch.randint(2**62, (64,), generator=gen).tolist(), policy.world)
         x0 = policy.encode_images(images)
