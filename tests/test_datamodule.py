@@ -155,3 +155,27 @@ def test_flow_scenes_curriculum_draws_first_tasks_then_the_mixture():
         FlowSceneDataModule(first_steps=5)
     with pytest.raises(ValueError, match="unknown task"):
         FlowSceneDataModule(first_steps=5, first_task_weights={"posture": 1.0})
+
+
+def test_flow_scenes_phases_draw_each_phase_in_order_then_the_mixture():
+    import pytest
+
+    from unirl_lightning.data import FlowSceneDataModule
+
+    phases = [{"steps": 2, "task_weights": {"position": 1.0}},
+              {"steps": 3, "task_weights": {"colors": 1.0, "color_attr": 1.0}}]
+    data = FlowSceneDataModule(batch_size=16, num_train=120, num_val=12, phases=phases)
+    data.setup("fit")
+    stream = iter(data.train_dataloader())
+    tags = [{s["tag"] for s in next(stream)["specs"]} for _ in range(5)]
+    assert tags[:2] == [{"position"}] * 2
+    colour = {"colors", "color_attr"}
+    assert all(t <= colour for t in tags[2:]) and set().union(*tags[2:]) == colour
+    later = {s["tag"] for _ in range(6) for s in next(stream)["specs"]}
+    assert len(later) >= 4
+    with pytest.raises(ValueError, match=r"data.phases\[1\]"):
+        FlowSceneDataModule(phases=[phases[0], {"steps": 0, "task_weights": {"colors": 1.0}}])
+    with pytest.raises(ValueError, match=r"data.phases\[0\].task_weights"):
+        FlowSceneDataModule(phases=[{"steps": 2, "task_weights": {"colour": 1.0}}])
+    with pytest.raises(ValueError, match="not both"):
+        FlowSceneDataModule(phases=phases, first_steps=2, first_task_weights={"position": 1.0})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
@@ -15,9 +15,10 @@ from unirl_lightning.worlds.render import WorldConfig, render_batch
 class RenderedSceneStream(IterableDataset):
     """Endless seeded batches: specs drawn from `specs`, each rendered with a fresh seed.
 
-    `first = (n, first_specs)` draws the first `n` batches from `first_specs` instead (a
-    curriculum: e.g. position scenes alone before the mixture). Yields dicts with specs, prompts,
-    images uint8 `[B, 3, H, W]`, questions, answers.
+    `phases = [(n1, specs1), (n2, specs2), ...]` draws the first `n1` batches from `specs1`, the
+    next `n2` from `specs2` and so on before `specs` (a curriculum: e.g. position scenes alone,
+    then colour scenes, then the mixture). Yields dicts with specs, prompts, images uint8
+    `[B, 3, H, W]`, questions, answers.
     """
 
     def __init__(
@@ -27,16 +28,25 @@ class RenderedSceneStream(IterableDataset):
         world: WorldConfig,
         seed: int,
         rank: int = 0,
-        first: tuple[int, list[dict]] | None = None,
+        phases: Sequence[tuple[int, list[dict]]] = (),
     ):
         self.specs, self.batch_size, self.world, self.seed, self.rank = specs, batch_size, world, seed, rank
-        self.first = first
+        self.phases = list(phases)
+
+    def _pool(self, batch: int) -> list[dict]:
+        """The specs batch number `batch` draws from."""
+        end = 0
+        for n, pool in self.phases:
+            end += n
+            if batch < end:
+                return pool
+        return self.specs
 
     def __iter__(self) -> Iterator[dict]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank)
         batches = 0
         while True:
-            pool = self.first[1] if self.first is not None and batches < self.first[0] else self.specs
+            pool = self._pool(batches)
             batches += 1
             idx = torch.randint(len(pool), (self.batch_size,), generator=gen).tolist()
             specs = [pool[i] for i in idx]
@@ -59,6 +69,9 @@ class RenderedSceneDataModule(OnPolicyDataModule):
         first_steps / first_task_weights: a curriculum: the first `first_steps` batches draw the
             training prompts reweighted by `first_task_weights` (e.g. `{position: 1.0}`: position
             scenes alone), the rest the whole training set.
+        phases: a curriculum of several phases, in order, before the whole training set: a list of
+            `{steps: N, task_weights: {...}}` (e.g. position scenes alone for 1200 steps, then
+            colour scenes for 800; benchmarks/flow_rl_budget.md). Give it or first_steps, not both.
         Other arguments as in `OnPolicyDataModule`.
     """
 
@@ -70,6 +83,7 @@ class RenderedSceneDataModule(OnPolicyDataModule):
         grid: int = 8,
         first_steps: int = 0,
         first_task_weights: dict[str, float] | None = None,
+        phases: list[dict] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -80,15 +94,25 @@ class RenderedSceneDataModule(OnPolicyDataModule):
             )
         if first_task_weights is not None:
             check_task_weights(first_task_weights, "data.first_task_weights")
+            if phases:
+                raise ValueError("give data.phases or data.first_steps / first_task_weights, not both")
+        for i, phase in enumerate(phases or []):
+            steps = phase.get("steps") if isinstance(phase, dict) else None
+            if not isinstance(steps, int) or steps < 1 or set(phase) != {"steps", "task_weights"}:
+                raise ValueError(f"data.phases[{i}] = {phase!r}: give {{steps: N >= 1, task_weights: "
+                                 "{task: weight, ...}}")
+            check_task_weights(phase["task_weights"], f"data.phases[{i}].task_weights")
         self.save_hyperparameters()
         self.world = WorldConfig(canvas=canvas, sizes=tuple(sizes), grid=grid)
 
     def train_dataloader(self) -> DataLoader:
         rank, _ = self._rank()
-        hp, first = self.hparams, None
+        hp = self.hparams
+        phases = hp.phases or []
         if hp.first_task_weights is not None:
-            first = (hp.first_steps, reweight_by_task(self.train_specs, hp.first_task_weights, hp.seed))
-        stream = RenderedSceneStream(self.train_specs, hp.batch_size, self.world, hp.seed, rank, first)
+            phases = [{"steps": hp.first_steps, "task_weights": hp.first_task_weights}]
+        pools = [(p["steps"], reweight_by_task(self.train_specs, p["task_weights"], hp.seed)) for p in phases]
+        stream = RenderedSceneStream(self.train_specs, hp.batch_size, self.world, hp.seed, rank, pools)
         return DataLoader(stream, batch_size=None)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):

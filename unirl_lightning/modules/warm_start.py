@@ -207,6 +207,7 @@ def ensure_flow_warm_start(policy, recipe: dict | None = None) -> Path | None:
             seed=r["seed"],
             first_steps=r.get("first_steps", 0),
             first_task_weights=r.get("first_task_weights"),
+            phases=r.get("phases"),
             train_task_weights=r.get("train_task_weights"),
         )
         L.seed_everything(r["seed"], verbose=False)
