@@ -61,10 +61,10 @@ from unirl_lightning.models.static_decode import (
     StaticKVCache,
     attention_mask,
     check_decode_mode,
-    compile_step,
     decode_tokens,
     reuse_cache,
     sample_token,
+    static_step_of,
 )
 from unirl_lightning.objectives import guided_logits, gumbel_noise
 
@@ -296,11 +296,7 @@ class JanusPolicy(UnifiedPolicy):
         h = self._layers(self._embed(ids), positions, attention_mask(keys_ok, positions), self._static_cache)
         first = guided_logits(self.model.model.generation_head(h[:, -1]), cfg_scale, temperature)
         self._decode_args = (float(cfg_scale), float(temperature))
-        step = self._static_step
-        if self.decode == "compiled":
-            if self._compiled_step is None:
-                self._compiled_step = compile_step(self._static_step, self.compile_mode, self.device)
-            step = self._compiled_step
+        step = static_step_of(self)
         return decode_tokens(first, lambda t, p, g: step(t, p, g, keys_ok), L, S, temperature, generator,
                              return_gumbel)
 

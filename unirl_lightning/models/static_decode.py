@@ -138,6 +138,16 @@ def decode_tokens(first_logits: Tensor, step: Step, length: int, start: int, tem
     return tokens, logps, torch.stack(noises, 1) if return_gumbel else None
 
 
+def static_step_of(policy) -> Step:
+    """`policy._static_step`, or (decode="compiled") its compiled version, made once and kept on the
+    policy as `_compiled_step`."""
+    if policy.decode != "compiled":
+        return policy._static_step
+    if policy._compiled_step is None:
+        policy._compiled_step = compile_step(policy._static_step, policy.compile_mode, policy.device)
+    return policy._compiled_step
+
+
 def compile_step(fn: Step, mode: str | None, device: torch.device) -> Step:
     """`torch.compile(fn)` as one graph: CUDA graphs (`reduce-overhead`) on GPU unless `mode` says
     otherwise, inductor's default elsewhere."""

@@ -33,10 +33,10 @@ from unirl_lightning.models.static_decode import (
     StaticLayerCache,
     attention_mask,
     check_decode_mode,
-    compile_step,
     decode_tokens,
     reuse_cache,
     sample_token,
+    static_step_of,
 )
 from unirl_lightning.objectives import guided_logits, gumbel_noise
 from unirl_lightning.worlds.render import WorldConfig
@@ -335,11 +335,7 @@ class TinyUnifiedModel(UnifiedPolicy):
         else:
             h = self._static_prefill(prefix)
             self._decode_args = (float(cfg_scale), float(temperature))
-            step = self._static_step
-            if self.decode == "compiled":
-                if self._compiled_step is None:
-                    self._compiled_step = compile_step(self._static_step, self.compile_mode, self.device)
-                step = self._compiled_step
+            step = static_step_of(self)
         first = self._image_logits(h, cfg_scale, temperature)
         tokens, logps, gumbel = decode_tokens(first, step, L, prefix.shape[1], temperature, generator,
                                               return_gumbel)
