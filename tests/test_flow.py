@@ -788,7 +788,7 @@ def test_warm_start_recipes_keep_their_cache_keys():
     from unirl_lightning.modules.warm_start import warm_start_dir
 
     assert warm_start_dir("warm_start", TinyUnifiedModel()).name == "d86a011aff5ad5eb"
-    assert warm_start_dir("flow_warm_start", TinyFlowModel()).name == "37b0b235a7b4694c"
+    assert warm_start_dir("flow_warm_start", TinyFlowModel()).name == "7860bf5e125ef882"
 
 
 class _TiedReward(LatentMeanReward):
@@ -850,6 +850,7 @@ def test_a_run_that_raises_saves_its_last_completed_update(tmp_path):
     class _KeepFirstUpdate(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             after_first.update(_snapshot(pl_module.policy))
+            trainer.save_checkpoint(tmp_path / "step1.ckpt")
 
     with pytest.raises(RuntimeError, match="reward server went away"):
         _trainer(tmp_path, 3, [_KeepFirstUpdate()]).fit(module, datamodule=_data())
@@ -862,6 +863,20 @@ def test_a_run_that_raises_saves_its_last_completed_update(tmp_path):
         and state["global_step"] == 1
         and "reward server went away" in state["exception"]
     )
+
+    # A new run is refused the interrupted run's folder before any compute; resuming writes over it.
+    def again():
+        return FlowGRPO(_tiny(), rewards=[LatentMeanReward()], warm_start=None, num_steps=3,
+                        save_to=str(tmp_path / "policy"))
+
+    with pytest.raises(FileExistsError, match="interrupted run .step 1"):
+        _trainer(tmp_path, 2).fit(again(), datamodule=_data())
+    resumed = again()
+    resumed.override_checkpoint_settings = True  # the reward that raised is replaced
+    _trainer(tmp_path, 2).fit(resumed, datamodule=_data(), ckpt_path=tmp_path / "step1.ckpt")
+    assert not (tmp_path / "policy" / "training_state.json").exists()  # finished now
+    saved = TinyFlowModel.from_pretrained(tmp_path / "policy").state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in _snapshot(resumed.policy).items())
 
 
 @pytest.mark.parametrize("tied", [True, False])

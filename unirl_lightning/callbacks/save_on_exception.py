@@ -15,6 +15,21 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
 
+#: the file beside an interrupted run's saved policy; resuming that run may write over the folder
+STATE_FILE = "training_state.json"
+
+
+def interrupted_run_state(folder: str | Path) -> dict | None:
+    """The `training_state.json` of an interrupted run's export in `folder`, or None when the folder
+    holds anything else (a finished export, a user's files, nothing)."""
+    path = Path(folder) / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and state.get("finished") is False else None
+
+
 class SaveOnException(pl.Callback):
     """On an exception during fit, `pl_module.save_policies(save_to)` and a `training_state.json`
     beside it saying the run did not finish (step, exception, traceback's last line).
@@ -24,6 +39,15 @@ class SaveOnException(pl.Callback):
     sharded (FSDP) training, whose full weights need every rank to join a gather that a
     crashed rank cannot join (resume from the last step checkpoint there: `--ckpt_path last`).
     """
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state = getattr(pl_module, "_save_to_interrupted", None)
+        if state is not None and not trainer.ckpt_path:  # before the first rollout
+            raise FileExistsError(
+                f"model.save_to: {pl_module.hparams.save_to} holds the policy of an interrupted run "
+                f"(step {state.get('global_step')}, {STATE_FILE}); resume that run (--ckpt_path last, "
+                "or its checkpoint), pick another folder, or set overwrite: true"
+            )
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -54,7 +78,7 @@ class SaveOnException(pl.Callback):
             "exception": repr(exception),
             "where": traceback.format_exception(exception)[-2].strip() if exception.__traceback__ else "",
         }
-        (Path(save_to) / "training_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        (Path(save_to) / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         rank_zero_warn(
             f"the run raised {type(exception).__name__} after {trainer.global_step} optimiser steps; "
             f"the policy of the last completed update is saved to {save_to}"

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from unirl_lightning.callbacks.save_on_exception import SaveOnException
+from unirl_lightning.callbacks.save_on_exception import STATE_FILE, SaveOnException, interrupted_run_state
 from unirl_lightning.evaluation.detection import Detector
 from unirl_lightning.evaluation.judge import GenEvalJudge
 from unirl_lightning.evaluation.metrics import GenEvalScore
@@ -82,11 +82,17 @@ class RecipeModule(L.LightningModule):
         # Called here, while every subclass's __init__ frame is on the stack, so `hparams` holds the
         # arguments of the whole chain, defaults included.
         self.save_hyperparameters(ignore=list(self.hparams_ignore))
+        # An interrupted run's export (training_state.json: finished false) is the folder the same
+        # run writes to again when it resumes; a new run is refused it at train start
+        # (SaveOnException.on_train_start: only then does the trainer know its checkpoint).
+        self._save_to_interrupted: dict | None = None
         if save_to and Path(save_to).is_dir() and any(Path(save_to).iterdir()) and not overwrite:
-            raise FileExistsError(
-                f"model.save_to: {save_to} exists and is not empty; "
-                "pick another folder or set overwrite: true"
-            )
+            self._save_to_interrupted = interrupted_run_state(save_to)
+            if self._save_to_interrupted is None:
+                raise FileExistsError(
+                    f"model.save_to: {save_to} exists and is not empty; "
+                    "pick another folder or set overwrite: true"
+                )
         self.policy = policy
         self.judge = GenEvalJudge(detector or WorldDetector())
         self.val_geneval = GenEvalScore()
@@ -220,6 +226,9 @@ class RecipeModule(L.LightningModule):
     def on_train_end(self) -> None:
         if self.hparams.save_to:
             self.save_policies(self.hparams.save_to)
+            state = Path(self.hparams.save_to) / STATE_FILE
+            if self.trainer.is_global_zero and state.is_file():  # the resumed run has now finished
+                state.unlink()
 
     def save_policies(self, path: str | Path) -> None:
         """Save every trained model of the recipe under `path` (the policy; recipes with more add theirs)."""

@@ -61,7 +61,7 @@ RECIPES: dict[str, dict] = {
         "val_every": 200,
     },
     "flow_warm_start": {
-        "max_steps": 4000,
+        "max_steps": 3000,
         "batch_size": 64,
         "lr": 1e-3,
         "warmup_steps": 100,
@@ -69,12 +69,14 @@ RECIPES: dict[str, dict] = {
         "t_sampling": "logit_normal",
         "num_train": 4000,
         "seed": 0,
-        # Position first: the relation between two cells is learnt from position scenes alone
-        # (1200 steps), then kept while the mixture (position 3x) teaches the other tasks; trained
-        # on the mixture from the start the model never reads "left of" / "above"
-        # (benchmarks/flow_rl_budget.md, "Position first").
-        "first_steps": 1200,
-        "first_task_weights": {"position": 1.0},
+        # A curriculum: position scenes alone (1200 steps), then colour scenes alone (800), then the
+        # mixture with position 3x. Each of the relation and the colour is learnt only while its
+        # scenes are all the model sees, and kept afterwards; trained on the mixture from the start
+        # the model never reads "left of" / "above" (benchmarks/flow_rl_budget.md, "Position first").
+        "phases": [
+            {"steps": 1200, "task_weights": {"position": 1.0}},
+            {"steps": 800, "task_weights": {"colors": 1.0, "color_attr": 1.0}},
+        ],
         "train_task_weights": {
             "single_object": 1.0, "two_object": 1.0, "counting": 1.0, "colors": 1.0, "position": 3.0,
             "color_attr": 1.0,
