@@ -57,6 +57,7 @@ from unirl_lightning.models.base import (
     ImageRollout,
     UnifiedPolicy,
 )
+from unirl_lightning.models.hf_cache import cache_keyword, cache_kwargs
 from unirl_lightning.models.static_decode import (
     StaticKVCache,
     attention_mask,
@@ -147,6 +148,7 @@ class JanusPolicy(UnifiedPolicy):
         self.decode, self.compile_mode = decode, compile_mode
         self._static_cache: StaticKVCache | None = None
         self._compiled_step = None
+        self._layer_cache_keyword = cache_keyword(self._lm.layers[0])  # read here, not under compile
         tok = processor.tokenizer
         gen_pad = getattr(model.generation_config, "pad_token_id", None)
         self.pad_id = int(gen_pad if gen_pad is not None else tok.pad_token_id)
@@ -223,7 +225,8 @@ class JanusPolicy(UnifiedPolicy):
 
     def _step(self, embeds: Tensor, mask: Tensor | None, cache: Any) -> Tensor:
         """One cached language-model call -> the last position's hidden state `[R, D]`."""
-        out = self._lm(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache, use_cache=True)
+        out = self._lm(inputs_embeds=embeds, attention_mask=mask, use_cache=True,
+                       **cache_kwargs(self._lm, cache))
         return out.last_hidden_state[:, -1]
 
     @torch.no_grad()
@@ -266,8 +269,8 @@ class JanusPolicy(UnifiedPolicy):
         lm = self._lm
         cos_sin = lm.rotary_emb(x, positions[None].expand(x.shape[0], -1))
         for layer in lm.layers:
-            x = layer(x, attention_mask=mask, position_embeddings=cos_sin, cache=cache,
-                      cache_position=positions)
+            x = layer(x, attention_mask=mask, position_embeddings=cos_sin, cache_position=positions,
+                      **{self._layer_cache_keyword: cache})
         return lm.norm(x)
 
     def _static_step(self, tok: Tensor, position: Tensor, noise: Tensor, keys_ok: Tensor

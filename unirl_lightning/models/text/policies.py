@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from unirl_lightning.data.reasoning import reasoning_words
 from unirl_lightning.models.folder import load_weights, read_config, save_folder
+from unirl_lightning.models.hf_cache import cache_kwargs, output_cache
 from unirl_lightning.models.policy import Policy
 from unirl_lightning.models.tiny import CachedBlock
 from unirl_lightning.objectives import gumbel_noise
@@ -306,10 +307,10 @@ class HFTextPolicy(TextPolicy):
             input_ids=ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=use_cache,
+            **cache_kwargs(self.model, cache),
         )
-        return out.logits, (out.past_key_values if use_cache else None)
+        return out.logits, (output_cache(out) if use_cache else None)
 
     def fsdp_units(self) -> list[nn.Module]:
         layers = getattr(getattr(self.model, "model", None), "layers", None)
