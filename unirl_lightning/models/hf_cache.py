@@ -1,7 +1,7 @@
 """The key / value cache argument of transformers' models, by the name the installed version uses.
 
-transformers 5.x renamed `past_key_values` (argument and output field) to `cache`, and warns on the
-old name; earlier versions know only `past_key_values`. Recipes pass and read the cache through
+Recent transformers releases (5.25 here) renamed `past_key_values` (argument and output field) to
+`cache` and warn on the old name; earlier releases know only `past_key_values`. Recipes pass and read the cache through
 these helpers so every supported version runs without the warning.
 """
 
@@ -19,7 +19,7 @@ def _keyword(forward: Callable) -> str:
 
 
 def cache_keyword(module: Any) -> str:
-    """The name `module`'s forward takes the cache by: "cache", or "past_key_values" before 5.x.
+    """The name `module`'s forward takes the cache by: "cache", or "past_key_values" on older releases.
     Look it up outside compiled code (`torch.compile` would trace the signature lookup)."""
     return _keyword(type(module).forward)
 
