@@ -1,8 +1,8 @@
 """The key / value cache argument of transformers' models, by the name the installed version uses.
 
 Recent transformers releases (5.25 here) renamed `past_key_values` (argument and output field) to
-`cache` and warn on the old name; earlier releases know only `past_key_values`. Recipes pass and read the cache through
-these helpers so every supported version runs without the warning.
+`cache` and warn on the old name; earlier releases know only `past_key_values`. Recipes pass and
+read the cache through these helpers so every supported version runs without the warning.
 """
 
 from __future__ import annotations
