@@ -391,6 +391,13 @@ def test_print_config_parses(capsys):
         run=False,
     )
     assert isinstance(cli.model, UniGRPO) and isinstance(cli.datamodule, ReasoningDataModule)
+    cli = cli_main(
+        ["--config", str(CONFIGS / "unigrpo.yaml"), "--config", str(CONFIGS / "unigrpo_awm.yaml"),
+         "--model.init_args.warm_start", "null", "--model.init_args.text_warm_start", "null"],
+        run=False,
+    )
+    hp = cli.model.hparams
+    assert hp.image_objective == "awm" and cli.model._awm_range == (1, 9) and hp.text_lr == 3e-4
 
 
 def test_samples_with_bad_rewards_add_nothing_to_either_policys_gradient():
@@ -451,3 +458,69 @@ def test_a_text_warm_start_of_another_architecture_fails_naming_folder_and_field
     )
     with pytest.raises(ValueError, match=expected):
         module.setup("fit")
+
+
+# ---- image_objective="awm" ----------------------------------------------------------------------
+def test_awm_image_loss_is_awms_sample_loss_plus_velocity_mse_over_live_pairs():
+    """UniGRPO's AWM image loss on a rollout equals the formula: re-noise each final latent at
+    `awm_timesteps` stratified grid times (same RNG), AWM's per-pair loss (`AdvantageWeightedMatching
+    .sample_loss`, no EMA) + beta x velocity MSE to the reference, summed over live rows' pairs / all
+    pairs; a dead row adds nothing."""
+    from unirl_lightning.modules.awm import AdvantageWeightedMatching
+    from unirl_lightning.modules.forward_rl import timestep_indices
+    from unirl_lightning.objectives import noised, velocity_mse
+
+    module = _module(image_objective="awm", num_steps=5, awm_timesteps=2, awm_adv_clip=2.0, beta=0.3)
+    assert module._awm_range == (1, 5)  # [1, T - T // 10)
+    awm = AdvantageWeightedMatching(_tiny_flow(), warm_start=None, num_steps=5, ema_beta=0.0,
+                                    adv_clip=2.0, power=0.25, timesteps_per_sample=2)
+    with torch.no_grad():  # a reference that differs from the policy: the penalty is not zero
+        for p in module.reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prompts = ["a photo of a red square", "a photo of two circles", "a photo of a blue cross"]
+    rollout = module.policy.sample(prompts, num_steps=5, noise_level=0.7,
+                                   generator=torch.Generator().manual_seed(0))
+    adv = torch.tensor([1.5, -3.0, 0.4])
+    live = torch.tensor([True, False, True])
+    torch.manual_seed(7)
+    loss, stats = module._awm_image_loss(rollout, adv, live)
+
+    torch.manual_seed(7)
+    index = timestep_indices(3, 2, 1, 5, "stratified")
+    pairs = torch.arange(3).repeat_interleave(2)
+    x0 = rollout.latents[:, -1][pairs]
+    t = rollout.sigmas[index.flatten()]
+    x_t, target = noised(x0, torch.randn_like(x0), t)
+    cond = module.policy.encode_text([prompts[r] for r in pairs.tolist()])
+    v = module.policy.velocity(x_t, t, cond)
+    per_pair, _ = awm.sample_loss(v, x_t, target, t, adv[pairs], cond)
+    with torch.no_grad():
+        per_pair = per_pair + 0.3 * velocity_mse(v, module.reference.velocity(x_t, t, cond))
+    expected = torch.where(live[pairs], per_pair, 0.0).sum() / 6
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
+    assert stats["velocity_mse"] > 0 and 0 < stats["weight_abs"] <= 1
+
+
+def test_awm_image_objective_trains_both_policies_with_one_advantage():
+    module = _module(image_objective="awm", noise_level=0.0, num_steps=4, awm_timesteps=2)
+    text_before, flow_before = _snapshot(module.text_policy), _snapshot(module.policy)
+    record = _Record()
+    _trainer(1, [record]).fit(module, datamodule=_data(P=2, G=3))
+    assert _changed(text_before, module.text_policy) and _changed(flow_before, module.policy)
+    row = record.rows[-1]
+    assert "image/awm_loss" in row and "image/ratio_mean" not in row and "text/ratio_mean" in row
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(image_objective="nft"), "image_objective"),
+        (dict(image_objective="awm", awm_timesteps=9), "awm_timesteps"),
+        (dict(image_objective="awm", awm_timestep_range=[2, 9]), "awm_timestep_range"),
+        (dict(image_objective="awm", awm_timesteps=1, regularizer="latent_kl"), "velocity_mse or none"),
+        (dict(image_objective="awm", awm_timesteps=1, awm_adv_clip=0.0), "awm_adv_clip"),
+    ],
+)
+def test_awm_image_objective_settings_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _module(**kwargs)

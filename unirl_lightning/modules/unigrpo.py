@@ -10,7 +10,10 @@ trajectory, shared by every text token and every trained flow step:
 L_text: clipped surrogate over tokens (clip `text_clip_range` ~0.2, TRL aggregation);
 L_img: clipped surrogate per trained SDE step (clip `clip_range` ~1e-4 on mean-over-dims
 log-probs); L_vel: `mean_d (v - v_ref)^2` to the frozen flow reference at the rollout states;
-KL_text: k3 to the frozen text reference. Ablations: `train_text=False` freezes the text policy
+KL_text: k3 to the frozen text reference. `image_objective="awm"` replaces L_img by Advantage
+Weighted Matching on the flow side (likelihood-free: each final latent re-noised at a few grid
+times, the flow-matching loss weighted by clip(A_i, -K, K) / K, the velocity MSE to the reference
+at those states), with the same shared advantage. Ablations: `train_text=False` freezes the text policy
 (it still writes the prompt: image-only FlowGRPO on the same task); `image_condition="riddle"`
 feeds the raw riddle to the flow model, `"prompt"` the plain GenEval prompt (an oracle).
 """
@@ -31,7 +34,8 @@ from unirl_lightning.modules.base import load_warm_start
 from unirl_lightning.modules.flow_grpo import FlowGRPO
 from unirl_lightning.modules.training import guarded_step, live_mean, rank_advantages
 from unirl_lightning.modules.warm_start import ensure_text_warm_start
-from unirl_lightning.objectives import kl_k3, policy_loss, velocity_mse
+from unirl_lightning.modules.forward_rl import timestep_indices
+from unirl_lightning.objectives import awm_loss, awm_weights, kl_k3, noised, policy_loss, velocity_mse
 from unirl_lightning.rewards.base import RewardFunction, RolloutContext, combine_rewards, finite_mean
 
 CONDITIONS = ("text", "riddle", "prompt")
@@ -64,6 +68,13 @@ class UniGRPO(FlowGRPO):
         beta_text: weight of the k3 KL to the frozen text reference (its value is logged anyway
             when `track_reference`).
         text_lr: text policy learning rate (None: `lr`).
+        image_objective: the flow policy's loss: "flow_grpo" (the clipped ratio of the trained SDE
+            steps' log-probs) or "awm" (Advantage Weighted Matching on the final latents; the
+            rollout sampler is then free, e.g. `noise_level: 0`; `regularizer` velocity_mse or none).
+        awm_timesteps / awm_timestep_range: with "awm", the grid times each sample is re-noised at,
+            one per stratum of `[lo, hi)` (default `[1, T - T // 10)`, AWM's `[1, 0.9 T)`).
+        awm_power / awm_adv_clip: with "awm", the ghuber power p (None: plain MSE) and the clip K of
+            the sample weights `clip(A, -K, K) / K` (`objectives.awm_loss`, `awm_weights`).
         save_to: the flow policy is saved there and, when the text policy trains, the text policy
             in its `text_policy/` sub-folder.
         beta: weight of the velocity MSE (beta_v); clip_range: image ratio clip. Other arguments
@@ -93,6 +104,11 @@ class UniGRPO(FlowGRPO):
         text_loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "grpo",
         beta_text: float = 0.0,
         text_lr: float | None = None,
+        image_objective: Literal["flow_grpo", "awm"] = "flow_grpo",
+        awm_timesteps: int = 6,
+        awm_timestep_range: tuple[int, int] | None = None,
+        awm_power: float | None = 0.25,
+        awm_adv_clip: float = 5.0,
         **kwargs,
     ):
         # No CFG anywhere (UniGRPO): one velocity forward per step in rollouts, training and validation.
@@ -112,6 +128,7 @@ class UniGRPO(FlowGRPO):
             raise ValueError(
                 "model.text_temperature must be > 0 when the text policy trains (0 = greedy: frozen only)"
             )
+        self._awm_range = _check_image_objective(self.hparams)
         _check_vocabulary(text_policy, flow_policy, image_condition)
         self.text_policy = text_policy
         if not self.trains_text:
@@ -268,6 +285,43 @@ class UniGRPO(FlowGRPO):
                 total = total + hp.beta * penalty
         return total, stats
 
+    def _awm_image_loss(self, sub: FlowRollout, adv: torch.Tensor, live: torch.Tensor):
+        """lambda_img * AWM loss + beta * velocity MSE to the reference of one micro-batch: each row's
+        final latent re-noised at `awm_timesteps` stratified grid times (rows `live` only, each row
+        counted as 1 / len(rows)), and its stats."""
+        hp = self.hparams
+        x0 = sub.latents[:, -1]
+        m, k = len(x0), hp.awm_timesteps
+        index = timestep_indices(m, k, *self._awm_range, "stratified").to(x0.device)
+        pairs = torch.arange(m, device=x0.device).repeat_interleave(k)
+        t = sub.sigmas.to(x0.device)[index.flatten()]
+        x_t, target = noised(x0[pairs], torch.randn_like(x0[pairs]), t)
+        prompts = [sub.prompts[r] for r in pairs.tolist()]
+        if self.policy.text_trainable:
+            cond = self.policy.encode_text(prompts)
+        else:
+            with torch.no_grad():
+                cond = self.policy.encode_text(prompts)
+        v = self.policy.velocity(x_t, t, cond)
+        weights = awm_weights(adv[pairs], hp.awm_adv_clip)
+        fm = awm_loss(v, target, t, weights, hp.awm_power)
+        keep = live[pairs]
+        stats = {"awm_loss": live_mean(fm.detach(), keep), "weight_abs": live_mean(weights.abs(), keep)}
+        per_pair = hp.lambda_img * fm
+        if self.has_reference:
+            with torch.no_grad():
+                if self.reference is not None:
+                    ref = self.reference.velocity(x_t, t, cond)
+                else:
+                    with self.policy.adapters_disabled():
+                        ref = self.policy.velocity(x_t, t, cond)
+            penalty = velocity_mse(v, ref)
+            stats["velocity_mse"] = live_mean(penalty.detach(), keep)
+            if self.penalised:
+                per_pair = per_pair + hp.beta * penalty
+        stats["loss"] = live_mean(per_pair.detach(), keep)
+        return torch.where(keep, per_pair, 0.0).sum() / (m * k), stats
+
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         hp = self.hparams
         ctx = batch.rollout if batch.rollout is not None else self.make_rollouts(batch)
@@ -318,6 +372,13 @@ class UniGRPO(FlowGRPO):
                     for k, v in stats.items():
                         if live.any():  # a micro-batch of bad-reward rows only has no statistics
                             acc.setdefault(f"text/{k}", []).append(float(v))
+                if hp.image_objective == "awm":
+                    loss, stats = self._awm_image_loss(sub, adv[rows], live)
+                    self.manual_backward(loss * share)
+                    for k, v in stats.items():
+                        if live.any():
+                            acc.setdefault(f"image/{k}", []).append(float(v))
+                    continue
                 cond = None
                 if not self.policy.text_trainable:
                     with torch.no_grad():
@@ -404,6 +465,35 @@ class UniGRPO(FlowGRPO):
             )
 
     test_step = validation_step
+
+
+def _check_image_objective(hp) -> tuple[int, int]:
+    """Check the image objective's settings; the `[lo, hi)` grid range of AWM's times."""
+    if hp.image_objective not in ("flow_grpo", "awm"):
+        raise ValueError(f"model.image_objective must be 'flow_grpo' or 'awm', got {hp.image_objective!r}")
+    T = hp.num_steps
+    lo, hi = (1, T - T // 10) if hp.awm_timestep_range is None else tuple(hp.awm_timestep_range)
+    if hp.image_objective != "awm":
+        return lo, hi
+    if not 0 <= lo < hi <= T:
+        raise ValueError(
+            f"model.awm_timestep_range must satisfy 0 <= lo < hi <= num_steps={T}, got {[lo, hi]}"
+        )
+    if not 1 <= hp.awm_timesteps <= hi - lo:
+        raise ValueError(
+            f"model.awm_timesteps must be in 1..{hi - lo} (awm_timestep_range [{lo}, {hi})), "
+            f"got {hp.awm_timesteps}"
+        )
+    if hp.awm_power is not None and not 0 < hp.awm_power <= 1:
+        raise ValueError(f"model.awm_power must be in (0, 1] or null, got {hp.awm_power}")
+    if hp.awm_adv_clip <= 0:
+        raise ValueError(f"model.awm_adv_clip must be > 0, got {hp.awm_adv_clip}")
+    if hp.regularizer not in ("velocity_mse", "none"):
+        raise ValueError(
+            f"model.regularizer: {hp.regularizer!r} scores SDE transitions; image_objective 'awm' trains on "
+            "re-noised final latents: use velocity_mse or none"
+        )
+    return lo, hi
 
 
 def _check_vocabulary(text_policy: TextPolicy, flow_policy: FlowPolicy, image_condition: str) -> None:
