@@ -118,3 +118,28 @@ def test_geneval_agreement_reads_official_records_and_scores_them_again(tmp_path
     (tmp_path / "bad.jsonl").write_text(json.dumps({"filename": "0.png"}))
     with pytest.raises(ValueError, match=r"bad.jsonl:1: record lacks"):
         ga.read_results(tmp_path / "bad.jsonl")
+
+
+def test_evaluate_unigrpo_scores_text_and_images_per_riddle_with_standard_errors(monkeypatch):
+    monkeypatch.syspath_prepend("benchmarks")
+    import evaluate_unigrpo
+    from unirl_lightning.data.reasoning import generate_reasoning_specs
+    from unirl_lightning.models.text.policies import TextRollout
+
+    mean, se = evaluate_unigrpo.mean_se(torch.tensor([[1.0, 1.0], [0.0, 0.0], [1.0, 0.0]]))
+    assert mean == pytest.approx(0.5) and se == pytest.approx(0.5 / 3**0.5)
+
+    specs = generate_reasoning_specs(4, 0)
+    answers = {s["reasoning_prompt"]: s["prompt"] for s in specs}
+
+    class Oracle:  # writes the exact prompt greedily; sampled, only for the first riddle
+        def generate(self, riddles, temperature=1.0, generator=None):
+            first = specs[0]["reasoning_prompt"]
+            texts = [answers[r] if temperature == 0 or r == first else "a photo of" for r in riddles]
+            return TextRollout(texts, torch.zeros(len(riddles), 1), torch.zeros(len(riddles), 1),
+                               torch.ones(len(riddles), 1, dtype=torch.bool))
+
+    res = evaluate_unigrpo.evaluate_unigrpo(_policy(0), Oracle(), specs, samples=2, text_samples=3, steps=3)
+    assert res["text_greedy"] == 1.0 and res["text_greedy_se"] == 0.0
+    assert res["text_sampled"] == pytest.approx(0.25)  # 1 riddle of 4, every sample
+    assert all(0.0 <= res[c] <= 1.0 for c in evaluate_unigrpo.COLUMNS)
