@@ -83,6 +83,34 @@ def test_sft_trains_understanding_and_end_to_end_generation(tmp_path, monkeypatc
     assert "train/loss" in metrics and "val/geneval/overall" in metrics and "val/imbalance/overall" in metrics
 
 
+def test_sft_on_correct_trains_only_the_judged_correct_own_images(tmp_path, monkeypatch):
+    """`sft_on: correct`: the step's loss is the answer NLL over the images the judge passes (rows 0
+    and 3 of 6 here), with the prompt's answer as label; the others add nothing."""
+    from unirl_lightning.evaluation.geneval import GenEvalResult
+    from unirl_lightning.evaluation.judge import GenEvalJudge
+
+    class EveryThird(GenEvalJudge):
+        def __call__(self, images, specs):
+            return [GenEvalResult(i % 3 == 0, "", False, 0.0) for i in range(len(specs))]
+
+    policy = _tiny()
+    before = _snapshot(policy)
+    module = UniRLSFT(policy, warm_start=None, sft_on="correct", lr=1e-3, score_every_n_steps=0)
+    module.judge = EveryThird(detector=None)
+    seen = record_rollouts(module, monkeypatch)
+    trainer = _fit(module, tmp_path, steps=1, P=2, G=3)
+    (recorded,) = seen
+    questions, answers = module.qa(recorded.specs)
+    with torch.no_grad():
+        logp, mask = _initial(before).answer_logprobs(recorded.rollout.tokens, questions, answers)
+    rows = torch.tensor([0, 3])
+    expected = -(logp[rows].sum() / mask[rows].sum())
+    assert float(trainer.logged_metrics["train/loss"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(trainer.logged_metrics["train/sft_rows_frac"]) == pytest.approx(2 / 6)
+    with pytest.raises(ValueError, match="sft_on"):
+        UniRLSFT(_tiny(), warm_start=None, sft_on="right")
+
+
 @pytest.mark.parametrize("order, reveal_steps", [("autoregressive", None), ("masked", None), ("masked", 2)])
 def test_grpo_update_follows_the_advantages(tmp_path, monkeypatch, order, reveal_steps):
     """Two passes over one rollout (mu = 2, KL to the reference): re-scored after the update, every

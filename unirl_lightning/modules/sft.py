@@ -5,6 +5,7 @@ Gumbel image tokens. No external image data."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -26,6 +27,11 @@ class UniRLSFT(PolicyModule):
         cfg_scale / temperature: rollout sampling settings (the relaxation uses the same logits).
         score_every_n_steps: how often the step's images are judged (GenEval) and answers graded
             for the training logs (0: never; it costs a detector pass and a greedy decode).
+        sft_on: which own images the answer loss trains on: "all" (UniRL: every image, labelled
+            with its prompt's answer, right or wrong) or "correct" (only those the GenEval judge
+            passes, whose prompt answer is the true one; a detector pass per step). On a wrong
+            image the prompt's answer teaches the model to answer from the question, not the image
+            (benchmarks/discrete_grpo.md, "UniRL SFT").
     """
 
     def __init__(
@@ -36,9 +42,12 @@ class UniRLSFT(PolicyModule):
         cfg_scale: float = 1.0,
         temperature: float = 1.0,
         score_every_n_steps: int = 1,
+        sft_on: Literal["all", "correct"] = "all",
         **kwargs,
     ):
         super().__init__(policy, **kwargs)
+        if sft_on not in ("all", "correct"):
+            raise ValueError(f"model.sft_on must be 'all' or 'correct', got {sft_on!r}")
 
     def auto_warm_start(self) -> Path | None:
         return ensure_warm_start(self.policy)  # the built-in model's cached warm start
@@ -58,17 +67,29 @@ class UniRLSFT(PolicyModule):
             else rollout.tokens
         )
         logp, mask = self.policy.answer_logprobs(images, questions, answers)
-        loss = -(logp.sum() / mask.sum())
+        gen_ok = None
+        if self.hparams.sft_on == "correct":
+            gen_ok = self._judge_own_images(batch, rollout)
+            rows = gen_ok.to(mask.device)[:, None]
+            logp, mask = logp * rows, mask & rows
+            self.log("train/sft_rows_frac", gen_ok.float().mean(), batch_size=len(batch))
+        loss = -(logp.sum() / mask.sum().clamp(min=1))  # no judged-correct image: 0, nothing trains
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         n = self.hparams.score_every_n_steps
         if n and batch_idx % n == 0:
-            self._log_step_scores(batch, rollout)
+            self._log_step_scores(batch, rollout, gen_ok)
         return loss
 
     @torch.no_grad()
-    def _log_step_scores(self, batch: PromptBatch, rollout) -> None:
-        images = self.policy.decode_images(rollout.tokens)
-        gen_ok = self.judge.correct(images, batch.specs).float()
+    def _judge_own_images(self, batch: PromptBatch, rollout) -> torch.Tensor:
+        """bool `[B]`: the GenEval verdict on each own image."""
+        return self.judge.correct(self.policy.decode_images(rollout.tokens), batch.specs)
+
+    @torch.no_grad()
+    def _log_step_scores(self, batch: PromptBatch, rollout, gen_ok: torch.Tensor | None = None) -> None:
+        if gen_ok is None:
+            gen_ok = self._judge_own_images(batch, rollout)
+        gen_ok = gen_ok.float()
         questions, _ = self.qa(batch.specs)
         answers = self.policy.answer(rollout.tokens, questions, greedy=True)
         grades = [grade_answer(s, a) for s, a in zip(batch.specs, answers.texts)]
