@@ -10,11 +10,23 @@ policy does not have.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from unirl_lightning.callbacks.image_grid import log_image_grid
 from unirl_lightning.data.datamodule import PromptBatch
 from unirl_lightning.models.flow import FlowPolicy
+from unirl_lightning.models.flow.base import TextCondition
+from unirl_lightning.models.lora import check_lora_targets
 from unirl_lightning.modules.base import RecipeModule
+
+
+def check_lora_settings(policy: FlowPolicy, lora_rank: int, lora_target_modules: list[str] | None) -> None:
+    """`model.lora_rank` >= 0, and the target modules exist in the policy's transformer (checked before
+    any warm start or rollout)."""
+    if lora_rank < 0:
+        raise ValueError(f"model.lora_rank must be >= 0 (0 = full fine-tuning), got {lora_rank}")
+    if lora_rank and lora_target_modules and getattr(policy, "transformer", None) is not None:
+        check_lora_targets(policy.transformer, lora_target_modules)
 
 
 class FlowPolicyModule(RecipeModule):
@@ -40,6 +52,23 @@ class FlowPolicyModule(RecipeModule):
         **kwargs,
     ):
         super().__init__(policy, warm_start=warm_start, lr=lr, **kwargs)
+
+    # ---- LoRA and the reference ---------------------------------------------------------
+    def add_lora_adapters(self) -> None:
+        """Put the `lora_rank` adapters on the (warm-started) policy, once (`setup`)."""
+        hp = self.hparams
+        if hp.lora_rank and not self.policy.has_lora:
+            self.policy.add_lora(hp.lora_rank, hp.lora_alpha, hp.lora_target_modules)
+
+    @torch.no_grad()
+    def reference_velocity(self, x_t: Tensor, t: Tensor, cond: TextCondition) -> Tensor:
+        """The frozen reference's velocity at `(x_t, t)`: the recipe's `reference` copy, or under LoRA
+        the base model (adapters disabled)."""
+        reference = getattr(self, "reference", None)  # a submodule: not a class attribute
+        if reference is not None:
+            return reference.velocity(x_t, t, cond)
+        with self.policy.adapters_disabled():
+            return self.policy.velocity(x_t, t, cond)
 
     # ---- evaluation -------------------------------------------------------------------
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:

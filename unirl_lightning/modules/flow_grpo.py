@@ -25,8 +25,7 @@ from unirl_lightning.models.flow.base import (
     TextCondition,
     _GroupRows,
 )
-from unirl_lightning.models.lora import check_lora_targets
-from unirl_lightning.modules.flow_base import FlowPolicyModule
+from unirl_lightning.modules.flow_base import FlowPolicyModule, check_lora_settings
 from unirl_lightning.modules.training import (
     check_lr_decay,
     guarded_step,
@@ -219,10 +218,7 @@ class FlowGRPO(FlowPolicyModule):
             rewards = [GenEvalReward("partial")]
         self.rewards = rewards
         self.automatic_optimization = False  # mu passes, micro-batches and one backward per step
-        if lora_rank < 0:
-            raise ValueError(f"model.lora_rank must be >= 0 (0 = full fine-tuning), got {lora_rank}")
-        if lora_rank and lora_target_modules and getattr(policy, "transformer", None) is not None:
-            check_lora_targets(policy.transformer, lora_target_modules)  # before any warm start or rollout
+        check_lora_settings(policy, lora_rank, lora_target_modules)
         # with LoRA the base model (adapters disabled) is the reference: no copy
         self.reference = policy.make_reference() if self.uses_reference and not lora_rank else None
 
@@ -249,9 +245,7 @@ class FlowGRPO(FlowPolicyModule):
         if stage == "fit":  # before the warm start and any rollout
             check_lr_decay(self.hparams.lr_decay, max(self.hparams.warmup_steps, 0), self._decay_end())
         super().setup(stage)  # the warm start first: adapters go on the warm-started weights
-        hp = self.hparams
-        if hp.lora_rank and not self.policy.has_lora:
-            self.policy.add_lora(hp.lora_rank, hp.lora_alpha, hp.lora_target_modules)
+        self.add_lora_adapters()
 
     def configure_optimizers(self):
         return self.scheduled(super().configure_optimizers())

@@ -22,8 +22,7 @@ from torch import Tensor
 
 from unirl_lightning.data.datamodule import PromptBatch
 from unirl_lightning.models.flow.base import FlowPolicy, TextCondition
-from unirl_lightning.models.lora import check_lora_targets
-from unirl_lightning.modules.flow_base import FlowPolicyModule
+from unirl_lightning.modules.flow_base import FlowPolicyModule, check_lora_settings
 from unirl_lightning.modules.training import guarded_step, rank_advantages, warmup_then_decay
 from unirl_lightning.modules.warm_start import ensure_flow_warm_start
 from unirl_lightning.objectives import noised, velocity_mse
@@ -113,10 +112,7 @@ class ForwardProcessRL(FlowPolicyModule):
             )
         if min(rollouts_per_update, micro_batch_size) < 1 or num_steps < 2:
             raise ValueError("model.rollouts_per_update and micro_batch_size must be >= 1, num_steps >= 2")
-        if lora_rank < 0:
-            raise ValueError(f"model.lora_rank must be >= 0 (0 = full fine-tuning), got {lora_rank}")
-        if lora_rank and lora_target_modules and getattr(policy, "transformer", None) is not None:
-            check_lora_targets(policy.transformer, lora_target_modules)
+        check_lora_settings(policy, lora_rank, lora_target_modules)
         self.rewards = rewards if rewards is not None else [GenEvalReward("partial")]
         self.automatic_optimization = False  # micro-batches of (sample, time) pairs, accumulation
         self.reference: FlowPolicy | None = None
@@ -129,8 +125,7 @@ class ForwardProcessRL(FlowPolicyModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)  # the warm start first: adapters and frozen copies follow it
         hp = self.hparams
-        if hp.lora_rank and not self.policy.has_lora:
-            self.policy.add_lora(hp.lora_rank, hp.lora_alpha, hp.lora_target_modules)
+        self.add_lora_adapters()
         if hp.beta > 0 and not hp.lora_rank and self.reference is None:
             self.reference = self.policy.make_reference()
         self.make_anchors()
@@ -157,13 +152,6 @@ class ForwardProcessRL(FlowPolicyModule):
     def sampling_policy(self) -> FlowPolicy:
         """The policy that draws the rollouts (the live one; DiffusionNFT: its old policy)."""
         return self.policy
-
-    @torch.no_grad()
-    def reference_velocity(self, x_t: Tensor, t: Tensor, cond: TextCondition) -> Tensor:
-        if self.reference is not None:
-            return self.reference.velocity(x_t, t, cond)
-        with self.policy.adapters_disabled():
-            return self.policy.velocity(x_t, t, cond)
 
     # ---- optimiser ------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -309,13 +309,7 @@ class UniGRPO(FlowGRPO):
         stats = {"awm_loss": live_mean(fm.detach(), keep), "weight_abs": live_mean(weights.abs(), keep)}
         per_pair = hp.lambda_img * fm
         if self.has_reference:
-            with torch.no_grad():
-                if self.reference is not None:
-                    ref = self.reference.velocity(x_t, t, cond)
-                else:
-                    with self.policy.adapters_disabled():
-                        ref = self.policy.velocity(x_t, t, cond)
-            penalty = velocity_mse(v, ref)
+            penalty = velocity_mse(v, self.reference_velocity(x_t, t, cond))
             stats["velocity_mse"] = live_mean(penalty.detach(), keep)
             if self.penalised:
                 per_pair = per_pair + hp.beta * penalty
