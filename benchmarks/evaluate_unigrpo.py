@@ -7,8 +7,8 @@ standard errors.
 FOLDER is a UniGRPO run's `model.save_to`: the flow policy, and the text policy in `text_policy/`
 when it trained (otherwise the built-in text warm start, which an image-only run keeps frozen).
 Riddles: the reasoning DataModule's held-out ones (`--num-val`: the 120 a run validates on; the
-held-out riddles never appear in training, their facts do with other shapes). Columns, each a mean over riddles with its standard error (`se`, the std of the per-riddle
-means / sqrt(riddles)):
+held-out riddles never appear in training, their facts do with other shapes). Columns, each a
+mean over riddles with its standard error (`se`, the std of the per-riddle means / sqrt(riddles)):
 - `text_greedy`: the greedy text is the exact GenEval prompt (what validation logs as text_exact);
 - `text_sampled`: the same for `--text-samples` texts sampled at temperature 1 (the rollouts' text);
 - `geneval`: GenEval of `--samples` ODE images (noise 0, 20 steps, no CFG) from the greedy text;
