@@ -57,7 +57,7 @@ from unirl_lightning.models.base import (
     ImageRollout,
     UnifiedPolicy,
 )
-from unirl_lightning.models.hf_cache import cache_keyword, cache_kwargs
+from unirl_lightning.models.hf_cache import cache_keyword
 from unirl_lightning.models.static_decode import (
     StaticKVCache,
     attention_mask,
@@ -148,7 +148,9 @@ class JanusPolicy(UnifiedPolicy):
         self.decode, self.compile_mode = decode, compile_mode
         self._static_cache: StaticKVCache | None = None
         self._compiled_step = None
-        self._layer_cache_keyword = cache_keyword(self._lm.layers[0])  # read here, not under compile
+        # the cache argument's names, read once here (not per decode step, nor under compile)
+        self._lm_cache_keyword = cache_keyword(self._lm)
+        self._layer_cache_keyword = cache_keyword(self._lm.layers[0])
         tok = processor.tokenizer
         gen_pad = getattr(model.generation_config, "pad_token_id", None)
         self.pad_id = int(gen_pad if gen_pad is not None else tok.pad_token_id)
@@ -226,7 +228,7 @@ class JanusPolicy(UnifiedPolicy):
     def _step(self, embeds: Tensor, mask: Tensor | None, cache: Any) -> Tensor:
         """One cached language-model call -> the last position's hidden state `[R, D]`."""
         out = self._lm(inputs_embeds=embeds, attention_mask=mask, use_cache=True,
-                       **cache_kwargs(self._lm, cache))
+                       **{self._lm_cache_keyword: cache})
         return out.last_hidden_state[:, -1]
 
     @torch.no_grad()

@@ -53,6 +53,13 @@ class FlowPolicyModule(RecipeModule):
     ):
         super().__init__(policy, warm_start=warm_start, lr=lr, **kwargs)
 
+    def text_condition(self, prompts: list[str]) -> TextCondition:
+        """The policy's text condition of `prompts`, with gradient only when its text encoder trains."""
+        if self.policy.text_trainable:
+            return self.policy.encode_text(prompts)
+        with torch.no_grad():
+            return self.policy.encode_text(prompts)
+
     # ---- LoRA and the reference ---------------------------------------------------------
     def add_lora_adapters(self) -> None:
         """Put the `lora_rank` adapters on the (warm-started) policy, once (`setup`)."""

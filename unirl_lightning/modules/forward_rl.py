@@ -194,12 +194,6 @@ class ForwardProcessRL(FlowPolicyModule):
     def after_update(self) -> None:
         """Hook: runs after each optimiser step (e.g. to move an old policy toward the live one)."""
 
-    def _condition(self, prompts: list[str]) -> TextCondition:
-        if self.policy.text_trainable:
-            return self.policy.encode_text(prompts)
-        with torch.no_grad():
-            return self.policy.encode_text(prompts)
-
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         hp = self.hparams
         ctx = batch.rollout if batch.rollout is not None else self.make_rollouts(batch)
@@ -227,7 +221,7 @@ class ForwardProcessRL(FlowPolicyModule):
         chunks = zip(rows.split(mb), times.split(mb), live.split(mb))
         for part, t, keep in [] if all_bad else chunks:
             x_t, target = noised(x0[part], torch.randn_like(x0[part]), t)
-            cond = self._condition([rollout.prompts[r] for r in part.tolist()])
+            cond = self.text_condition([rollout.prompts[r] for r in part.tolist()])
             v = self.policy.velocity(x_t, t, cond)
             loss, stats = self.sample_loss(v, x_t, target, t, adv[part], cond)
             if hp.beta > 0:

@@ -296,12 +296,7 @@ class UniGRPO(FlowGRPO):
         pairs = torch.arange(m, device=x0.device).repeat_interleave(k)
         t = sub.sigmas.to(x0.device)[index.flatten()]
         x_t, target = noised(x0[pairs], torch.randn_like(x0[pairs]), t)
-        prompts = [sub.prompts[r] for r in pairs.tolist()]
-        if self.policy.text_trainable:
-            cond = self.policy.encode_text(prompts)
-        else:
-            with torch.no_grad():
-                cond = self.policy.encode_text(prompts)
+        cond = self.text_condition([sub.prompts[r] for r in pairs.tolist()])
         v = self.policy.velocity(x_t, t, cond)
         weights = awm_weights(adv[pairs], hp.awm_adv_clip)
         fm = awm_loss(v, target, t, weights, hp.awm_power)
