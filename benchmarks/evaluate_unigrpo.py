@@ -13,7 +13,10 @@ mean over riddles with its standard error (`se`, the std of the per-riddle means
 - `text_sampled`: the same for `--text-samples` texts sampled at temperature 1 (the rollouts' text);
 - `geneval`: GenEval of `--samples` ODE images (noise 0, 20 steps, no CFG) from the greedy text;
 - `geneval_sampled`: one image from each sampled text (the joint policy as it is trained);
-- `geneval_oracle`: `--samples` images from the exact prompt (the flow policy alone).
+- `geneval_oracle`: `--samples` images from the exact prompt (the flow policy alone);
+- `text_greedy_held_out`, `text_sampled_held_out`: the text columns on the riddles whose fact the
+  text warm start never saw (`WARM_START_HELD_OUT`): its greedy text is right on every other fact,
+  so these are what the shared advantage has left to teach.
 """
 
 from __future__ import annotations
@@ -24,18 +27,23 @@ from pathlib import Path
 
 import torch
 
-from unirl_lightning.data.reasoning import ReasoningDataModule
+from unirl_lightning.data.reasoning import WARM_START_HELD_OUT, ReasoningDataModule
 from unirl_lightning.evaluation.judge import GenEvalJudge
 from unirl_lightning.models.flow import TinyFlowModel
 from unirl_lightning.models.text.policies import TinyTextPolicy, text_matches
 from unirl_lightning.modules.warm_start import ensure_text_warm_start
 from unirl_lightning.worlds.detector import WorldDetector
 
-COLUMNS = ("text_greedy", "text_sampled", "geneval", "geneval_sampled", "geneval_oracle")
+COLUMNS = (
+    "text_greedy", "text_sampled", "geneval", "geneval_sampled", "geneval_oracle",
+    "text_greedy_held_out", "text_sampled_held_out",
+)
 
 
 def mean_se(per_riddle: torch.Tensor) -> tuple[float, float]:
     """Mean and standard error over riddles of `[R, k]` per-sample scores."""
+    if len(per_riddle) == 0:
+        return float("nan"), float("nan")
     means = per_riddle.float().mean(1)
     se = float(means.std() / math.sqrt(len(means))) if len(means) > 1 else float("nan")
     return float(means.mean()), se
@@ -74,6 +82,9 @@ def evaluate_unigrpo(flow, text, specs: list[dict], samples: int, text_samples: 
         "geneval_sampled": images(sampled, per_text, text_samples),
         "geneval_oracle": images([a for a in answers for _ in range(samples)], repeat, samples),
     }
+    held_out = torch.tensor([s["riddle"] in WARM_START_HELD_OUT for s in specs])
+    for name in ("text_greedy", "text_sampled"):
+        scores[f"{name}_held_out"] = scores[name][held_out]
     out = {}
     for name, per_riddle in scores.items():
         out[name], out[f"{name}_se"] = mean_se(per_riddle)

@@ -123,7 +123,7 @@ def test_geneval_agreement_reads_official_records_and_scores_them_again(tmp_path
 def test_evaluate_unigrpo_scores_text_and_images_per_riddle_with_standard_errors(monkeypatch):
     monkeypatch.syspath_prepend("benchmarks")
     import evaluate_unigrpo
-    from unirl_lightning.data.reasoning import generate_reasoning_specs
+    from unirl_lightning.data.reasoning import WARM_START_HELD_OUT, generate_reasoning_specs
     from unirl_lightning.models.text.policies import TextRollout
 
     mean, se = evaluate_unigrpo.mean_se(torch.tensor([[1.0, 1.0], [0.0, 0.0], [1.0, 0.0]]))
@@ -142,4 +142,6 @@ def test_evaluate_unigrpo_scores_text_and_images_per_riddle_with_standard_errors
     res = evaluate_unigrpo.evaluate_unigrpo(_policy(0), Oracle(), specs, samples=2, text_samples=3, steps=3)
     assert res["text_greedy"] == 1.0 and res["text_greedy_se"] == 0.0
     assert res["text_sampled"] == pytest.approx(0.25)  # 1 riddle of 4, every sample
+    assert [s["riddle"] in WARM_START_HELD_OUT for s in specs] == [False, False, False, True]
+    assert res["text_greedy_held_out"] == 1.0 and res["text_sampled_held_out"] == 0.0  # the 4th riddle only
     assert all(0.0 <= res[c] <= 1.0 for c in evaluate_unigrpo.COLUMNS)
