@@ -2,12 +2,13 @@
 standard errors.
 
     python benchmarks/evaluate_unigrpo.py NAME=FOLDER [NAME=FOLDER ...] [--samples 8] \
-        [--text-samples 8] [--num-val 120] [--steps 20] [--seed 0]
+        [--text-samples 8] [--num-val 120] [--steps 20] [--seed 0] [--paired]
 
 FOLDER is a UniGRPO run's `model.save_to`: the flow policy, and the text policy in `text_policy/`
 when it trained (otherwise the built-in text warm start, which an image-only run keeps frozen).
-Riddles: the reasoning DataModule's held-out ones (`--num-val`: the 120 a run validates on; the
-held-out riddles never appear in training, their facts do with other shapes). Columns, each a
+Riddles: the reasoning DataModule's held-out ones (`--num-val 120`, a run's validation set: 70
+riddles, as each task holds out a quarter of its distinct riddles and at most 20; they never appear
+in training, their facts do with other shapes). Columns, each a
 mean over riddles with its standard error (`se`, the std of the per-riddle means / sqrt(riddles)):
 - `text_greedy`: the greedy text is the exact GenEval prompt (what validation logs as text_exact);
 - `text_sampled`: the same for `--text-samples` texts sampled at temperature 1 (the rollouts' text);
@@ -61,7 +62,9 @@ def judge_images(flow, judge, prompts: list[str], specs: list[dict], steps: int,
 
 @torch.no_grad()
 def evaluate_unigrpo(flow, text, specs: list[dict], samples: int, text_samples: int, steps: int,
-                     seed: int = 0) -> dict[str, float]:
+                     seed: int = 0, per_riddle: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Each column's mean and standard error (`<column>_se`); `per_riddle`, when given, receives each
+    column's per-riddle means (float `[riddles]`) for paired comparisons."""
     judge, gen = GenEvalJudge(WorldDetector()), torch.Generator().manual_seed(seed)
     riddles, answers, R = [s["reasoning_prompt"] for s in specs], [s["prompt"] for s in specs], len(specs)
     greedy = text.generate(riddles, temperature=0.0).texts
@@ -86,9 +89,16 @@ def evaluate_unigrpo(flow, text, specs: list[dict], samples: int, text_samples: 
     for name in ("text_greedy", "text_sampled"):
         scores[f"{name}_held_out"] = scores[name][held_out]
     out = {}
-    for name, per_riddle in scores.items():
-        out[name], out[f"{name}_se"] = mean_se(per_riddle)
+    for name, table in scores.items():
+        out[name], out[f"{name}_se"] = mean_se(table)
+        if per_riddle is not None:
+            per_riddle[name] = table.float().mean(1)
     return out
+
+
+def paired_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard error of `a - b` over riddles (per-riddle means of two policies)."""
+    return mean_se((a - b)[:, None])
 
 
 def load_policies(folder: str | Path) -> tuple[TinyFlowModel, TinyTextPolicy]:
@@ -105,21 +115,33 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", help="NAME=FOLDER")
     ap.add_argument("--samples", type=int, default=8, help="ODE images per riddle (greedy text, oracle)")
     ap.add_argument("--text-samples", type=int, default=8, help="texts sampled per riddle at temperature 1")
-    ap.add_argument("--num-val", type=int, default=120, help="held-out riddles")
+    ap.add_argument("--num-val", type=int, default=120, help="the DataModule's num_val (riddles: at most this)")
     ap.add_argument("--steps", type=int, default=20, help="ODE steps")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--paired", action="store_true",
+                    help="also print each policy's difference to the first one, paired over riddles")
     args = ap.parse_args()
     data = ReasoningDataModule(num_val=args.num_val)
     data.setup("validate")
     print(f"| policy | {' | '.join(COLUMNS)} |")
     print("|---" * (len(COLUMNS) + 1) + "|")
+    tables: dict[str, dict[str, torch.Tensor]] = {}
     for run in args.runs:
         name, folder = run.split("=", 1)
         flow, text = load_policies(folder)
+        tables[name] = {}
         res = evaluate_unigrpo(flow, text, data.val_specs, args.samples, args.text_samples, args.steps,
-                               args.seed)
+                               args.seed, per_riddle=tables[name])
         cells = [f"{res[c]:.3f} +- {res[c + '_se']:.3f}" for c in COLUMNS]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    if args.paired and len(tables) > 1:
+        first, *rest = tables
+        print(f"\nDifferences to {first}, paired over riddles (mean +- standard error):\n")
+        print(f"| policy | {' | '.join(COLUMNS)} |")
+        print("|---" * (len(COLUMNS) + 1) + "|")
+        for name in rest:
+            diffs = [paired_difference(tables[name][c], tables[first][c]) for c in COLUMNS]
+            print(f"| {name} | " + " | ".join(f"{m:+.3f} +- {se:.3f}" for m, se in diffs) + " |")
 
 
 if __name__ == "__main__":

@@ -145,3 +145,6 @@ def test_evaluate_unigrpo_scores_text_and_images_per_riddle_with_standard_errors
     assert [s["riddle"] in WARM_START_HELD_OUT for s in specs] == [False, False, False, True]
     assert res["text_greedy_held_out"] == 1.0 and res["text_sampled_held_out"] == 0.0  # the 4th riddle only
     assert all(0.0 <= res[c] <= 1.0 for c in evaluate_unigrpo.COLUMNS)
+    a, b = torch.tensor([1.0, 0.5, 0.0]), torch.tensor([0.5, 0.5, 0.5])
+    diff, diff_se = evaluate_unigrpo.paired_difference(a, b)
+    assert diff == pytest.approx(0.0) and diff_se == pytest.approx(0.5 / 3**0.5)
