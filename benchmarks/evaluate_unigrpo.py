@@ -115,7 +115,7 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", help="NAME=FOLDER")
     ap.add_argument("--samples", type=int, default=8, help="ODE images per riddle (greedy text, oracle)")
     ap.add_argument("--text-samples", type=int, default=8, help="texts sampled per riddle at temperature 1")
-    ap.add_argument("--num-val", type=int, default=120, help="the DataModule's num_val (riddles: at most this)")
+    ap.add_argument("--num-val", type=int, default=120, help="the DataModule's num_val (max riddles)")
     ap.add_argument("--steps", type=int, default=20, help="ODE steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--paired", action="store_true",
