@@ -327,7 +327,8 @@ class UniGRPO(FlowGRPO):
         # Rows with a bad reward are masked out of both losses, which average over the n_live others;
         # every rank still runs every micro-batch (equal backward counts under sharding).
         n_live = max(int(finite.sum()), 1)
-        weights = self.step_weights(rollout)
+        # the SDE steps' loss weights; AWM re-noises the final latents and weights by advantage only
+        weights = self.step_weights(rollout) if hp.image_objective != "awm" else []
         chunks = [
             torch.arange(i, min(i + hp.micro_batch_size, n), device=self.device)
             for i in range(0, n, hp.micro_batch_size)
