@@ -8,8 +8,8 @@ FOLDER is a UniGRPO run's `model.save_to`: the flow policy, and the text policy 
 when it trained (otherwise the built-in text warm start, which an image-only run keeps frozen).
 Riddles: the reasoning DataModule's held-out ones (`--num-val 120`, a run's validation set: 70
 riddles, as each task holds out a quarter of its distinct riddles and at most 20; they never appear
-in training, their facts do with other shapes). Columns, each a
-mean over riddles with its standard error (`se`, the std of the per-riddle means / sqrt(riddles)):
+in training, their facts do with other shapes). Columns, each a mean over riddles with its standard
+error (`se`, the std of the per-riddle means / sqrt(riddles)):
 - `text_greedy`: the greedy text is the exact GenEval prompt (what validation logs as text_exact);
 - `text_sampled`: the same for `--text-samples` texts sampled at temperature 1 (the rollouts' text);
 - `geneval`: GenEval of `--samples` ODE images (noise 0, 20 steps, no CFG) from the greedy text;
