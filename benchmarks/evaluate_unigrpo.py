@@ -110,6 +110,12 @@ def load_policies(folder: str | Path) -> tuple[TinyFlowModel, TinyTextPolicy]:
     return flow, TinyTextPolicy.from_pretrained(warm).eval()
 
 
+def print_header() -> None:
+    """The Markdown header of a table with one row per policy and one column per score."""
+    print(f"| policy | {' | '.join(COLUMNS)} |")
+    print("|---" * (len(COLUMNS) + 1) + "|")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="NAME=FOLDER")
@@ -123,8 +129,7 @@ def main() -> None:
     args = ap.parse_args()
     data = ReasoningDataModule(num_val=args.num_val)
     data.setup("validate")
-    print(f"| policy | {' | '.join(COLUMNS)} |")
-    print("|---" * (len(COLUMNS) + 1) + "|")
+    print_header()
     tables: dict[str, dict[str, torch.Tensor]] = {}
     for run in args.runs:
         name, folder = run.split("=", 1)
@@ -137,8 +142,7 @@ def main() -> None:
     if args.paired and len(tables) > 1:
         first, *rest = tables
         print(f"\nDifferences to {first}, paired over riddles (mean +- standard error):\n")
-        print(f"| policy | {' | '.join(COLUMNS)} |")
-        print("|---" * (len(COLUMNS) + 1) + "|")
+        print_header()
         for name in rest:
             diffs = [paired_difference(tables[name][c], tables[first][c]) for c in COLUMNS]
             print(f"| {name} | " + " | ".join(f"{m:+.3f} +- {se:.3f}" for m, se in diffs) + " |")
