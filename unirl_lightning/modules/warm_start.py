@@ -159,6 +159,8 @@ def ensure_warm_start(policy, recipe: dict | None = None) -> Path | None:
             grid=world.grid,
             num_train=r["num_train"],
             seed=r["seed"],
+            phases=r.get("phases"),
+            train_task_weights=r.get("train_task_weights"),
         )
         L.seed_everything(r["seed"], verbose=False)
         target = folder.with_name(folder.name.removesuffix(".partial"))
