@@ -442,3 +442,24 @@ def test_a_warm_start_whose_weights_fit_loads_and_warns_about_differing_fields(t
         load_warm_start(policy, tmp_path / "same", "model.warm_start")
     with pytest.raises(FileNotFoundError, match="model.warm_start: .* is not a folder"):
         load_warm_start(policy, tmp_path / "missing", "model.warm_start")
+
+
+def test_unified_warm_start_trains_its_curriculum_phases_first(tmp_path, monkeypatch):
+    """A recipe's `phases` reach the scene stream: the first steps draw position scenes alone."""
+    from unirl_lightning.modules import warm_start
+
+    monkeypatch.setenv("UNIRL_CACHE", str(tmp_path / "cache"))
+    seen: list[list[str]] = []
+
+    class Recording(warm_start.WarmStartPretrain):
+        def training_step(self, batch, batch_idx):
+            seen.append([s["tag"] for s in batch["specs"]])
+            return super().training_step(batch, batch_idx)
+
+    monkeypatch.setattr(warm_start, "WarmStartPretrain", Recording)
+    recipe = {"max_steps": 4, "batch_size": 8, "num_train": 120, "warmup_steps": 1, "val_every": 4,
+              "phases": [{"steps": 2, "task_weights": {"position": 1.0}}]}
+    folder = warm_start.ensure_warm_start(_tiny(), recipe)
+    assert (folder / "model.safetensors").is_file()
+    assert [set(tags) for tags in seen[:2]] == [{"position"}, {"position"}]
+    assert set(tag for tags in seen[2:] for tag in tags) != {"position"}
