@@ -13,6 +13,7 @@ ignored (the model can only guess which shape goes where, or which colour goes w
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 import torch
 
@@ -57,6 +58,19 @@ def binding_losses(
     return out
 
 
+def print_probe_table(runs: list[str], probe: Callable[[str], dict[str, str]]) -> None:
+    """One markdown row per `NAME=FOLDER` in `runs`: `probe(folder) -> {column: "true / swapped"}`."""
+    header = None
+    for run in runs:
+        name, folder = run.split("=", 1)
+        res = probe(folder)
+        if header is None:
+            header = list(res)
+            print("| policy | " + " | ".join(f"{k} (true / swapped)" for k in header) + " |")
+            print("|---" * (len(header) + 1) + "|")
+        print(f"| {name} | " + " | ".join(res.values()) + " |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="NAME=FOLDER")
@@ -64,15 +78,12 @@ def main() -> None:
     args = ap.parse_args()
     data = OnPolicyDataModule()
     data.setup("fit")
-    header = None
-    for run in args.runs:
-        name, folder = run.split("=", 1)
+
+    def probe(folder: str) -> dict[str, str]:
         res = binding_losses(TinyFlowModel.from_pretrained(folder).eval(), data.train_specs, args.n)
-        if header is None:
-            header = list(res)
-            print("| policy | " + " | ".join(f"{k} (true / swapped)" for k in header) + " |")
-            print("|---" * (len(header) + 1) + "|")
-        print(f"| {name} | " + " | ".join(f"{t:.4f} / {s:.4f}" for t, s in res.values()) + " |", flush=True)
+        return {k: f"{t:.4f} / {s:.4f}" for k, (t, s) in res.items()}
+
+    print_probe_table(args.runs, probe)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from flow_binding_probe import swapped_prompt
+from flow_binding_probe import print_probe_table, swapped_prompt
 
 from unirl_lightning.data import OnPolicyDataModule
 from unirl_lightning.evaluation.judge import GenEvalJudge
@@ -58,15 +58,9 @@ def main() -> None:
     data = OnPolicyDataModule()
     data.setup("fit")
     splits = {"train": data.train_specs, "held-out": data.val_specs}
-    header = None
-    for run in args.runs:
-        name, folder = run.split("=", 1)
-        res = probe(TinyUnifiedModel.from_pretrained(folder).eval(), splits, args.n)
-        if header is None:
-            header = list(res)
-            print("| policy | " + " | ".join(f"{k} (true / swapped)" for k in header) + " |")
-            print("|---" * (len(header) + 1) + "|")
-        print(f"| {name} | " + " | ".join(res.values()) + " |", flush=True)
+    print_probe_table(
+        args.runs, lambda folder: probe(TinyUnifiedModel.from_pretrained(folder).eval(), splits, args.n)
+    )
 
 
 if __name__ == "__main__":
