@@ -785,9 +785,14 @@ def test_warm_start_recipes_keep_their_cache_keys():
     """The cache key hashes the recipe: a changed recipe retrains the warm start and moves every
     baseline in benchmarks/. These are the folders the published results started from."""
     from unirl_lightning.models import TinyUnifiedModel
-    from unirl_lightning.modules.warm_start import warm_start_dir
+    from unirl_lightning.modules.warm_start import VARIANTS, warm_start_dir
 
-    assert warm_start_dir("warm_start", TinyUnifiedModel()).name == "d86a011aff5ad5eb"
+    assert warm_start_dir("warm_start", TinyUnifiedModel()).name == "3ae7bb7a9f07c708"
+    assert warm_start_dir("warm_start", TinyUnifiedModel(image_order="masked")).name == "1f79dedaf3aa9b44"
+    mixture = VARIANTS["warm_start"]["mixture"]  # None drops a key: the recipe before the curriculum
+    assert warm_start_dir("warm_start", TinyUnifiedModel(), mixture).name == "d86a011aff5ad5eb"
+    masked = TinyUnifiedModel(image_order="masked")
+    assert warm_start_dir("warm_start", masked, mixture).name == "39aa48e797dabd6d"
     assert warm_start_dir("flow_warm_start", TinyFlowModel()).name == "7860bf5e125ef882"
 
 

@@ -7,7 +7,7 @@ display, and caches it under `$UNIRL_CACHE/<kind>/<hash of model config + recipe
 and renamed into place, so a run killed half way never leaves a cache that later runs pick up.
 
 - "warm_start": the built-in unified model (`WarmStartPretrain` on rendered scenes: prompt ->
-  image tokens, image -> answer).
+  image tokens, image -> answer; position scenes first, then colour scenes, then the mixture).
 - "flow_warm_start": the built-in flow model (`FlowWarmStart`: flow matching on scenes rendered
   on its latent-cell grid).
 - "text_warm_start": the built-in text policy of UniGRPO (teacher forcing on riddle -> prompt
@@ -17,7 +17,9 @@ and renamed into place, so a run killed half way never leaves a cache that later
   saved in `metrics.json`).
 
 Train one explicitly (same recipe, same cache): `python -m unirl_lightning.modules.warm_start
-unified|flow|text`. Pretrained policies (no built-in `config`) are their own warm start.
+unified|flow|text`; `--recipe NAME` trains a named variant (`VARIANTS`), e.g. `--recipe mixture`
+for the unified warm start without its curriculum. Pretrained policies (no built-in `config`) are
+their own warm start.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from unirl_lightning.modules.training import isolated_rng
 #: One recipe per model kind; the cache key hashes it, so a change retrains that warm start.
 RECIPES: dict[str, dict] = {
     "warm_start": {
-        "max_steps": 1200,
+        "max_steps": 2200,
         "batch_size": 64,
         "lr": 1e-3,
         "warmup_steps": 100,
@@ -59,6 +61,18 @@ RECIPES: dict[str, dict] = {
         "num_train": 4000,
         "seed": 0,
         "val_every": 200,
+        # The flow warm start's curriculum: position scenes alone (600 steps), then colour scenes
+        # (400), then the mixture with position 3x. Trained on the mixture alone the model never
+        # reads "left of" / "above", and GRPO then learns each training prompt's layout by heart
+        # instead of the relation (benchmarks/discrete_grpo.md, "Position first").
+        "phases": [
+            {"steps": 600, "task_weights": {"position": 1.0}},
+            {"steps": 400, "task_weights": {"colors": 1.0, "color_attr": 1.0}},
+        ],
+        "train_task_weights": {
+            "single_object": 1.0, "two_object": 1.0, "counting": 1.0, "colors": 1.0, "position": 3.0,
+            "color_attr": 1.0,
+        },
     },
     "flow_warm_start": {
         "max_steps": 3000,
@@ -92,6 +106,20 @@ RECIPES: dict[str, dict] = {
         "seed": 0,
     },
 }
+
+
+#: Named variants of a recipe (`python -m unirl_lightning.modules.warm_start KIND --recipe NAME`): its
+#: overrides, a key set to None dropped. "mixture" is the unified warm start without the curriculum,
+#: the one the mixture-only results in benchmarks/ start from (cache folder d86a011aff5ad5eb).
+VARIANTS: dict[str, dict[str, dict]] = {
+    "warm_start": {"mixture": {"max_steps": 1200, "phases": None, "train_task_weights": None}},
+}
+
+
+def resolve_recipe(kind: str, recipe: dict | None = None) -> dict:
+    """`RECIPES[kind]` with `recipe`'s overrides; a key overridden with None is dropped (absent)."""
+    merged = {**RECIPES[kind], **(recipe or {})}
+    return {k: v for k, v in merged.items() if v is not None}
 
 
 def cache_root() -> Path:
@@ -132,14 +160,14 @@ def cached_training(kind: str, policy, recipe: dict, train: Callable[[Path], Non
 
 def warm_start_dir(kind: str, policy, recipe: dict | None = None) -> Path:
     """The cache folder of `policy`'s config + the `kind` recipe (with `recipe`'s overrides)."""
-    return cache_dir(kind, policy, {**RECIPES[kind], **(recipe or {})})
+    return cache_dir(kind, policy, resolve_recipe(kind, recipe))
 
 
 def ensure_warm_start(policy, recipe: dict | None = None) -> Path | None:
     """Folder of the cached warm start of a built-in unified model, training it first if absent."""
     if getattr(policy, "config", None) is None:
         return None
-    r = {**RECIPES["warm_start"], **(recipe or {})}
+    r = resolve_recipe("warm_start", recipe)
 
     def train(folder: Path) -> None:
 
@@ -187,7 +215,7 @@ def ensure_flow_warm_start(policy, recipe: dict | None = None) -> Path | None:
     """Folder of the cached warm start of the built-in flow model, training it first if absent."""
     if getattr(policy, "config", None) is None:
         return None
-    r = {**RECIPES["flow_warm_start"], **(recipe or {})}
+    r = resolve_recipe("flow_warm_start", recipe)
 
     def train(folder: Path) -> None:
 
@@ -234,7 +262,7 @@ def ensure_text_warm_start(policy: TextPolicy, recipe: dict | None = None) -> Pa
     """Folder of the cached warm start of the built-in text policy, training it first if absent (~1 min)."""
     if getattr(policy, "config", None) is None:
         return None
-    r = {**RECIPES["text_warm_start"], **(recipe or {})}
+    r = resolve_recipe("text_warm_start", recipe)
 
     def train(folder: Path) -> None:
         torch.manual_seed(r["seed"])
@@ -333,24 +361,29 @@ def greedy_accuracy(
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """`python -m unirl_lightning.modules.warm_start unified|flow|text [--image-order masked]`: train
-    (once) and print the folder."""
+    """`python -m unirl_lightning.modules.warm_start unified|flow|text [--image-order masked]
+    [--recipe NAME]`: train (once) and print the folder."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("kind", choices=["unified", "flow", "text"])
     parser.add_argument("--image-order", choices=["autoregressive", "masked"], default="autoregressive",
                         help="the built-in unified model's image order (unified only)")
+    named = ", ".join(VARIANTS["warm_start"])
+    parser.add_argument("--recipe", default=None, help=f"a named variant of the recipe (unified: {named})")
     parsed = parser.parse_args(args)
     kind = parsed.kind
     ensure = {
-        "unified": (ensure_warm_start, TinyUnifiedModel),
-        "flow": (ensure_flow_warm_start, TinyFlowModel),
-        "text": (ensure_text_warm_start, TinyTextPolicy),
+        "unified": (ensure_warm_start, TinyUnifiedModel, "warm_start"),
+        "flow": (ensure_flow_warm_start, TinyFlowModel, "flow_warm_start"),
+        "text": (ensure_text_warm_start, TinyTextPolicy, "text_warm_start"),
     }
-    fn, model = ensure[kind]
-    if kind == "unified":
-        print(fn(model(image_order=parsed.image_order)))
-    else:
-        print(fn(model()))
+    fn, model, key = ensure[kind]
+    variants = VARIANTS.get(key, {})
+    if parsed.recipe is not None and parsed.recipe not in variants:
+        parser.error(f"--recipe {parsed.recipe!r}: the {kind} warm start has "
+                     + (f"the variants {sorted(variants)}" if variants else "no named variants"))
+    recipe = variants.get(parsed.recipe)
+    policy = model(image_order=parsed.image_order) if kind == "unified" else model()
+    print(fn(policy, recipe))
 
 
 if __name__ == "__main__":
