@@ -122,6 +122,21 @@ def test_cpu20_overlay_layers_a_budget_onto_the_flow_grpo_config():
     }  # policy / rewards: fresh objects, same config
 
 
+def test_cpu30_overlay_layers_a_budget_and_snapshots_onto_the_grpo_config():
+    """configs/grpo_cpu30.yaml keeps the recipe and adds the budget, snapshots and step checkpoints."""
+    from unirl_lightning.callbacks import CPUTimeBudget, PolicySnapshots, StepCheckpoint
+
+    args = ["--config", str(CONFIGS / "grpo.yaml"), "--model.init_args.warm_start", "null"]
+    base = cli_main(args, run=False)
+    cli = cli_main(args[:2] + ["--config", str(CONFIGS / "grpo_cpu30.yaml")] + args[2:], run=False)
+    kinds = {type(c): c for c in cli.trainer.callbacks}
+    assert kinds[CPUTimeBudget].minutes == 30.0 and kinds[PolicySnapshots].every == 7.5
+    assert StepCheckpoint in kinds and cli.trainer.max_steps == 5000
+    assert cli.datamodule.hparams == base.datamodule.hparams
+    changed = {k for k in base.model.hparams if base.model.hparams[k] != cli.model.hparams[k]}
+    assert changed <= {"policy", "rewards"}  # fresh objects, same config
+
+
 def test_masked_overlay_switches_the_image_order_and_trains_a_step_subset():
     cli = cli_main(
         ["--config", str(CONFIGS / "grpo.yaml"), "--config", str(CONFIGS / "grpo_masked.yaml"),
