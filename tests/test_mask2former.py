@@ -117,3 +117,60 @@ def test_detections_feed_genevals_rules(detector):
     assert not evaluate(too_many, dets).correct
     with pytest.raises(ValueError, match="uint8"):
         detector(images.float())
+
+
+COCO_ORDER_RENAMED = {64: "mouse", 65: "remote", 66: "keyboard"}  # COCO's names where GenEval's differ
+
+
+def _coco_id2label() -> dict[int, str]:
+    from unirl_lightning.evaluation.vocab import load_geneval_constants
+
+    names = dict(enumerate(load_geneval_constants()["geneval_object_names"]))
+    return {**names, **COCO_ORDER_RENAMED}
+
+
+def test_a_coco_model_is_named_by_genevals_object_names():
+    """GenEval's evaluator names class i `object_names.txt[i]`: COCO's "mouse" is its "computer mouse"."""
+    from unirl_lightning.evaluation.mask2former import geneval_class_names
+
+    names = geneval_class_names(_coco_id2label())
+    assert len(names) == 80 and names[0] == "person"
+    assert [names[i] for i in COCO_ORDER_RENAMED] == ["computer mouse", "tv remote", "computer keyboard"]
+    assert geneval_class_names({i: f"LABEL_{i}" for i in range(80)}) == names  # unnamed config: by index
+    assert geneval_class_names(LABELS) == ["cat", "dog", "bird"]  # not COCO's 80: the model's own names
+    assert geneval_class_names(LABELS, ["a", "b", "c"]) == ["a", "b", "c"]
+
+
+def test_class_names_that_would_misname_objects_are_refused():
+    from unirl_lightning.evaluation.mask2former import geneval_class_names
+
+    shuffled = _coco_id2label()
+    shuffled[0], shuffled[1] = shuffled[1], shuffled[0]
+    misnamed = r"not COCO's order.*0: 'bicycle' \(GenEval: 'person'\).*class_names"
+    with pytest.raises(ValueError, match=misnamed):
+        geneval_class_names(shuffled)
+    with pytest.raises(ValueError, match="class_names has 2 names, the model has 3 classes"):
+        geneval_class_names(LABELS, ["a", "b"])
+
+
+def test_detections_of_a_coco_model_carry_genevals_names():
+    coco = _coco_id2label()
+    swin = transformers.SwinConfig(
+        image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=2,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )  # fmt: skip
+    config = transformers.Mask2FormerConfig(
+        backbone_config=swin, feature_size=32, mask_feature_size=32, hidden_dim=32,
+        encoder_feedforward_dim=32, dim_feedforward=32, encoder_layers=1, decoder_layers=1,
+        num_attention_heads=2, num_queries=4, num_labels=80, id2label=coco,
+        label2id={v: k for k, v in coco.items()},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Mask2FormerForUniversalSegmentation(config)
+    with torch.no_grad():  # every query says "mouse": GenEval calls it "computer mouse"
+        model.class_predictor.bias.fill_(-10.0)
+        model.class_predictor.bias[64] = 10.0
+    processor = transformers.Mask2FormerImageProcessorPil(size_divisor=32, do_reduce_labels=False)
+    det = Mask2FormerDetector(model, processor, max_per_image=3, shortest_edge=64, longest_edge=96)
+    labels = {d.label for d in det(_images(1))[0]}
+    assert labels == {"computer mouse"}

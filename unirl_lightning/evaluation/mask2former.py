@@ -13,6 +13,12 @@ GenEval's own recipe.
 The official weights are mmdet's training; transformers' COCO-instance checkpoints are another
 training of the same architecture, so detections differ somewhat from the official evaluator's
 (`benchmarks/geneval_agreement.py` measures the agreement on a user's images).
+
+Class names: GenEval names a detection by its class index in its own `object_names.txt` (COCO's 80
+classes in COCO's order, three renamed: "computer mouse", "tv remote", "computer keyboard"), not by
+the detector's label names. A COCO model's `id2label` says "mouse", "remote", "keyboard", which
+would never match a GenEval prompt, so an 80-class model is named by GenEval's list, after a check
+that its `id2label` is in COCO's order.
 """
 
 from __future__ import annotations
@@ -25,6 +31,49 @@ from torch import Tensor
 
 from unirl_lightning.evaluation.detection import Detection
 from unirl_lightning.evaluation.detectors import CLIPColorDetector, _to_pil
+from unirl_lightning.evaluation.vocab import load_geneval_constants
+
+#: COCO / Pascal spellings of GenEval's object names, for the check that a model's classes are COCO's.
+_COCO_SPELLINGS = {
+    "mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard",
+    "tvmonitor": "tv", "tv monitor": "tv", "motorbike": "motorcycle", "aeroplane": "airplane",
+    "sofa": "couch", "pottedplant": "potted plant", "diningtable": "dining table",
+    "hair dryer": "hair drier",
+}  # fmt: skip
+
+
+def geneval_class_names(id2label: dict[int, str], class_names: Sequence[str] | None = None) -> list[str]:
+    """The name of each class index, as GenEval's evaluator names it.
+
+    `class_names` if given (one per class); else, for a model with GenEval's 80 classes, GenEval's
+    object names by index (its evaluator's `classnames[index]`); else the model's `id2label`.
+    Raises ValueError when `class_names` has the wrong length, or when an 80-class model's `id2label`
+    is not COCO's classes in COCO's order (the index would name the wrong object).
+    """
+    n = len(id2label)
+    if class_names is not None:
+        if len(class_names) != n:
+            raise ValueError(
+                f"class_names has {len(class_names)} names, the model has {n} classes: give one name per "
+                "class index, in the model's order"
+            )
+        return list(class_names)
+    geneval = list(load_geneval_constants()["geneval_object_names"])
+    if n != len(geneval):
+        return [id2label[i] for i in range(n)]
+    mismatched = []
+    for i, name in enumerate(geneval):
+        label = " ".join(str(id2label[i]).lower().replace("_", " ").replace("-", " ").split())
+        generic = label == f"label {i}"  # a config without names: trust the index
+        if not generic and _COCO_SPELLINGS.get(label, label) != name:
+            mismatched.append(f"{i}: {id2label[i]!r} (GenEval: {name!r})")
+    if mismatched:
+        raise ValueError(
+            f"the detector has 80 classes but its id2label is not COCO's order, so GenEval's names by "
+            f"index would be wrong at {', '.join(mismatched[:5])}{' ...' if len(mismatched) > 5 else ''}; "
+            "use a Mask2Former trained on COCO instances, or pass class_names (one per class index)"
+        )
+    return geneval
 
 
 def mask_boxes(masks: Tensor) -> Tensor:
@@ -72,6 +121,8 @@ class Mask2FormerDetector(CLIPColorDetector):
         max_per_image: detections kept per image before GenEval's thresholds (mmdet's 100).
         shortest_edge / longest_edge: the resize of mmdet's test pipeline (800, 1333).
         color_threshold, clip_batch_size: as `CLIPColorDetector`.
+        class_names: the name of each class index (default: `geneval_class_names`, GenEval's own
+            names for a COCO model).
     """
 
     def __init__(
@@ -86,6 +137,7 @@ class Mask2FormerDetector(CLIPColorDetector):
         longest_edge: int = 1333,
         color_threshold: float = 0.3,
         clip_batch_size: int = 32,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__(
             clip_model, clip_processor, color_threshold=color_threshold, clip_batch_size=clip_batch_size
@@ -93,7 +145,9 @@ class Mask2FormerDetector(CLIPColorDetector):
         self.model, self.processor = model.eval(), processor
         self.max_per_image = max_per_image
         self.size = {"shortest_edge": shortest_edge, "longest_edge": longest_edge}
-        self.id2label = {int(k): v for k, v in model.config.id2label.items()}
+        self.class_names = geneval_class_names(
+            {int(k): v for k, v in model.config.id2label.items()}, class_names
+        )
 
     @classmethod
     def from_pretrained(
@@ -157,7 +211,7 @@ class Mask2FormerDetector(CLIPColorDetector):
             )
             results.append(
                 [
-                    Detection(self.id2label[int(lab)], float(sc), tuple(box.tolist()), mask=m.cpu())
+                    Detection(self.class_names[int(lab)], float(sc), tuple(box.tolist()), mask=m.cpu())
                     for sc, lab, m, box in zip(scores, labels, binary, boxes)
                 ]
             )
