@@ -238,3 +238,22 @@ def test_checkpointing_off_drops_the_configs_checkpoint_callback():
     cli = cli_main(["--config", str(ROOT / "configs" / "grpo.yaml"), "--trainer.enable_checkpointing",
                     "false", "--model.init_args.warm_start", "null"], run=False)
     assert not any(isinstance(c, ModelCheckpoint) for c in cli.trainer.callbacks)
+
+
+def test_a_python_api_resume_skips_the_warm_start_the_checkpoint_replaces(tmp_path):
+    """`module.resuming_from` (the CLI sets it) tells `setup` that the checkpoint holds the weights:
+    the warm start is then neither loaded nor, when not cached, trained."""
+    from unirl_lightning.models import TinyUnifiedModel
+    from unirl_lightning.modules import DiscreteGRPO
+
+    def module() -> DiscreteGRPO:
+        policy = TinyUnifiedModel(d_model=32, n_layers=1, n_heads=2)
+        return DiscreteGRPO(policy=policy, warm_start=str(tmp_path / "absent"))
+
+    with pytest.raises(FileNotFoundError, match="model.warm_start"):
+        module().setup("fit")  # a new run loads its warm start
+    resumed = module()
+    resumed.resuming_from = str(tmp_path / "last.ckpt")
+    before = {k: v.clone() for k, v in resumed.policy.state_dict().items()}
+    resumed.setup("fit")
+    assert all(torch.equal(before[k], v) for k, v in resumed.policy.state_dict().items())
