@@ -787,12 +787,16 @@ def test_warm_start_recipes_keep_their_cache_keys():
     from unirl_lightning.models import TinyUnifiedModel
     from unirl_lightning.modules.warm_start import VARIANTS, warm_start_dir
 
-    assert warm_start_dir("warm_start", TinyUnifiedModel()).name == "3ae7bb7a9f07c708"
-    assert warm_start_dir("warm_start", TinyUnifiedModel(image_order="masked")).name == "1f79dedaf3aa9b44"
-    mixture = VARIANTS["warm_start"]["mixture"]  # None drops a key: the recipe before the curriculum
-    assert warm_start_dir("warm_start", TinyUnifiedModel(), mixture).name == "d86a011aff5ad5eb"
+    assert warm_start_dir("warm_start", TinyUnifiedModel()).name == "19f4ca2ac4d3dfa5"
     masked = TinyUnifiedModel(image_order="masked")
-    assert warm_start_dir("warm_start", masked, mixture).name == "39aa48e797dabd6d"
+    assert warm_start_dir("warm_start", masked).name == "39aa48e797dabd6d"  # its default: the mixture
+    named = {"mixture_first": ("19f4ca2ac4d3dfa5", "b60c48255fc0b99f"),  # the recipe itself
+             "mixture": ("d86a011aff5ad5eb", "39aa48e797dabd6d"),  # None drops a key: no curriculum
+             "position_first": ("3ae7bb7a9f07c708", "1f79dedaf3aa9b44")}
+    for name, (autoregressive, masked_order) in named.items():
+        recipe = VARIANTS["warm_start"][name]
+        assert warm_start_dir("warm_start", TinyUnifiedModel(), recipe).name == autoregressive
+        assert warm_start_dir("warm_start", masked, recipe).name == masked_order
     assert warm_start_dir("flow_warm_start", TinyFlowModel()).name == "7860bf5e125ef882"
 
 

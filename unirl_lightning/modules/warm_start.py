@@ -7,7 +7,8 @@ display, and caches it under `$UNIRL_CACHE/<kind>/<hash of model config + recipe
 and renamed into place, so a run killed half way never leaves a cache that later runs pick up.
 
 - "warm_start": the built-in unified model (`WarmStartPretrain` on rendered scenes: prompt ->
-  image tokens, image -> answer; position scenes first, then colour scenes, then the mixture).
+  image tokens, image -> answer; the mixture, then position scenes, then colour scenes, then the mixture;
+  in masked order the mixture alone, `DEFAULT_VARIANT_BY_ORDER`).
 - "flow_warm_start": the built-in flow model (`FlowWarmStart`: flow matching on scenes rendered
   on its latent-cell grid).
 - "text_warm_start": the built-in text policy of UniGRPO (teacher forcing on riddle -> prompt
@@ -44,6 +45,7 @@ from unirl_lightning.data.reasoning import (
     corrupt_answer,
     generate_reasoning_specs,
 )
+from unirl_lightning.evaluation.vocab import TASKS
 from unirl_lightning.models import TinyFlowModel, TinyTextPolicy, TinyUnifiedModel
 from unirl_lightning.models.text.policies import TextPolicy, text_matches
 from unirl_lightning.modules.flow_pretrain import FlowWarmStart
@@ -61,18 +63,17 @@ RECIPES: dict[str, dict] = {
         "num_train": 4000,
         "seed": 0,
         "val_every": 200,
-        # The flow warm start's curriculum: position scenes alone (600 steps), then colour scenes
-        # (400), then the mixture with position 3x. Trained on the mixture alone the model never
-        # reads "left of" / "above", and GRPO then learns each training prompt's layout by heart
-        # instead of the relation (benchmarks/discrete_grpo.md, "Position first").
+        # A curriculum: the mixture (1000 steps: objects, counts, colours), then position scenes
+        # alone (500: the relation), then colour scenes (300: the colours the position phase wore
+        # down), then the mixture with position 3x. Trained on the mixture alone the model never
+        # reads "left of" / "above"; a long mixture after the position phase turns the relation
+        # back into each training prompt's layout (benchmarks/discrete_grpo.md, "Position first").
         "phases": [
-            {"steps": 600, "task_weights": {"position": 1.0}},
-            {"steps": 400, "task_weights": {"colors": 1.0, "color_attr": 1.0}},
+            {"steps": 1000, "task_weights": dict.fromkeys(TASKS, 1.0)},
+            {"steps": 500, "task_weights": {"position": 1.0}},
+            {"steps": 300, "task_weights": {"colors": 1.0, "color_attr": 1.0}},
         ],
-        "train_task_weights": {
-            "single_object": 1.0, "two_object": 1.0, "counting": 1.0, "colors": 1.0, "position": 3.0,
-            "color_attr": 1.0,
-        },
+        "train_task_weights": {**dict.fromkeys(TASKS, 1.0), "position": 3.0},
     },
     "flow_warm_start": {
         "max_steps": 3000,
@@ -109,11 +110,36 @@ RECIPES: dict[str, dict] = {
 
 
 #: Named variants of a recipe (`python -m unirl_lightning.modules.warm_start KIND --recipe NAME`): its
-#: overrides, a key set to None dropped. "mixture" is the unified warm start without the curriculum,
-#: the one the mixture-only results in benchmarks/ start from (cache folder d86a011aff5ad5eb).
+#: overrides, a key set to None dropped. For the unified warm start: "mixture_first", the recipe itself;
+#: "mixture", no curriculum (cache folder d86a011aff5ad5eb; masked 39aa48e797dabd6d);
+#: "position_first", position scenes, then colour scenes, then the mixture (3ae7bb7a9f07c708; masked
+#: 1f79dedaf3aa9b44). benchmarks/discrete_grpo.md measures GRPO from each.
 VARIANTS: dict[str, dict[str, dict]] = {
-    "warm_start": {"mixture": {"max_steps": 1200, "phases": None, "train_task_weights": None}},
+    "warm_start": {
+        "mixture_first": {},
+        "mixture": {"max_steps": 1200, "phases": None, "train_task_weights": None},
+        "position_first": {
+            "phases": [
+                {"steps": 600, "task_weights": {"position": 1.0}},
+                {"steps": 400, "task_weights": {"colors": 1.0, "color_attr": 1.0}},
+            ],
+        },
+    },
 }
+
+#: The unified warm start each image order starts from by default, the one its GRPO scored best from
+#: (benchmarks/discrete_grpo.md); an order not named here uses `RECIPES["warm_start"]`. The masked
+#: model learns the objects more slowly, and the mixture alone gave it the higher GenEval.
+DEFAULT_VARIANT_BY_ORDER: dict[str, str] = {"masked": "mixture"}
+
+
+def unified_recipe(policy, recipe: dict | None = None) -> dict:
+    """The unified warm start's recipe for `policy`: `RECIPES["warm_start"]` with `recipe`'s overrides,
+    or (recipe None) with the default variant of the policy's image order."""
+    if recipe is None:
+        name = DEFAULT_VARIANT_BY_ORDER.get(getattr(policy.config, "image_order", ""))
+        recipe = VARIANTS["warm_start"][name] if name else None
+    return resolve_recipe("warm_start", recipe)
 
 
 def resolve_recipe(kind: str, recipe: dict | None = None) -> dict:
@@ -160,14 +186,15 @@ def cached_training(kind: str, policy, recipe: dict, train: Callable[[Path], Non
 
 def warm_start_dir(kind: str, policy, recipe: dict | None = None) -> Path:
     """The cache folder of `policy`'s config + the `kind` recipe (with `recipe`'s overrides)."""
-    return cache_dir(kind, policy, resolve_recipe(kind, recipe))
+    r = unified_recipe(policy, recipe) if kind == "warm_start" else resolve_recipe(kind, recipe)
+    return cache_dir(kind, policy, r)
 
 
 def ensure_warm_start(policy, recipe: dict | None = None) -> Path | None:
     """Folder of the cached warm start of a built-in unified model, training it first if absent."""
     if getattr(policy, "config", None) is None:
         return None
-    r = resolve_recipe("warm_start", recipe)
+    r = unified_recipe(policy, recipe)
 
     def train(folder: Path) -> None:
 
