@@ -67,7 +67,7 @@ RECIPES: dict[str, dict] = {
         # alone (500: the relation), then colour scenes (300: the colours the position phase wore
         # down), then the mixture with position 3x. Trained on the mixture alone the model never
         # reads "left of" / "above"; a long mixture after the position phase turns the relation
-        # back into each training prompt's layout (benchmarks/discrete_grpo.md, "Position first").
+        # back into each training prompt's layout (benchmarks/discrete_grpo.md, "Mixture first").
         "phases": [
             {"steps": 1000, "task_weights": dict.fromkeys(TASKS, 1.0)},
             {"steps": 500, "task_weights": {"position": 1.0}},
