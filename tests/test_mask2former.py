@@ -54,21 +54,26 @@ def test_instance_detections_follow_mask2formers_definition():
     assert instance_detections(class_logits, mask_logits, max_per_image=100)[0].shape == (q * c,)
 
 
-@pytest.fixture(scope="module")
-def detector() -> Mask2FormerDetector:
+def _tiny_mask2former(id2label: dict[int, str], decoder_layers: int = 2, num_queries: int = 6):
+    """A random Mask2Former (Swin) at test size with these classes, and its image processor."""
     swin = transformers.SwinConfig(
         image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=2,
         out_features=["stage1", "stage2", "stage3", "stage4"],
     )  # fmt: skip
     config = transformers.Mask2FormerConfig(
         backbone_config=swin, feature_size=32, mask_feature_size=32, hidden_dim=32,
-        encoder_feedforward_dim=32, dim_feedforward=32, encoder_layers=1, decoder_layers=2,
-        num_attention_heads=2, num_queries=6, num_labels=3, id2label=LABELS,
-        label2id={v: k for k, v in LABELS.items()},
+        encoder_feedforward_dim=32, dim_feedforward=32, encoder_layers=1, decoder_layers=decoder_layers,
+        num_attention_heads=2, num_queries=num_queries, num_labels=len(id2label), id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
     )  # fmt: skip
     torch.manual_seed(0)
     model = transformers.Mask2FormerForUniversalSegmentation(config)
-    processor = transformers.Mask2FormerImageProcessorPil(size_divisor=32, do_reduce_labels=False)
+    return model, transformers.Mask2FormerImageProcessorPil(size_divisor=32, do_reduce_labels=False)
+
+
+@pytest.fixture(scope="module")
+def detector() -> Mask2FormerDetector:
+    model, processor = _tiny_mask2former(LABELS)
     clip, clip_processor = tiny_clip()
     return Mask2FormerDetector(
         model, processor, clip, clip_processor, max_per_image=8, shortest_edge=64, longest_edge=96,
@@ -154,23 +159,10 @@ def test_class_names_that_would_misname_objects_are_refused():
 
 
 def test_detections_of_a_coco_model_carry_genevals_names():
-    coco = _coco_id2label()
-    swin = transformers.SwinConfig(
-        image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=2,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )  # fmt: skip
-    config = transformers.Mask2FormerConfig(
-        backbone_config=swin, feature_size=32, mask_feature_size=32, hidden_dim=32,
-        encoder_feedforward_dim=32, dim_feedforward=32, encoder_layers=1, decoder_layers=1,
-        num_attention_heads=2, num_queries=4, num_labels=80, id2label=coco,
-        label2id={v: k for k, v in coco.items()},
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.Mask2FormerForUniversalSegmentation(config)
+    model, processor = _tiny_mask2former(_coco_id2label(), decoder_layers=1, num_queries=4)
     with torch.no_grad():  # every query says "mouse": GenEval calls it "computer mouse"
         model.class_predictor.bias.fill_(-10.0)
         model.class_predictor.bias[64] = 10.0
-    processor = transformers.Mask2FormerImageProcessorPil(size_divisor=32, do_reduce_labels=False)
     det = Mask2FormerDetector(model, processor, max_per_image=3, shortest_edge=64, longest_edge=96)
     labels = {d.label for d in det(_images(1))[0]}
     assert labels == {"computer mouse"}
