@@ -789,7 +789,7 @@ def test_warm_start_recipes_keep_their_cache_keys():
 
     assert warm_start_dir("warm_start", TinyUnifiedModel()).name == "19f4ca2ac4d3dfa5"
     masked = TinyUnifiedModel(image_order="masked")
-    assert warm_start_dir("warm_start", masked).name == "39aa48e797dabd6d"  # its default: the mixture
+    assert warm_start_dir("warm_start", masked).name == "b60c48255fc0b99f"  # the same recipe, masked
     named = {"mixture_first": ("19f4ca2ac4d3dfa5", "b60c48255fc0b99f"),  # the recipe itself
              "mixture": ("d86a011aff5ad5eb", "39aa48e797dabd6d"),  # None drops a key: no curriculum
              "position_first": ("3ae7bb7a9f07c708", "1f79dedaf3aa9b44")}

@@ -7,8 +7,8 @@ display, and caches it under `$UNIRL_CACHE/<kind>/<hash of model config + recipe
 and renamed into place, so a run killed half way never leaves a cache that later runs pick up.
 
 - "warm_start": the built-in unified model (`WarmStartPretrain` on rendered scenes: prompt ->
-  image tokens, image -> answer; the mixture, then position scenes, then colour scenes, then the mixture;
-  in masked order the mixture alone, `DEFAULT_VARIANT_BY_ORDER`).
+  image tokens, image -> answer; the mixture, then position scenes, then colour scenes, then the
+  mixture; in either image order).
 - "flow_warm_start": the built-in flow model (`FlowWarmStart`: flow matching on scenes rendered
   on its latent-cell grid).
 - "text_warm_start": the built-in text policy of UniGRPO (teacher forcing on riddle -> prompt
@@ -110,7 +110,8 @@ RECIPES: dict[str, dict] = {
 
 
 #: Named variants of a recipe (`python -m unirl_lightning.modules.warm_start KIND --recipe NAME`): its
-#: overrides, a key set to None dropped. For the unified warm start: "mixture_first", the recipe itself;
+#: overrides, a key set to None dropped. For the unified warm start: "mixture_first", the recipe itself
+#: and the default of both image orders (19f4ca2ac4d3dfa5; masked b60c48255fc0b99f);
 #: "mixture", no curriculum (cache folder d86a011aff5ad5eb; masked 39aa48e797dabd6d);
 #: "position_first", position scenes, then colour scenes, then the mixture (3ae7bb7a9f07c708; masked
 #: 1f79dedaf3aa9b44). benchmarks/discrete_grpo.md measures GRPO from each.
@@ -126,21 +127,6 @@ VARIANTS: dict[str, dict[str, dict]] = {
         },
     },
 }
-
-#: The unified warm start each image order starts from by default, the one its GRPO scored best from
-#: (benchmarks/discrete_grpo.md); an order not named here uses `RECIPES["warm_start"]`. The masked
-#: model learns the objects more slowly, and the mixture alone gave it the higher GenEval.
-DEFAULT_VARIANT_BY_ORDER: dict[str, str] = {"masked": "mixture"}
-
-
-def unified_recipe(policy, recipe: dict | None = None) -> dict:
-    """The unified warm start's recipe for `policy`: `RECIPES["warm_start"]` with `recipe`'s overrides,
-    or (recipe None) with the default variant of the policy's image order."""
-    if recipe is None:
-        name = DEFAULT_VARIANT_BY_ORDER.get(getattr(policy.config, "image_order", ""))
-        recipe = VARIANTS["warm_start"][name] if name else None
-    return resolve_recipe("warm_start", recipe)
-
 
 def resolve_recipe(kind: str, recipe: dict | None = None) -> dict:
     """`RECIPES[kind]` with `recipe`'s overrides; a key overridden with None is dropped (absent)."""
@@ -186,15 +172,14 @@ def cached_training(kind: str, policy, recipe: dict, train: Callable[[Path], Non
 
 def warm_start_dir(kind: str, policy, recipe: dict | None = None) -> Path:
     """The cache folder of `policy`'s config + the `kind` recipe (with `recipe`'s overrides)."""
-    r = unified_recipe(policy, recipe) if kind == "warm_start" else resolve_recipe(kind, recipe)
-    return cache_dir(kind, policy, r)
+    return cache_dir(kind, policy, resolve_recipe(kind, recipe))
 
 
 def ensure_warm_start(policy, recipe: dict | None = None) -> Path | None:
     """Folder of the cached warm start of a built-in unified model, training it first if absent."""
     if getattr(policy, "config", None) is None:
         return None
-    r = unified_recipe(policy, recipe)
+    r = resolve_recipe("warm_start", recipe)
 
     def train(folder: Path) -> None:
 
