@@ -5,7 +5,7 @@
     python benchmarks/figures.py grid --kind unified --out benchmarks/figures/grpo_before_after.png \
         "warm start=WARM_START_FOLDER" "GRPO=runs/bench/grpo_s0"
     python benchmarks/figures.py curves --tag reward --window 20 --out benchmarks/figures/flow_reward.png \
-        "seed 0=runs/f20_s0/lightning_logs" "seed 1=runs/f20_s1/lightning_logs"
+        "seed 0=runs/lightning_logs/f20_s0" "seed 1=runs/lightning_logs/f20_s1"
 
 `grid`: one row per saved policy (`save_pretrained` folders), one column per held-out prompt (the
 DataModule's validation prompts, one per GenEval task by default), each image from the same seed,

@@ -161,17 +161,3 @@ def test_cli_objects_are_freed_once_dropped():
     del cli
     gc.collect()
     assert [r() for r in refs] == [None] * 4
-
-
-def test_tensorboard_logs_go_to_the_runs_own_folder(tmp_path):
-    """Each run logs beside its checkpoints, so runs started side by side never share a log folder."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    runs = [
-        cli_main(["--config", str(CONFIGS / "grpo.yaml"), "--model.init_args.warm_start", "null",
-                  "--trainer.default_root_dir", str(tmp_path / name)], run=False)
-        for name in ("a", "b")
-    ]
-    for cli, name in zip(runs, ("a", "b")):
-        assert isinstance(cli.trainer.logger, TensorBoardLogger)
-        assert Path(cli.trainer.logger.log_dir).parent == tmp_path / name / "lightning_logs"

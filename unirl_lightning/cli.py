@@ -14,10 +14,10 @@ from unirl_lightning.callbacks.progress import StepProgress
 
 
 class UniRLCLI(LightningCLI):
-    """LightningCLI with the library's defaults: TensorBoard logging in the run's `default_root_dir`,
-    recipe and data by class_path, `StepProgress` as the progress display (steps of max_steps, in a
-    terminal and in a log) unless the config names a progress bar of its own or turns it off, and
-    `StepCheckpoint` when checkpointing is on and the config names no checkpoint callback.
+    """LightningCLI with the library's defaults: TensorBoard logging, recipe and data by class_path,
+    `StepProgress` as the progress display (steps of max_steps, in a terminal and in a log) unless
+    the config names a progress bar of its own or turns it off, and `StepCheckpoint` when
+    checkpointing is on and the config names no checkpoint callback.
 
     Resuming (`--ckpt_path PATH` or `--ckpt_path last`) keeps this run's settings: the recipe
     refuses a checkpoint whose settings differ (naming the fields) unless
@@ -25,9 +25,8 @@ class UniRLCLI(LightningCLI):
     """
 
     def add_arguments_to_parser(self, parser) -> None:
-        # TensorBoard in the run's own folder (<default_root_dir>/lightning_logs, beside its checkpoints):
-        # runs started side by side then never race for one shared folder's next version.
-        parser.set_defaults({"trainer.logger": True})
+        parser.set_defaults({"trainer.logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                                "init_args": {"save_dir": "runs"}}})
         parser.add_argument(
             "--override_checkpoint_settings",
             type=bool,
