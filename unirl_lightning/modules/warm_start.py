@@ -92,10 +92,7 @@ RECIPES: dict[str, dict] = {
             {"steps": 1200, "task_weights": {"position": 1.0}},
             {"steps": 800, "task_weights": {"colors": 1.0, "color_attr": 1.0}},
         ],
-        "train_task_weights": {
-            "single_object": 1.0, "two_object": 1.0, "counting": 1.0, "colors": 1.0, "position": 3.0,
-            "color_attr": 1.0,
-        },
+        "train_task_weights": {**dict.fromkeys(TASKS, 1.0), "position": 3.0},
     },
     "text_warm_start": {
         "max_steps": 300,
