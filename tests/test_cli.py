@@ -80,6 +80,22 @@ def test_cli_instantiates_without_running():
     assert isinstance(cli.model, DiscreteGRPO)
 
 
+def test_tensorboard_logs_go_to_the_run_folder_unless_save_dir_is_given(tmp_path, monkeypatch):
+    """Runs side by side with their own default_root_dir never share a lightning_logs/version_N."""
+    monkeypatch.chdir(tmp_path)
+    base = ["--config", str(CONFIGS / "grpo.yaml"), "--model.init_args.warm_start", "null"]
+    dirs = []
+    for extra in (["--trainer.default_root_dir", "a"], ["--trainer.default_root_dir", "b"], []):
+        dirs.append(Path(cli_main([*base, *extra], run=False).trainer.logger.log_dir))
+    a, b, default = dirs
+    # grpo.yaml names runs/grpo as its root folder; the command line's wins
+    assert a == Path("a/lightning_logs/version_0") and b == Path("b/lightning_logs/version_0")
+    assert default == Path("runs/grpo/lightning_logs/version_0")
+    given = cli_main([*base, "--trainer.default_root_dir", "a", "--trainer.logger.init_args.save_dir", "tb"],
+                     run=False)
+    assert Path(given.trainer.logger.log_dir) == Path("tb/lightning_logs/version_0")
+
+
 def test_bad_config_field_fails_before_compute(capsys):
     with pytest.raises(SystemExit):
         cli_main(["--config", str(CONFIGS / "grpo.yaml"), "--model.init_args.loss_tpye", "grpo"], run=False)

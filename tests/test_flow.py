@@ -797,7 +797,9 @@ def test_warm_start_recipes_keep_their_cache_keys():
         recipe = VARIANTS["warm_start"][name]
         assert warm_start_dir("warm_start", TinyUnifiedModel(), recipe).name == autoregressive
         assert warm_start_dir("warm_start", masked, recipe).name == masked_order
-    assert warm_start_dir("flow_warm_start", TinyFlowModel()).name == "7860bf5e125ef882"
+    assert warm_start_dir("flow_warm_start", TinyFlowModel()).name == "851e3592ff44642e"  # mixture first
+    position_first = VARIANTS["flow_warm_start"]["position_first"]
+    assert warm_start_dir("flow_warm_start", TinyFlowModel(), position_first).name == "7860bf5e125ef882"
 
 
 class _TiedReward(LatentMeanReward):

@@ -11,10 +11,12 @@ from lightning.pytorch.cli import LightningCLI
 
 from unirl_lightning.callbacks.checkpoint import StepCheckpoint
 from unirl_lightning.callbacks.progress import StepProgress
+from unirl_lightning.loggers import TensorBoardLogger
 
 
 class UniRLCLI(LightningCLI):
-    """LightningCLI with the library's defaults: TensorBoard logging, recipe and data by class_path,
+    """LightningCLI with the library's defaults: TensorBoard logging (in `--trainer.default_root_dir`
+    when given, else `runs/`), recipe and data by class_path,
     `StepProgress` as the progress display (steps of max_steps, in a terminal and in a log) unless
     the config names a progress bar of its own or turns it off, and `StepCheckpoint` when
     checkpointing is on and the config names no checkpoint callback.
@@ -25,8 +27,7 @@ class UniRLCLI(LightningCLI):
     """
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.set_defaults({"trainer.logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                                                "init_args": {"save_dir": "runs"}}})
+        parser.set_defaults({"trainer.logger": {"class_path": "unirl_lightning.loggers.TensorBoardLogger"}})
         parser.add_argument(
             "--override_checkpoint_settings",
             type=bool,
@@ -53,7 +54,11 @@ class UniRLCLI(LightningCLI):
         elif not any(isinstance(c, ModelCheckpoint) for c in given):
             # The on-policy streams never end an epoch: Lightning's default checkpoint would never save.
             callbacks.append(StepCheckpoint())
-        return self._instantiate_trainer(config, callbacks)
+        trainer = self._instantiate_trainer(config, callbacks)
+        for logger in trainer.loggers:  # TensorBoard in the run's own folder unless save_dir is given
+            if isinstance(logger, TensorBoardLogger):
+                logger.follow_run(config.get("default_root_dir"))
+        return trainer
 
     def before_fit(self) -> None:
         override = bool(self._get(self.config, "override_checkpoint_settings", default=False))

@@ -10,7 +10,8 @@ and renamed into place, so a run killed half way never leaves a cache that later
   image tokens, image -> answer; the mixture, then position scenes, then colour scenes, then the
   mixture; in either image order).
 - "flow_warm_start": the built-in flow model (`FlowWarmStart`: flow matching on scenes rendered
-  on its latent-cell grid).
+  on its latent-cell grid; the mixture without position, then position scenes, then colour scenes,
+  then the mixture).
 - "text_warm_start": the built-in text policy of UniGRPO (teacher forcing on riddle -> prompt
   pairs, deliberately imperfect: the facts in `held_out` never appear and a share `answer_noise`
   of the targets names a wrong answer, so RL has something to learn; greedy exact prompt 0.97 on
@@ -76,7 +77,7 @@ RECIPES: dict[str, dict] = {
         "train_task_weights": {**dict.fromkeys(TASKS, 1.0), "position": 3.0},
     },
     "flow_warm_start": {
-        "max_steps": 3000,
+        "max_steps": 3800,
         "batch_size": 64,
         "lr": 1e-3,
         "warmup_steps": 100,
@@ -84,11 +85,14 @@ RECIPES: dict[str, dict] = {
         "t_sampling": "logit_normal",
         "num_train": 4000,
         "seed": 0,
-        # A curriculum: position scenes alone (1200 steps), then colour scenes alone (800), then the
-        # mixture with position 3x. Each of the relation and the colour is learnt only while its
-        # scenes are all the model sees, and kept afterwards; trained on the mixture from the start
-        # the model never reads "left of" / "above" (benchmarks/flow_rl_budget.md, "Position first").
+        # A curriculum, as the unified one's: the mixture without position (1000 steps: objects,
+        # counts, colours), then position scenes alone (1200: the relation), then colour scenes
+        # (800: the binding the position phase wore down), then the mixture with position 3x.
+        # Trained on the mixture alone the model never reads "left of" / "above"; trained on
+        # position first it draws objects and colours worse (benchmarks/flow_rl_budget.md,
+        # "Mixture first").
         "phases": [
+            {"steps": 1000, "task_weights": {**dict.fromkeys(TASKS, 1.0), "position": 0.0}},
             {"steps": 1200, "task_weights": {"position": 1.0}},
             {"steps": 800, "task_weights": {"colors": 1.0, "color_attr": 1.0}},
         ],
@@ -120,6 +124,18 @@ VARIANTS: dict[str, dict[str, dict]] = {
             "phases": [
                 {"steps": 600, "task_weights": {"position": 1.0}},
                 {"steps": 400, "task_weights": {"colors": 1.0, "color_attr": 1.0}},
+            ],
+        },
+    },
+    # For the flow warm start: "mixture_first", the recipe itself (851e3592ff44642e); "position_first",
+    # position scenes, then colour scenes, then the mixture (7860bf5e125ef882). benchmarks/flow_rl_budget.md.
+    "flow_warm_start": {
+        "mixture_first": {},
+        "position_first": {
+            "max_steps": 3000,
+            "phases": [
+                {"steps": 1200, "task_weights": {"position": 1.0}},
+                {"steps": 800, "task_weights": {"colors": 1.0, "color_attr": 1.0}},
             ],
         },
     },
@@ -376,8 +392,9 @@ def main(args: Sequence[str] | None = None) -> None:
     parser.add_argument("kind", choices=["unified", "flow", "text"])
     parser.add_argument("--image-order", choices=["autoregressive", "masked"], default="autoregressive",
                         help="the built-in unified model's image order (unified only)")
-    named = ", ".join(VARIANTS["warm_start"])
-    parser.add_argument("--recipe", default=None, help=f"a named variant of the recipe (unified: {named})")
+    named = "; ".join(f"{k}: {', '.join(VARIANTS[key])}" for k, key in (("unified", "warm_start"),
+                                                                        ("flow", "flow_warm_start")))
+    parser.add_argument("--recipe", default=None, help=f"a named variant of the recipe ({named})")
     parsed = parser.parse_args(args)
     kind = parsed.kind
     ensure = {
