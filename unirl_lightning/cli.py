@@ -16,10 +16,10 @@ from unirl_lightning.loggers import TensorBoardLogger
 
 class UniRLCLI(LightningCLI):
     """LightningCLI with the library's defaults: TensorBoard logging (in `--trainer.default_root_dir`
-    when given, else `runs/`), recipe and data by class_path,
-    `StepProgress` as the progress display (steps of max_steps, in a terminal and in a log) unless
-    the config names a progress bar of its own or turns it off, and `StepCheckpoint` when
-    checkpointing is on and the config names no checkpoint callback.
+    when given, else `runs/`), recipe and data by class_path, `StepProgress` as the progress display
+    (steps of max_steps, in a terminal and in a log) unless the config names a progress bar of its
+    own or turns it off, and `StepCheckpoint` when checkpointing is on and the config names no
+    checkpoint callback.
 
     Resuming (`--ckpt_path PATH` or `--ckpt_path last`) keeps this run's settings: the recipe
     refuses a checkpoint whose settings differ (naming the fields) unless
