@@ -392,16 +392,17 @@ def main(args: Sequence[str] | None = None) -> None:
     parser.add_argument("kind", choices=["unified", "flow", "text"])
     parser.add_argument("--image-order", choices=["autoregressive", "masked"], default="autoregressive",
                         help="the built-in unified model's image order (unified only)")
-    named = "; ".join(f"{k}: {', '.join(VARIANTS[key])}" for k, key in (("unified", "warm_start"),
-                                                                        ("flow", "flow_warm_start")))
-    parser.add_argument("--recipe", default=None, help=f"a named variant of the recipe ({named})")
-    parsed = parser.parse_args(args)
-    kind = parsed.kind
     ensure = {
         "unified": (ensure_warm_start, TinyUnifiedModel, "warm_start"),
         "flow": (ensure_flow_warm_start, TinyFlowModel, "flow_warm_start"),
         "text": (ensure_text_warm_start, TinyTextPolicy, "text_warm_start"),
     }
+    named = "; ".join(
+        f"{k}: {', '.join(VARIANTS[key])}" for k, (_, _, key) in ensure.items() if key in VARIANTS
+    )
+    parser.add_argument("--recipe", default=None, help=f"a named variant of the recipe ({named})")
+    parsed = parser.parse_args(args)
+    kind = parsed.kind
     fn, model, key = ensure[kind]
     variants = VARIANTS.get(key, {})
     if parsed.recipe is not None and parsed.recipe not in variants:
